@@ -1,0 +1,152 @@
+import subprocess
+import sys
+
+from tokenmill.core.block_manager import BlockManager
+from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.core.sequence import Sequence, SequenceStatus
+from tokenmill.sampling_params import SamplingParams
+
+EOS = 0
+
+
+def make(num_blocks=16, block_size=4, budget=8, max_seqs=4, max_len=64, prefix=True):
+    bm = BlockManager(num_blocks, block_size, prefix)
+    return Scheduler(SchedulerConfig(max_seqs, budget, max_len), bm, {EOS}), bm
+
+
+def seq(rid, length, **kw):
+    return Sequence(rid, list(range(1, length + 1)), SamplingParams(**kw))
+
+
+def step(sched, token=7):
+    out = sched.schedule()
+    sched.update(out, [token] * len(out.samples))
+    return out
+
+
+def test_core_imports_no_torch():
+    code = ("import sys, tokenmill.core.scheduler, tokenmill.core.block_manager, tokenmill.core.sequence; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('tokenmill.model')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_chunked_prefill_shares_the_budget_with_decodes():
+    sched, _ = make(budget=8)
+    a = seq("a", 3, max_tokens=10)
+    sched.add(a)
+    out = step(sched)
+    assert [(s.request_id, n) for s, n in out.scheduled] == [("a", 3)]
+    b = seq("b", 20, max_tokens=10)
+    sched.add(b)
+    out = step(sched)
+    # a decodes one token, b gets the remaining 7 of the budget
+    assert [(s.request_id, n) for s, n in out.scheduled] == [("a", 1), ("b", 7)]
+    assert [s.request_id for s, _ in out.samples] == ["a"]   # b's prompt is not done: nothing sampled
+    out = step(sched)
+    assert [(s.request_id, n) for s, n in out.scheduled] == [("a", 1), ("b", 7)]
+    out = step(sched)
+    assert [(s.request_id, n) for s, n in out.scheduled] == [("a", 1), ("b", 6)]
+    assert [s.request_id for s, _ in out.samples] == ["a", "b"]
+    assert b.num_computed_tokens == 20 and b.num_output_tokens == 1
+
+
+def test_max_num_seqs_limits_admission_fcfs():
+    sched, _ = make(budget=100, max_seqs=2)
+    seqs = [seq(str(i), 2, max_tokens=5) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    out = step(sched)
+    assert [s.request_id for s, _ in out.scheduled] == ["0", "1"]
+    assert list(sched.waiting) == [seqs[2]]
+
+
+def test_stops_eos_min_tokens_max_tokens_stop_ids():
+    sched, bm = make(budget=100)
+    a = seq("a", 2, max_tokens=3)
+    b = seq("b", 2, max_tokens=10, min_tokens=2)
+    c = seq("c", 2, max_tokens=10, stop_token_ids=[5])
+    d = seq("d", 2, max_tokens=10, ignore_eos=True)
+    for s in (a, b, c, d):
+        sched.add(s)
+    out = sched.schedule()
+    sched.update(out, [EOS, EOS, 5, EOS])
+    assert a.status is SequenceStatus.FINISHED_STOPPED
+    assert b.status is SequenceStatus.RUNNING          # min_tokens not reached: EOS does not stop
+    assert c.status is SequenceStatus.FINISHED_STOPPED and c.stop_reason == 5
+    assert d.status is SequenceStatus.RUNNING
+    out = sched.schedule()
+    sched.update(out, [EOS, 9])
+    assert b.status is SequenceStatus.FINISHED_STOPPED
+    step(sched, 9)
+    assert d.status is SequenceStatus.RUNNING and d.num_output_tokens == 3
+    for _ in range(7):
+        step(sched, 9)
+    assert d.status is SequenceStatus.FINISHED_LENGTH and d.num_output_tokens == 10
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_preemption_by_recompute_when_pages_run_out():
+    # 4 pages of 4 tokens; two sequences of 6 prompt tokens each need 2 pages, then grow.
+    sched, bm = make(num_blocks=4, block_size=4, budget=100, prefix=False)
+    a, b = seq("a", 6, max_tokens=8), seq("b", 6, max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    step(sched)                      # both prefilled: 2 + 2 pages, tokens 6+1 each
+    step(sched)                      # position 6 written: page 1 holds positions 4..7
+    step(sched)                      # position 7 written: page 1 full
+    assert a.num_tokens == 9 and bm.num_free_blocks == 0
+    out = step(sched)                # a needs a third page: b (newest) is preempted
+    assert out.preempted == [b]
+    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
+    assert list(sched.waiting) == [b] and b.num_tokens == 9   # its outputs are kept and recomputed
+    assert [s.request_id for s, _ in out.scheduled] == ["a"]
+    while a.status is SequenceStatus.RUNNING:
+        step(sched)
+    assert a.num_output_tokens == 8
+    while sched.has_unfinished():
+        step(sched)
+    assert b.status is SequenceStatus.FINISHED_LENGTH and b.num_output_tokens == 8
+    assert bm.num_free_blocks == 4
+
+
+def test_single_sequence_too_long_for_cache_is_rejected_at_add():
+    sched, _ = make(num_blocks=2, block_size=4)
+    try:
+        sched.add(seq("a", 8))
+    except ValueError as e:
+        assert "KV pages" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_n_siblings_fork_when_the_prompt_completes_and_share_pages():
+    sched, bm = make(budget=4, block_size=4)
+    leader = seq("a", 6, max_tokens=4, n=3)
+    leader.pending_forks = [leader.fork(1), leader.fork(2)]
+    sched.add(leader)
+    out = step(sched)                 # 4 of 6 prompt tokens: no fork yet
+    assert len(sched.running) == 1 and not out.samples
+    out = sched.schedule()            # the last 2 prompt tokens: siblings fork and sample from the same row
+    assert len(sched.running) == 3
+    assert [(s.index, row) for s, row in out.samples] == [(0, 0), (1, 0), (2, 0)]
+    sched.update(out, [11, 12, 13])
+    s1, s2 = sched.running[1], sched.running[2]
+    assert s1.block_table == leader.block_table == s2.block_table
+    assert bm.blocks[leader.block_table[0]].ref_count == 3
+    assert [s.output_token_ids for s in sched.running] == [[11], [12], [13]]
+    out = sched.schedule()            # each writes position 6 into the shared partial page: two copies
+    assert len(out.block_copies) == 2
+    assert len({tuple(s.block_table) for s in sched.running}) == 3
+    assert len({s.block_table[0] for s in sched.running}) == 1
+
+
+def test_abort_frees_pages_at_once():
+    sched, bm = make()
+    a = seq("a", 10, max_tokens=5)
+    sched.add(a)
+    step(sched)
+    assert bm.num_free_blocks < bm.num_blocks
+    sched.abort("a")
+    assert bm.num_free_blocks == bm.num_blocks and not sched.has_unfinished()
+    assert a.status is SequenceStatus.FINISHED_ABORTED

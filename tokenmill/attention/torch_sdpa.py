@@ -1,0 +1,55 @@
+"""CPU attention over the paged cache with ATen's fused scaled_dot_product_attention.
+
+Each sequence's context is gathered from its pages; a prefill chunk that covers the whole
+context uses the causal kernel directly (no mask tensor), a chunk after cached context
+uses a bottom-right-aligned causal mask, and decode rows are padded into one batched call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.attention.base import AttentionBackend, AttentionMetadata, gather_context, store_kv
+
+
+class TorchSDPABackend(AttentionBackend):
+    name = "torch"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        group = q.shape[1] // k_cache.shape[2]
+        if meta.is_pure_decode and meta.num_seqs > 1:
+            return self._decode(q, k_cache, v_cache, meta, scale, group)
+        out = torch.empty_like(q)
+        start = 0
+        for b, (qlen, slen) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
+            keys = gather_context(k_cache, meta.block_tables[b], slen).transpose(0, 1)    # [Hkv, L, D]
+            values = gather_context(v_cache, meta.block_tables[b], slen).transpose(0, 1)
+            query = q[start:start + qlen].transpose(0, 1)                                  # [Hq, Lq, D]
+            if qlen == slen:
+                o = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
+                                                   enable_gqa=group > 1)
+            elif qlen == 1:
+                o = F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=group > 1)
+            else:
+                mask = torch.ones(qlen, slen, dtype=torch.bool).tril(diagonal=slen - qlen)
+                o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
+                                                   enable_gqa=group > 1)
+            out[start:start + qlen] = o.transpose(0, 1)
+            start += qlen
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, group: int):
+        # q [B, Hq, D]; pad every context to the longest and mask the tail.
+        block_size = k_cache.shape[1]
+        max_len = meta.max_seq_len
+        num_blocks = (max_len + block_size - 1) // block_size
+        tables = meta.block_tables[:, :num_blocks].long()
+        hkv, d = k_cache.shape[2], k_cache.shape[3]
+        keys = k_cache[tables].reshape(meta.num_seqs, -1, hkv, d)[:, :max_len].transpose(1, 2)   # [B, Hkv, L, D]
+        values = v_cache[tables].reshape(meta.num_seqs, -1, hkv, d)[:, :max_len].transpose(1, 2)
+        mask = torch.arange(max_len).unsqueeze(0) < meta.seq_lens.unsqueeze(1)                  # [B, L]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :],
+                                           scale=scale, enable_gqa=group > 1)                    # [B, Hq, 1, D]
+        return o.squeeze(2)

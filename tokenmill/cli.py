@@ -1,0 +1,179 @@
+"""tokenmill generate | chat | bench | fetch  (and serve, see tokenmill.server)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import statistics
+import sys
+import time
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="path to a .gguf file or HF directory, or a short name (default smollm2-135m)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--attention-backend", default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    p.add_argument("--stop", action="append", default=None)
+
+
+def engine_config(args: argparse.Namespace):
+    from tokenmill.config import EngineConfig
+    return EngineConfig(model=args.model, dtype=args.dtype, block_size=args.block_size,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                        enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
+                        seed=args.seed, attention_backend=args.attention_backend)
+
+
+def sampling_params(args: argparse.Namespace):
+    from tokenmill.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          seed=args.sample_seed, stop=args.stop)
+
+
+def stream(engine, prompt, params, out=sys.stdout) -> str:
+    """Run one request, writing its text to `out` as it is produced; returns the whole text."""
+    rid = engine.add_request(None, prompt, params)
+    shown = 0
+    text = ""
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.request_id == rid:
+                text = o.outputs[0].text
+                out.write(text[shown:])
+                out.flush()
+                shown = len(text)
+    out.write("\n")
+    return text
+
+
+def cmd_generate(args) -> None:
+    from tokenmill.engine import LLMEngine
+    engine = LLMEngine(engine_config(args))
+    params = sampling_params(args)
+    for prompt in args.prompt:
+        sys.stdout.write(prompt)
+        stream(engine, prompt, params)
+
+
+def cmd_chat(args) -> None:
+    from tokenmill.engine import LLMEngine
+    engine = LLMEngine(engine_config(args))
+    if engine.tokenizer is None:
+        sys.exit("chat: this model has no tokenizer")
+    params = sampling_params(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        reply = stream(engine, engine.tokenizer.encode(text, add_special_tokens=False), params)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def run_offline_bench(engine, num_requests: int, input_len: int, output_len: int, seed: int = 0) -> dict[str, float]:
+    """Random-token prompts, ignore_eos; returns throughput and latency figures."""
+    from tokenmill.sampling_params import SamplingParams
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    start = time.time()
+    ids = [engine.add_request(None, [rng.randrange(vocab) for _ in range(input_len)], params, arrival_time=start)
+           for _ in range(num_requests)]
+    finished = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                finished[o.request_id] = o
+    elapsed = time.time() - start
+    ttft = [finished[r].metrics.first_token_time - finished[r].metrics.arrival_time for r in ids]
+    tpot = [(finished[r].metrics.finished_time - finished[r].metrics.first_token_time) / max(1, output_len - 1)
+            for r in ids]
+    return {"requests": num_requests, "input_len": input_len, "output_len": output_len, "seconds": elapsed,
+            "output_tok_s": num_requests * output_len / elapsed,
+            "ttft_p50_ms": 1000 * statistics.median(ttft), "ttft_p99_ms": 1000 * percentile(ttft, 99),
+            "tpot_p50_ms": 1000 * statistics.median(tpot), "tpot_p99_ms": 1000 * percentile(tpot, 99)}
+
+
+def cmd_bench(args) -> None:
+    from tokenmill.engine import LLMEngine
+    engine = LLMEngine(engine_config(args))
+    r = run_offline_bench(engine, args.num_requests, args.input_len, args.output_len, args.seed)
+    cols = ["requests", "input_len", "output_len", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    print("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+
+
+def cmd_fetch(args) -> None:
+    from tokenmill.model_files import resolve_model
+    print(resolve_model(args.model))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="tokenmill", description="a small LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="continue prompts, streaming the text")
+    _engine_args(g)
+    _sampling_args(g)
+    g.add_argument("prompt", nargs="+")
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat with the model's template")
+    _engine_args(c)
+    _sampling_args(c)
+    c.add_argument("--system", default=None)
+    c.set_defaults(func=cmd_chat)
+    b = sub.add_parser("bench", help="offline throughput / latency benchmark")
+    _engine_args(b)
+    b.add_argument("--num-requests", type=int, default=64)
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=128)
+    b.set_defaults(func=cmd_bench)
+    f = sub.add_parser("fetch", help="fetch a model by short name and print its path")
+    f.add_argument("--model", default=None)
+    f.set_defaults(func=cmd_fetch)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
