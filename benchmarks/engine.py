@@ -1,0 +1,148 @@
+"""Engine benchmark on the SmolLM2 GGUF: tokenmill vs transformers generate (same weights, float32)
+vs llama.cpp (llama-cpp-python, same file), side by side in one run.
+
+  batch-1:  one request, 128 prompt tokens, 128 new tokens: TTFT and decode tok/s
+  offline:  N requests (default 64), 128 in / 128 out, ignore_eos: output tok/s
+
+Prints a markdown table.  python benchmarks/engine.py [--requests 64] [--skip transformers,llama.cpp]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokenmill.cli import run_offline_bench  # noqa: E402
+from tokenmill.config import EngineConfig  # noqa: E402
+from tokenmill.engine import LLMEngine  # noqa: E402
+from tokenmill.model_files import resolve_model  # noqa: E402
+from tokenmill.sampling_params import SamplingParams  # noqa: E402
+
+IN, OUT = 128, 128
+
+
+def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(IN)] for _ in range(n)]
+
+
+def bench_tokenmill(path: Path, n: int, repeats: int) -> dict:
+    engine = LLMEngine(EngineConfig(model=str(path), max_num_seqs=max(64, n), max_num_batched_tokens=2048),
+                       progress=False)
+    vocab = engine.model_config.vocab_size
+    ttft, decode = [], []
+    params = SamplingParams(temperature=0, max_tokens=OUT, ignore_eos=True)
+    for r in range(repeats):
+        p = prompts(1, vocab, seed=100 + r)[0]
+        t0 = time.perf_counter()
+        engine.add_request(None, p, params)
+        first = None
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            if first is None and outs:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        ttft.append(first - t0)
+        decode.append((OUT - 1) / (end - first))
+    off = run_offline_bench(engine, n, IN, OUT)
+    return {"ttft_ms": 1000 * statistics.median(ttft), "decode_tok_s": statistics.median(decode),
+            "offline_tok_s": off["output_tok_s"], "offline_requests": n}
+
+
+def bench_transformers(path: Path, n: int, repeats: int) -> dict:
+    import transformers as tf
+    tf.logging.set_verbosity_error()
+    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                    torch_dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    kw = dict(do_sample=False, max_new_tokens=OUT, min_new_tokens=OUT, pad_token_id=0)
+    ttft, decode = [], []
+    with torch.inference_mode():
+        for r in range(repeats):
+            ids = torch.tensor(prompts(1, vocab, seed=100 + r))
+            t0 = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+            t1 = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            t2 = time.perf_counter()
+            ttft.append(t1 - t0)
+            decode.append((OUT - 1) / ((t2 - t1) - (t1 - t0)))
+        ids = torch.tensor(prompts(n, vocab))
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        offline = n * OUT / (time.perf_counter() - t0)
+    return {"ttft_ms": 1000 * statistics.median(ttft), "decode_tok_s": statistics.median(decode),
+            "offline_tok_s": offline, "offline_requests": n}
+
+
+def bench_llama_cpp(path: Path, n: int, repeats: int) -> dict:
+    import llama_cpp
+    llm = llama_cpp.Llama(str(path), n_ctx=IN + OUT + 8, n_threads=2, n_batch=512, verbose=False)
+    vocab = llm.n_vocab()
+
+    def run(p: list[int]) -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(p)
+        tok = int(llm.sample(temp=0.0)) if hasattr(llm, "sample") else 0
+        t1 = time.perf_counter()
+        for _ in range(OUT - 1):
+            llm.eval([tok])
+            tok = int(llm.sample(temp=0.0))
+        return t1 - t0, time.perf_counter() - t1
+
+    ttft, decode = [], []
+    for r in range(repeats):
+        a, b = run(prompts(1, vocab, seed=100 + r)[0])
+        ttft.append(a)
+        decode.append((OUT - 1) / b)
+    t0 = time.perf_counter()
+    for p in prompts(n, vocab):      # llama-cpp-python serves one sequence at a time
+        run(p)
+    offline = n * OUT / (time.perf_counter() - t0)
+    return {"ttft_ms": 1000 * statistics.median(ttft), "decode_tok_s": statistics.median(decode),
+            "offline_tok_s": offline, "offline_requests": n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--llama-cpp-requests", type=int, default=16,
+                    help="llama-cpp-python runs requests one after another; fewer keep the run short")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 2)
+    path = resolve_model(args.model)
+    skip = set(filter(None, args.skip.split(",")))
+    runs = {"tokenmill": lambda: bench_tokenmill(path, args.requests, args.repeats),
+            "transformers": lambda: bench_transformers(path, args.requests, args.repeats),
+            "llama.cpp": lambda: bench_llama_cpp(path, args.llama_cpp_requests, args.repeats)}
+    results = {}
+    for name, fn in runs.items():
+        if name in skip:
+            continue
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        results[name] = fn()
+    print(f"\nmodel: {path.name}; machine: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| engine | TTFT ms (128 in) | batch-1 decode tok/s | offline output tok/s (requests) | offline vs tokenmill |")
+    print("|---|---|---|---|---|")
+    base = results.get("tokenmill", {}).get("offline_tok_s")
+    for name, r in results.items():
+        ratio = f"{r['offline_tok_s'] / base:.2f}x" if base else "-"
+        print(f"| {name} | {r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} | {r['offline_tok_s']:.1f} ({r['offline_requests']}) | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

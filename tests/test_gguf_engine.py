@@ -1,0 +1,160 @@
+"""GGUF end to end: a tiny model written with gguf-py in mixed quantizations runs exactly like the
+same (reference-dequantized) weights from safetensors; the real SmolLM2 file knows Paris."""
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+
+Q = gguf.GGMLQuantizationType
+HF_TO_GGUF = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+# one tensor type per projection, so every type meets the model
+QTYPES = {"attn_q": Q.Q8_0, "attn_k": Q.Q4_0, "attn_v": Q.F16, "attn_output": Q.Q4_K,
+          "ffn_gate": Q.Q4_K, "ffn_up": Q.Q8_0, "ffn_down": Q.Q4_0}
+
+
+def gpt2_byte_vocab() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's row order for interleaved rope (what convert_hf_to_gguf.py writes)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def random_q4_k(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, 144), dtype=np.uint8)
+    blocks[:, 0:2] = np.frombuffer(np.float16(0.004).tobytes(), np.uint8)   # d
+    blocks[:, 2:4] = np.frombuffer(np.float16(0.004).tobytes(), np.uint8)   # dmin
+    return blocks.reshape(rows, cols // 256 * 144)
+
+
+def quantize(w: np.ndarray, qtype, rng) -> np.ndarray:
+    if qtype == Q.Q4_K:
+        return random_q4_k(*w.shape, rng)
+    if qtype == Q.F16:
+        return w.astype(np.float16)
+    return gguf.quants.quantize(w.astype(np.float32), qtype)
+
+
+def write_pair(tmp: Path):
+    """Write tiny.gguf and an HF directory holding the reference-dequantized same weights."""
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.05, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True)
+    hf = tf.LlamaForCausalLM(cfg).eval()
+    rng = np.random.default_rng(0)
+    state = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+    writer = gguf.GGUFWriter(str(tmp / "tiny.gguf"), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(256)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(512)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    tokens = gpt2_byte_vocab() + [f"<|extra_{i}|>" for i in range(44)]
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 256 + [3] * 44)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(256)
+    writer.add_eos_token_id(257)
+    new_state = {}
+    for name, w in state.items():
+        if name == "lm_head.weight":
+            continue
+        if name == "model.embed_tokens.weight":
+            gname, qtype = "token_embd.weight", Q.F16
+        elif name == "model.norm.weight":
+            gname, qtype = "output_norm.weight", Q.F32
+        else:
+            parts = name.split(".")
+            layer, leaf = parts[2], parts[4]
+            if parts[3] == "input_layernorm":
+                gname, qtype = f"blk.{layer}.attn_norm.weight", Q.F32
+            elif parts[3] == "post_attention_layernorm":
+                gname, qtype = f"blk.{layer}.ffn_norm.weight", Q.F32
+            else:
+                gname = f"blk.{layer}.{HF_TO_GGUF[leaf]}.weight"
+                qtype = QTYPES[HF_TO_GGUF[leaf]]
+        if leaf_is(name, "q_proj"):
+            w = permute(w, 4)
+        elif leaf_is(name, "k_proj"):
+            w = permute(w, 2)
+        if qtype == Q.F32:
+            raw = w.astype(np.float32)
+            deq = raw
+        else:
+            raw = quantize(w, qtype, rng)
+            deq = gguf.quants.dequantize(raw, qtype).reshape(w.shape).astype(np.float32)
+        writer.add_tensor(gname, raw, raw_dtype=qtype)
+        if leaf_is(name, "q_proj"):
+            deq = permute_back(deq, 4)
+        elif leaf_is(name, "k_proj"):
+            deq = permute_back(deq, 2)
+        new_state[name] = torch.from_numpy(np.ascontiguousarray(deq))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    hf.load_state_dict(new_state, strict=False)
+    hf.tie_weights()
+    hf.save_pretrained(tmp / "hf")
+    return tmp / "tiny.gguf", tmp / "hf", hf
+
+
+def leaf_is(name: str, leaf: str) -> bool:
+    return f".{leaf}." in name
+
+
+def permute_back(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(tmp_path_factory):
+    return write_pair(tmp_path_factory.mktemp("gguf-pair"))
+
+
+def test_mixed_quant_gguf_matches_dequantized_safetensors(gguf_pair):
+    gguf_path, hf_dir, hf = gguf_pair
+    prompts = [[5, 9, 200, 17, 3, 88], list(range(40, 80))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5, prompt_logprobs=5)
+    a = LLM(str(gguf_path), progress=False).generate(prompts, params, use_tqdm=False)
+    b = LLM(str(hf_dir), progress=False).generate(prompts, params, use_tqdm=False)
+    for x, y, prompt in zip(a, b, prompts):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for rx, ry in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            assert rx.keys() == ry.keys()
+            for t in rx:
+                assert rx[t].logprob == pytest.approx(ry[t].logprob, abs=1e-5)
+        # and both against transformers on the dequantized weights
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+        for pos in range(1, len(prompt)):
+            assert x.prompt_logprobs[pos][prompt[pos]].logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
+
+
+def test_smollm2_knows_paris(smollm2_path):
+    llm = LLM(str(smollm2_path), progress=False)
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
+    chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                    SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    assert "Paris" in chat.outputs[0].text
