@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import statistics
 import sys
@@ -146,7 +145,6 @@ def cmd_fetch(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="tokenmill", description="a small LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="continue prompts, streaming the text")
