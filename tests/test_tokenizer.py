@@ -1,0 +1,237 @@
+"""Tokenizer: GGUF vocabularies split text exactly as llama.cpp does (llama-cpp-python on the same
+file is the reference; transformers' GGUF tokenizer a second one), decoding round-trips, the
+incremental detokenizer's deltas add up to decode(), and chat templates render as transformers'."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from tokenmill.loader.gguf import GGUFCheckpoint
+from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
+
+TEXTS = [
+    "", " ", "Hello world", "The capital of France is", "  leading spaces", "trailing spaces   ",
+    "12345678", "x 1234567 y 3.14159 1,000,000", "a\n\nb\n", "\t\ttabs\tand\ttext\t", "   \n  \n\n ",
+    "emoji 🤗👩‍👩‍👧 done 🎉", "日本語のテキスト、中文。한국어", "Ünïcödé façade naïve — “quotes”",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "a<|im_end|>b", "<|endoftext|><|endoftext|>",
+    "don't I'll we've THEY'RE", "  multiple   spaces  ", "$100.50 + €20 = ?!", "line\r\nwindows\r\n",
+    "https://example.com/a?b=c&d=e#frag", "def f(x):\n    return x**2  # comment\n", "ÿ\x00\x01 control chars",
+]
+MESSAGES = [
+    [{"role": "user", "content": "hi 🤗"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def metadata(smollm2_path):
+    return GGUFCheckpoint(smollm2_path).metadata
+
+
+@pytest.fixture(scope="module")
+def ours(metadata):
+    return Tokenizer.from_gguf(metadata)
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_vocab(smollm2_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the tokenization reference")
+    return llama_cpp.Llama(str(smollm2_path), vocab_only=True, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(smollm2_path):
+    tf = pytest.importorskip("transformers")
+    return tf.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+
+
+def llama_cpp_ids(llm, text: str, add_bos: bool) -> list[int]:
+    return llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+
+
+# --- SmolLM2 (byte-level BPE, pre-tokenizer "smollm") ---
+
+@pytest.mark.parametrize("add_special", [True, False])
+def test_smollm2_matches_llama_cpp(ours, llama_cpp_vocab, add_special):
+    for text in TEXTS:
+        assert ours.encode(text, add_special_tokens=add_special) == llama_cpp_ids(llama_cpp_vocab, text, add_special), \
+            repr(text)
+
+
+def test_smollm2_matches_transformers(ours, hf_tokenizer):
+    for text in TEXTS:
+        assert ours.encode(text, add_special_tokens=False) == hf_tokenizer(text, add_special_tokens=False).input_ids, \
+            repr(text)
+
+
+def test_smollm2_special_ids_match_llama_cpp(ours, llama_cpp_vocab):
+    import llama_cpp
+    vocab = llama_cpp.llama_model_get_vocab(llama_cpp_vocab.model)
+    assert ours.vocab_size == llama_cpp.llama_vocab_n_tokens(vocab)
+    assert ours.bos_token_id == llama_cpp.llama_vocab_bos(vocab)
+    assert ours.eos_token_id == llama_cpp.llama_vocab_eos(vocab)
+    eog = {i for i in range(ours.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    assert ours.eos_token_ids == eog
+
+
+def test_decode_round_trip(ours, hf_tokenizer):
+    for text in TEXTS:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ours.decode(ids, skip_special_tokens=False) == text
+        assert ours.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True)
+    assert ours.decode(ours.encode("<|im_start|>user\nhi<|im_end|>")) == "user\nhi"
+
+
+def deltas(tokenizer: Tokenizer, ids: list[int], prompt: list[int] = ()) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    out = []
+    for i in ids:
+        out.append(detok.add(i))
+        assert len(detok.ids) - detok.prefix_offset <= 8, "the decode window must stay short"
+    return out
+
+
+def test_incremental_detokenizer_adds_up_to_decode(ours):
+    text = "Emoji 🤗👩‍👩‍👧, CJK 日本語のテキスト, accents déjà vu<|im_end|> and\nnewlines 🎉🎉"
+    ids = ours.encode(text, add_special_tokens=False)
+    # the test means something only if some token boundary splits a UTF-8 character
+    assert any(ours.decode(ids[:k]).endswith("\ufffd") for k in range(1, len(ids)))
+    parts = deltas(ours, ids)
+    assert "".join(parts) == ours.decode(ids)
+    assert not any("\ufffd" in p for p in parts)
+    prompt = ours.encode("<|im_start|>assistant\nSure: ", add_special_tokens=False)
+    assert "".join(deltas(ours, ids, prompt)) == ours.decode(prompt + ids)[len(ours.decode(prompt)):]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_matches_transformers(ours, hf_tokenizer, add_generation_prompt):
+    for messages in MESSAGES:
+        assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == \
+            hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def test_missing_chat_template_is_a_clear_error(metadata):
+    tok = Tokenizer.from_gguf({k: v for k, v in metadata.items() if k != "tokenizer.chat_template"})
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template(MESSAGES[0])
+
+
+def test_from_dir_matches_transformers(ours, hf_tokenizer, tmp_path):
+    hf_tokenizer.save_pretrained(tmp_path)
+    tok = Tokenizer.from_dir(tmp_path)
+    for text in TEXTS:
+        assert tok.encode(text) == hf_tokenizer(text).input_ids, repr(text)
+        assert tok.encode(text, add_special_tokens=False) == ours.encode(text, add_special_tokens=False)
+    assert tok.eos_token_id == ours.eos_token_id
+    assert tok.apply_chat_template(MESSAGES[1]) == \
+        hf_tokenizer.apply_chat_template(MESSAGES[1], tokenize=False, add_generation_prompt=True)
+
+
+def test_from_dir_without_tokenizer(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        Tokenizer.from_dir(tmp_path)
+
+
+# --- other llama.cpp pre-tokenizers, on SmolLM2's vocabulary rewritten with another tokenizer.ggml.pre ---
+
+def write_vocab(path: Path, md: dict, **overrides) -> Path:
+    """A tensor-light llama GGUF holding only a tokenizer, for llama.cpp's vocab_only loading."""
+    md = {**md, **overrides}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(32)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model(md["tokenizer.ggml.model"])
+    if "tokenizer.ggml.pre" in md:
+        writer.add_tokenizer_pre(md["tokenizer.ggml.pre"])
+    writer.add_token_list(md["tokenizer.ggml.tokens"])
+    writer.add_token_types(md["tokenizer.ggml.token_type"])
+    if "tokenizer.ggml.merges" in md:
+        writer.add_token_merges(md["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.scores" in md:
+        writer.add_token_scores(md["tokenizer.ggml.scores"])
+    writer.add_bos_token_id(md["tokenizer.ggml.bos_token_id"])
+    writer.add_eos_token_id(md["tokenizer.ggml.eos_token_id"])
+    if "tokenizer.ggml.unknown_token_id" in md:
+        writer.add_unk_token_id(md["tokenizer.ggml.unknown_token_id"])
+    if "tokenizer.ggml.add_bos_token" in md:
+        writer.add_add_bos_token(md["tokenizer.ggml.add_bos_token"])
+    writer.add_tensor("token_embd.weight", np.zeros((len(md["tokenizer.ggml.tokens"]), 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "default", "falcon", "starcoder", "poro-chat"])
+def test_pre_tokenizers_match_llama_cpp(metadata, tmp_path, pre):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    md = {k: v for k, v in metadata.items() if k != "tokenizer.ggml.add_bos_token"}
+    path = write_vocab(tmp_path / f"{pre}.gguf", md, **{"tokenizer.ggml.pre": pre})
+    ref = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    tok = Tokenizer.from_gguf(GGUFCheckpoint(path).metadata)
+    for text in TEXTS:
+        for add_special in (True, False):
+            assert tok.encode(text, add_special) == llama_cpp_ids(ref, text, add_special), (pre, repr(text))
+
+
+def test_unknown_pre_tokenizer_warns_and_uses_gpt2(metadata, caplog):
+    with caplog.at_level(logging.WARNING, logger="tokenmill.tokenizer"):
+        tok = Tokenizer.from_gguf({**metadata, "tokenizer.ggml.pre": "no-such-pre"})
+    assert "no-such-pre" in caplog.text
+    gpt2 = Tokenizer.from_gguf({**metadata, "tokenizer.ggml.pre": "gpt-2"})
+    assert tok.encode(TEXTS[7]) == gpt2.encode(TEXTS[7])
+
+
+# --- a small SentencePiece ("llama") vocabulary: merges by score, space prefix, byte fallback ---
+
+SPM_PIECES = ["▁", "e", "h", "l", "o", "w", "r", "d", "a", "b", "c", "t", "n", "s", "i", "g", "é", "日", "本",
+              "he", "ll", "▁h", "hell", "hello", "▁hello", "▁w", "or", "wor", "ld", "world", "▁world", "ab", "abc",
+              "▁a", "▁ab", "st", "te", "tes", "test", "▁test", "in", "ing", "▁▁", "▁▁▁", "日本", "é▁", "<tool>"]
+SPM_TEXTS = ["hello world", "", " ", "  hello", "hello  world  ", "test testing", "abc ab a", "日本語", "é é",
+             "x<tool>hello</s> <s>test", "<unk>z", "tab\there\nnew", "hellohello", "Ünïcödé 🤗"]
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    types = [2, 3, 3] + [6] * 256 + [4 if p == "<tool>" else 1 for p in SPM_PIECES]
+    # distinct scores, not in vocabulary order, so merge priority is really read from them
+    scores = [0.0] * 259 + [float(-i - rng.uniform(0, 0.9) * 10) for i in range(len(SPM_PIECES))]
+    md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+          "tokenizer.ggml.scores": scores, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+          "tokenizer.ggml.unknown_token_id": 0}
+    return write_vocab(tmp_path_factory.mktemp("spm") / "spm.gguf", md)
+
+
+@pytest.fixture(scope="module")
+def spm(spm_path):
+    return Tokenizer.from_gguf(GGUFCheckpoint(spm_path).metadata)
+
+
+@pytest.mark.parametrize("add_special", [True, False])
+def test_spm_matches_llama_cpp(spm, spm_path, add_special):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ref = llama_cpp.Llama(str(spm_path), vocab_only=True, verbose=False)
+    for text in SPM_TEXTS:
+        assert spm.encode(text, add_special) == llama_cpp_ids(ref, text, add_special), repr(text)
+
+
+def test_spm_decode_and_incremental(spm):
+    for text in ["hello world", "  hello", "日本語 é", "Ünïcödé 🤗 test"]:
+        ids = spm.encode(text, add_special_tokens=True)
+        assert spm.decode(ids) == text
+        parts = deltas(spm, ids)
+        assert "".join(parts) == text and not any("\ufffd" in p for p in parts)
+    assert spm.eos_token_ids == {2}

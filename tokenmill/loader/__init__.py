@@ -1,0 +1,1 @@
+"""Checkpoint readers: each yields (Hugging Face name, tensor) and knows nothing of the engine."""

@@ -1,0 +1,243 @@
+"""GGUF checkpoints (llama.cpp's format): metadata as Python values, tensors in Hugging Face names.
+
+The header is parsed here rather than with gguf-py's GGUFReader, which walks every element of
+every array in Python (about 4 s for a 49k-token vocabulary); gguf-py still provides the type
+tables and the dequantization kernels.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf.quants import dequantize
+from tqdm import tqdm
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+T = GGMLQuantizationType
+SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+# architectures whose Q/K rows llama.cpp's converter reorders for interleaved (GPT-J) rope
+PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
+
+_SCALARS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+_NUMPY: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
+    GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None for tensors the model does not use."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK_RE.fullmatch(gguf_name)
+    if m is None or m.group(2) not in _BLOCK_NAMES:
+        return None
+    layer, part, kind = m.groups()
+    if part in ("attn_norm", "ffn_norm") and kind == "bias":
+        return None
+    return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+
+
+def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row indices that undo llama.cpp's interleaved-rope reordering of a Q or K projection:
+    permuted[unpermute_rows(...)] is the Hugging Face (rotate_half) row order."""
+    rows = np.arange(n_rows)
+    # inverse of reshape(n_head, 2, half, ...).swapaxes(1, 2), applied to row indices
+    return rows.reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(n_rows)
+
+
+class _TensorInfo:
+    __slots__ = ("gguf_name", "qtype", "shape", "offset", "n_bytes")
+
+    def __init__(self, gguf_name: str, qtype: GGMLQuantizationType, shape: tuple[int, ...], offset: int,
+                 n_bytes: int):
+        self.gguf_name = gguf_name
+        self.qtype = qtype
+        self.shape = shape          # PyTorch order: [out_features, in_features]
+        self.offset = offset        # absolute, in bytes
+        self.n_bytes = n_bytes
+
+
+class _Header:
+    """A cursor over the GGUF header; every read past the end is reported as truncation."""
+
+    def __init__(self, path: Path, buf: memoryview):
+        self.path, self.buf, self.pos = path, buf, 0
+
+    def truncated(self) -> ValueError:
+        return ValueError(f"{self.path}: truncated GGUF file (header ends at byte {len(self.buf)}, "
+                          f"needed more at byte {self.pos}); re-download it")
+
+    def scalar(self, fmt: str) -> Any:
+        try:
+            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error:
+            raise self.truncated() from None
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise self.truncated()
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        try:
+            vtype = GGUFValueType(vtype)
+        except ValueError:
+            raise ValueError(f"{self.path}: corrupt GGUF header: unknown value type {vtype} at byte {self.pos}") \
+                from None
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        item_type, count = self.scalar("<I"), self.scalar("<Q")
+        if item_type in _NUMPY.keys():
+            dtype = np.dtype(_NUMPY[GGUFValueType(item_type)])
+            if self.pos + count * dtype.itemsize > len(self.buf):
+                raise self.truncated()
+            arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
+            self.pos += count * dtype.itemsize
+            return arr.tolist()
+        if item_type == GGUFValueType.STRING:
+            return [self.string() for _ in range(count)]
+        return [self.value(item_type) for _ in range(count)]
+
+
+class GGUFCheckpoint:
+    """A GGUF file opened for reading: metadata decoded, tensor data memory-mapped, not yet read."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such GGUF file")
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise ValueError(f"{self.path}: not a GGUF file (magic bytes {magic!r}, expected {GGUF_MAGIC!r})")
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self.metadata, self._tensors = self._parse(memoryview(self._data))
+        self.architecture: str = self.metadata.get("general.architecture", "")
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"{self.path}: unsupported architecture {self.architecture!r} "
+                             f"(general.architecture); supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        for name, info in self._tensors.items():
+            if info.qtype not in SUPPORTED_TYPES:
+                raise ValueError(f"{self.path}: tensor {info.gguf_name} has unsupported type {info.qtype.name}; "
+                                 f"supported: {', '.join(t.name for t in SUPPORTED_TYPES)}")
+
+    def _parse(self, buf: memoryview) -> tuple[dict[str, Any], dict[str, _TensorInfo]]:
+        h = _Header(self.path, buf)
+        h.pos = 4
+        version = h.scalar("<I")
+        if version not in (2, 3):
+            raise ValueError(f"{self.path}: GGUF version {version} is not supported (only 2 and 3, little-endian)")
+        n_tensors, n_kv = h.scalar("<Q"), h.scalar("<Q")
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = h.string()
+            metadata[key] = h.value(h.scalar("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = h.string()
+            dims = [h.scalar("<Q") for _ in range(h.scalar("<I"))]
+            raw_type, offset = h.scalar("<I"), h.scalar("<Q")
+            infos.append((name, dims, raw_type, offset))
+        alignment = int(metadata.get("general.alignment", 32))
+        data_start = -(-h.pos // alignment) * alignment
+        tensors: dict[str, _TensorInfo] = {}
+        for name, dims, raw_type, offset in infos:
+            hf = hf_name(name)
+            if hf is None:
+                continue
+            try:
+                qtype = GGMLQuantizationType(raw_type)
+            except ValueError:
+                raise ValueError(f"{self.path}: tensor {name} has unknown type id {raw_type}") from None
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            n_bytes = int(np.prod(dims, dtype=np.int64)) // block * type_size
+            start = data_start + offset
+            if start + n_bytes > len(buf):
+                raise ValueError(f"{self.path}: truncated GGUF file: tensor {name} needs bytes "
+                                 f"{start}..{start + n_bytes} but the file has {len(buf)}; re-download it")
+            tensors[hf] = _TensorInfo(name, qtype, tuple(int(d) for d in reversed(dims)), start, n_bytes)
+        return metadata, tensors
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def _head_count(self, hf: str) -> int | None:
+        """Heads whose rows were reordered in this tensor, or None when it was not permuted."""
+        if self.architecture not in PERMUTED_QK_ARCHITECTURES:
+            return None
+        heads = self.metadata.get(f"{self.architecture}.attention.head_count")
+        if ".self_attn.q_proj." in hf:
+            return heads
+        if ".self_attn.k_proj." in hf:
+            return self.metadata.get(f"{self.architecture}.attention.head_count_kv") or heads
+        return None
+
+    def raw_tensor(self, hf: str) -> tuple[GGMLQuantizationType, np.ndarray, tuple[int, ...]]:
+        """(type, data as stored, logical shape [out, in]) for running a quantized weight as is.
+
+        Quantized data is uint8 [rows, bytes per row]; F32/F16 data is typed. Rows are already in
+        Hugging Face order (the Q/K rope permutation is undone; blocks never cross rows)."""
+        if hf not in self._tensors:
+            raise KeyError(f"{self.path}: no tensor {hf!r}; it has {len(self._tensors)} tensors")
+        info = self._tensors[hf]
+        raw = self._data[info.offset:info.offset + info.n_bytes]
+        if info.qtype == T.F32:
+            data = raw.view(np.float32).reshape(info.shape)
+        elif info.qtype == T.F16:
+            data = raw.view(np.float16).reshape(info.shape)
+        else:
+            block, type_size = GGML_QUANT_SIZES[info.qtype]
+            data = raw.reshape(*info.shape[:-1], info.shape[-1] // block * type_size)
+        heads = self._head_count(hf)
+        if heads is not None:
+            data = data[unpermute_rows(info.shape[0], heads)]
+        return info.qtype, data, info.shape
+
+    def iter_tensors(self, dtype: torch.dtype, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, dequantized tensor in dtype, shape [out, in]) for every tensor the model uses."""
+        for hf in tqdm(self._tensors, desc=f"loading {self.path.name}", unit="tensor", disable=not progress):
+            qtype, data, shape = self.raw_tensor(hf)
+            if qtype == T.F16:
+                values = data
+            else:
+                values = dequantize(data, qtype).reshape(shape)
+            yield hf, torch.from_numpy(np.array(values, copy=not values.flags.writeable)).to(dtype)
