@@ -151,10 +151,53 @@ def test_mixed_quant_gguf_matches_dequantized_safetensors(gguf_pair):
             assert x.prompt_logprobs[pos][prompt[pos]].logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
 
 
-def test_smollm2_knows_paris(smollm2_path):
-    llm = LLM(str(smollm2_path), progress=False)
-    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    return LLM(str(smollm2_path), progress=False)
+
+
+def test_smollm2_knows_paris(smollm2):
+    out = smollm2.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16),
+                           use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
-    chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                    SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    chat = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}],
+                        SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
     assert "Paris" in chat.outputs[0].text
+    assert chat.prompt.startswith("<|im_start|>")
+
+
+def test_stop_strings_match_across_token_boundaries(smollm2):
+    tok = smollm2.get_tokenizer()
+    prompt = "Once upon a time, a dragon"
+    free = smollm2.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0]
+    assert free.text == tok.decode(free.token_ids)
+    # a stop string made of the end of one token's text and the start of the next one's
+    pieces = [tok.decode(free.token_ids[:i]) for i in range(len(free.token_ids) + 1)]
+    k = next(i for i in range(5, len(pieces) - 1)
+             if len(pieces[i]) - len(pieces[i - 1]) >= 2 and len(pieces[i + 1]) - len(pieces[i]) >= 2)
+    stop = pieces[i_end := k][-2:] + pieces[k + 1][len(pieces[k]):len(pieces[k]) + 2]
+    expected = free.text[:free.text.find(stop)]
+    out = smollm2.generate(prompt, SamplingParams(temperature=0, max_tokens=40, stop=[stop, "never-there"],
+                                                         ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+    assert out.text == expected and out.finish_reason == "stop" and out.stop_reason == stop
+    assert len(out.token_ids) <= i_end + 2
+    kept = smollm2.generate(prompt, SamplingParams(temperature=0, max_tokens=40, stop=stop, ignore_eos=True,
+                                                   include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert kept.text == expected + stop
+
+
+def test_streaming_deltas_never_show_a_partial_stop_string(smollm2):
+    engine = smollm2.engine
+    prompt = "Count from one to ten in words:"
+    free = smollm2.generate(prompt, SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0].outputs[0].text
+    stop = free[len(free) // 2: len(free) // 2 + 6]
+    engine.add_request("s", prompt, SamplingParams(temperature=0, max_tokens=30, stop=stop))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += [o.outputs[0].text for o in engine.step()]
+    for text in seen[:-1]:        # a possible start of the stop string is held back until it resolves
+        assert stop not in text and not any(text.endswith(stop[:k]) for k in range(1, len(stop)))
+    assert all(b.startswith(a) for a, b in zip(seen, seen[1:]))      # text only grows
+    assert seen[-1] == free[:free.find(stop)]

@@ -23,9 +23,7 @@ from tokenmill.model_files import resolve_model
 from tokenmill.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
 from tokenmill.runner import Runner, StepResult
 from tokenmill.sampling_params import SamplingParams
-from typing import TYPE_CHECKING
-if TYPE_CHECKING:
-    from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
+from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("tokenmill")
 
@@ -87,7 +85,6 @@ class LLMEngine:
         if ckpt.gguf_metadata is None and not (ckpt.path / "tokenizer.json").is_file():
             logger.warning("%s has no tokenizer.json: prompts must be token ids and output text is empty", ckpt.path)
             return None
-        from tokenmill.tokenizer import Tokenizer
         if ckpt.gguf_metadata is not None:
             return Tokenizer.from_gguf(ckpt.gguf_metadata)
         return Tokenizer.from_dir(ckpt.path)
@@ -133,8 +130,6 @@ class LLMEngine:
         seqs = [leader] + [Sequence(request_id, list(ids), params, index=i) for i in range(1, n)]
         leader.pending_forks = seqs[1:]
         self.scheduler.add(leader)
-        if self.tokenizer is not None:
-            from tokenmill.tokenizer import IncrementalDetokenizer
         samples = [_Sample(s, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                            if self.tokenizer else None, logprobs=[] if params.logprobs is not None else None)
                    for s in seqs]
