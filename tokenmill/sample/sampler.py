@@ -70,7 +70,7 @@ def apply_filters(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the mass strictly before it already reaches top_p (keep at least one)
         before = probs.cumsum(dim=-1) - probs
-        remove = before >= _row_tensor(top_p, probs)
+        remove = before >= _row_tensor([p if p < 1.0 else 2.0 for p in top_p], probs)  # 1.0 must drop nothing
         remove[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

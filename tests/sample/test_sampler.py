@@ -1,0 +1,147 @@
+"""The sampler against transformers' logits processors, a dense penalty formula, and chi-square."""
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+from tokenmill.sample.sampler import Sampler, SamplerRow, apply_filters, apply_penalties
+from tokenmill.sampling_params import SamplingParams
+
+V = 1000
+
+
+def row(prompt=(), output=(), suppress=None, generator=None, **kw):
+    return SamplerRow(SamplingParams(**kw), list(prompt), list(output), generator, suppress)
+
+
+def same_support_and_probs(ours: torch.Tensor, theirs: torch.Tensor):
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    torch.testing.assert_close(ours.softmax(-1), theirs.softmax(-1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture
+def logits():
+    return torch.randn(4, V, generator=torch.Generator().manual_seed(0)) * 3
+
+
+@pytest.mark.parametrize("kw,processors", [
+    (dict(temperature=0.7), [TemperatureLogitsWarper(0.7)]),
+    (dict(temperature=1.0, top_k=17), [TopKLogitsWarper(17)]),
+    (dict(temperature=1.0, top_p=0.8), [TopPLogitsWarper(0.8)]),
+    (dict(temperature=1.0, min_p=0.05), [MinPLogitsWarper(0.05)]),
+    (dict(temperature=0.5, top_k=50, top_p=0.9, min_p=0.02),
+     [TemperatureLogitsWarper(0.5), TopKLogitsWarper(50), TopPLogitsWarper(0.9), MinPLogitsWarper(0.02)]),
+])
+def test_filters_match_transformers(logits, kw, processors):
+    ours = apply_filters(logits, [row(**kw)] * len(logits))
+    ids = torch.zeros(len(logits), 1, dtype=torch.long)
+    theirs = logits.clone()
+    for p in processors:
+        theirs = p(ids, theirs)
+    same_support_and_probs(ours, theirs)
+
+
+def test_repetition_penalty_matches_transformers(logits):
+    prompt, output = [1, 5, 7, 999], [5, 42, 42, 3]
+    ours = apply_penalties(logits, [row(prompt, output, repetition_penalty=1.3)] * len(logits))
+    ids = torch.tensor([prompt + output] * len(logits))
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_frequency_and_presence_penalties_follow_the_openai_formula(logits):
+    output = [3, 3, 3, 8, 9, 9]
+    ours = apply_penalties(logits, [row([3, 100], output, frequency_penalty=0.5, presence_penalty=0.25)] * 4)
+    expected = logits.clone()
+    for t in set(output):                  # logit - count * frequency - (count > 0) * presence; prompt not counted
+        expected[:, t] -= output.count(t) * 0.5 + 0.25
+    torch.testing.assert_close(ours, expected)
+
+
+def test_mixed_batch_rows_equal_rows_alone(logits):
+    rows = [row(temperature=0.6, top_k=5), row(temperature=1.0, top_p=0.5), row(temperature=0),
+            row(temperature=1.2, min_p=0.1, repetition_penalty=1.2, prompt=[1, 2, 3])]
+    batched = apply_filters(apply_penalties(logits, rows), rows)
+    for i, r in enumerate(rows):
+        alone = apply_filters(apply_penalties(logits[i:i + 1], [r]), [r])
+        torch.testing.assert_close(batched[i:i + 1], alone)
+
+
+def test_greedy_takes_the_lowest_id_on_ties_and_respects_suppression():
+    logits = torch.zeros(2, 10)
+    logits[:, [3, 7]] = 5.0
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    out = sampler(logits, [row(temperature=0), row(temperature=0, suppress=[3])])
+    assert [o.token_id for o in out] == [3, 7]
+
+
+def test_suppressed_tokens_are_never_sampled():
+    logits = torch.zeros(1, 5)
+    logits[0, 2] = 10.0
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    for _ in range(50):
+        assert sampler(logits, [row(temperature=1.0, suppress=[2])])[0].token_id != 2
+
+
+def test_logprobs_are_raw_log_softmax_with_ranks(logits):
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    rows = [row(temperature=0.3, top_k=3, logprobs=5, repetition_penalty=1.5, prompt=list(range(50))),
+            row(temperature=0, logprobs=0), row(temperature=1.0)]
+    out = sampler(logits[:3], rows)
+    raw = logits[:3].log_softmax(-1)
+    for i, o in enumerate(out):
+        assert o.logprob == pytest.approx(raw[i, o.token_id].item(), abs=1e-6)
+        assert o.rank == int((raw[i] > raw[i, o.token_id]).sum()) + 1
+    top = raw[0].topk(5)
+    assert [t for t, _ in out[0].top_logprobs] == top.indices.tolist()
+    assert [lp for _, lp in out[0].top_logprobs] == pytest.approx(top.values.tolist())
+    assert out[1].top_logprobs == [] and out[1].rank == 1
+
+
+def test_prompt_logprobs():
+    logits = torch.randn(3, 50)
+    entries = Sampler.prompt_logprobs(logits, [4, 9, 0], num_top=2)
+    raw = logits.log_softmax(-1)
+    for i, (lp, rank, top) in enumerate(entries):
+        t = [4, 9, 0][i]
+        assert lp == pytest.approx(raw[i, t].item(), abs=1e-6)
+        assert rank == int((raw[i] > raw[i, t]).sum()) + 1
+        assert [x for x, _ in top] == raw[i].topk(2).indices.tolist()
+
+
+def test_seeded_rows_are_reproducible_in_any_batch(logits):
+    def draw(position: int, neighbours: int, seed: int) -> list[int]:
+        sampler = Sampler(torch.Generator().manual_seed(99 + neighbours))
+        gen = torch.Generator().manual_seed(seed)
+        tokens = []
+        for _ in range(20):
+            rows = [row(temperature=1.0) for _ in range(neighbours)]
+            rows.insert(position, row(temperature=0.9, top_p=0.95, generator=gen))
+            batch = logits[torch.arange(len(rows)) % 4].clone()
+            batch[position] = logits[0]
+            tokens.append(sampler(batch, rows)[position].token_id)
+        return tokens
+    a = draw(0, 0, seed=5)
+    assert draw(2, 3, seed=5) == a
+    assert draw(1, 1, seed=5) == a
+    assert draw(0, 0, seed=6) != a
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(temperature=1.0, top_k=6),
+                                dict(temperature=1.5, top_p=0.7), dict(temperature=1.0, min_p=0.15)])
+def test_empirical_distribution_matches_filtered_softmax(kw):
+    vocab, draws = 24, 20000
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 1.5
+    r = row(**kw)
+    expected = apply_filters(logits, [r]).softmax(-1)[0]
+    sampler = Sampler(torch.Generator().manual_seed(1))
+    tokens = torch.tensor([o.token_id for o in sampler(logits.expand(draws, vocab), [r] * draws)])
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    support = expected > 0
+    assert counts[~support].sum() == 0                      # filtered tokens never appear
+    if "top_k" in kw:
+        assert int(support.sum()) == 6
+    probs = expected[support].double()
+    stat = chisquare(counts[support].numpy(), (probs / probs.sum() * draws).numpy())
+    assert stat.pvalue > 1e-3, stat
