@@ -139,6 +139,13 @@ def cmd_bench(args) -> None:
     print("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
 
 
+def cmd_serve(args) -> None:
+    from tokenmill.server import serve
+    serve(engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
+          served_model_name=args.served_model_name, max_queued_requests=args.max_queued_requests,
+          log_level=args.log_level)
+
+
 def cmd_fetch(args) -> None:
     from tokenmill.model_files import resolve_model
     print(resolve_model(args.model))
@@ -163,6 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--input-len", type=int, default=128)
     b.add_argument("--output-len", type=int, default=128)
     b.set_defaults(func=cmd_bench)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
+    s.add_argument("--max-queued-requests", type=int, default=None,
+                   help="requests allowed in flight beyond --max-num-seqs before new ones get a 503")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
     f = sub.add_parser("fetch", help="fetch a model by short name and print its path")
     f.add_argument("--model", default=None)
     f.set_defaults(func=cmd_fetch)

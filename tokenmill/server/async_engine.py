@@ -1,0 +1,252 @@
+"""AsyncEngine: the synchronous LLMEngine stepped in one background thread, fed from asyncio.
+
+Contract: `generate()` is called on the event loop with an already validated prompt and params; it
+yields cumulative RequestOutputs until one is finished. Requests and aborts reach the engine thread
+through a thread-safe inbox; outputs come back through one asyncio.Queue per request
+(`loop.call_soon_threadsafe`). Closing or cancelling the generator before the end aborts the request,
+which frees its pages. Only the engine thread touches the engine after `start()`; the rest of the
+server reads `stats`, a snapshot the thread refreshes after each step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tokenmill.engine import LLMEngine
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger("tokenmill.server")
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+
+
+class StepObserver:
+    """Hooks the engine thread calls; the metrics module implements them. All times are time.time()."""
+    def on_prompt(self, num_tokens: int) -> None: ...
+    def on_first_token(self, seconds: float) -> None: ...
+    def on_tokens(self, num_tokens: int, inter_token_seconds: float | None) -> None: ...
+    def on_finished(self, seconds: float, reasons: list[str | None]) -> None: ...
+
+
+@dataclass(eq=False)
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sink: asyncio.Queue
+    arrival_time: float = field(default_factory=time.time)
+
+
+@dataclass(eq=False)
+class _Abort:
+    request_id: str
+
+
+@dataclass(eq=False)
+class _Tracked:
+    """Engine-thread bookkeeping of one request: where its outputs go and its latency clock."""
+    sink: asyncio.Queue
+    arrival_time: float
+    num_tokens: int = 0
+    last_token_time: float | None = None
+
+
+class RequestStream:
+    """Cumulative RequestOutputs of one request, ending with the finished one.
+    `close()` before the end aborts the request in the engine (freeing its pages)."""
+
+    def __init__(self, owner: AsyncEngine, request_id: str):
+        self.owner, self.request_id = owner, request_id
+        self.sink: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+        self._released = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.sink.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            self.close()
+            raise item
+        if item.finished:
+            self.finished = True
+            self.close()
+        return item
+
+    def close(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.owner.num_in_flight -= 1
+        if not self.finished:
+            self.owner._send(_Abort(self.request_id))
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None,
+                 observer: StepObserver | None = None, idle_wait_s: float = 0.5):
+        self.engine = engine
+        # in-flight requests beyond what one batch holds before new ones get a 503
+        self.max_queued_requests = max_queued_requests
+        self.observer = observer or StepObserver()
+        self.stats = EngineStats()
+        self.num_in_flight = 0          # event-loop side: generate() calls not yet ended
+        self._idle_wait_s = idle_wait_s
+        self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._tracked: dict[str, _Tracked] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Let in-flight requests finish (up to `timeout_s`), then end the engine thread."""
+        deadline = time.monotonic() + timeout_s
+        while self.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, max(0.0, deadline - time.monotonic()) + 5)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def capacity(self) -> int | None:
+        if self.max_queued_requests is None:
+            return None
+        return self.engine.config.max_num_seqs + self.max_queued_requests
+
+    def check_capacity(self, num_new: int) -> None:
+        cap = self.capacity
+        if cap is not None and self.num_in_flight + num_new > cap:
+            raise QueueFullError(f"the server is at capacity ({self.num_in_flight} requests in flight, "
+                                 f"max_num_seqs + max_queued_requests = {cap}); retry later")
+
+    # ---- the event-loop side -----------------------------------------------------------------------
+    def submit(self, request_id: str, prompt: str | list[int], prompt_token_ids: list[int],
+               params: SamplingParams) -> RequestStream:
+        """Queue one validated request; iterate the stream for its outputs and always `close()` it."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop is not running")
+        stream = RequestStream(self, request_id)
+        self.num_in_flight += 1
+        self._send(_Add(request_id, prompt, prompt_token_ids, params, stream.sink))
+        return stream
+
+    def _send(self, command: _Add | _Abort) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
+    # ---- the engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            self._wake.clear()
+            self._drain_inbox()
+            if self._stopping.is_set():     # stop() waited for the drain; whatever is left is cut off
+                for rid, tracked in list(self._tracked.items()):
+                    engine.abort_request(rid)
+                    self._deliver(tracked.sink, EngineDeadError("the server is shutting down"))
+                self._tracked.clear()
+                self._refresh_stats()
+                break
+            if not engine.has_unfinished_requests():
+                self._refresh_stats()
+                self._wake.wait(self._idle_wait_s)
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:     # noqa: BLE001 -- one bad step must not take the server down
+                logger.exception("engine step failed; aborting the %d requests in flight", len(self._tracked))
+                for rid in list(self._tracked):
+                    try:
+                        engine.abort_request(rid)
+                    except Exception:     # noqa: BLE001
+                        logger.exception("aborting %s after a failed step", rid)
+                    self._deliver(self._tracked.pop(rid).sink, RuntimeError(f"engine step failed: {e}"))
+                outputs = []
+            now = time.time()
+            for out in outputs:
+                self._route(out, now)
+            self._refresh_stats()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Abort):
+                if self._tracked.pop(cmd.request_id, None) is not None:
+                    self.engine.abort_request(cmd.request_id)
+                continue
+            try:
+                self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, prompt_token_ids=cmd.prompt_token_ids,
+                                        arrival_time=cmd.arrival_time)
+            except Exception as e:     # noqa: BLE001 -- handed back to the one request that caused it
+                self._deliver(cmd.sink, e if isinstance(e, ValueError) else RuntimeError(str(e)))
+                continue
+            self._tracked[cmd.request_id] = _Tracked(cmd.sink, cmd.arrival_time)
+            self.observer.on_prompt(len(cmd.prompt_token_ids))
+
+    def _route(self, out: RequestOutput, now: float) -> None:
+        tracked = self._tracked.get(out.request_id)
+        if tracked is None:
+            return
+        num_tokens = sum(len(o.token_ids) for o in out.outputs)
+        new = num_tokens - tracked.num_tokens
+        if new > 0:
+            if tracked.last_token_time is None:
+                self.observer.on_first_token(now - tracked.arrival_time)
+                self.observer.on_tokens(new, None)
+            else:
+                self.observer.on_tokens(new, now - tracked.last_token_time)
+            tracked.num_tokens, tracked.last_token_time = num_tokens, now
+        if out.finished:
+            del self._tracked[out.request_id]
+            self.observer.on_finished(now - tracked.arrival_time, [o.finish_reason for o in out.outputs])
+        self._deliver(tracked.sink, out)
+
+    def _deliver(self, sink: asyncio.Queue, item: RequestOutput | BaseException) -> None:
+        try:
+            self._loop.call_soon_threadsafe(sink.put_nowait, item)
+        except RuntimeError:       # the event loop has closed: nobody is listening any more
+            pass
+
+    def _refresh_stats(self) -> None:
+        bm = self.engine.block_manager
+        self.stats = EngineStats(self.engine.num_running, self.engine.num_waiting, bm.usage, bm.stats.hit_rate)
