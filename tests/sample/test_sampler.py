@@ -92,7 +92,10 @@ def test_logprobs_are_raw_log_softmax_with_ranks(logits):
     raw = logits[:3].log_softmax(-1)
     for i, o in enumerate(out):
         assert o.logprob == pytest.approx(raw[i, o.token_id].item(), abs=1e-6)
-        assert o.rank == int((raw[i] > raw[i, o.token_id]).sum()) + 1
+        if rows[i].params.logprobs is not None:
+            assert o.rank == int((raw[i] > raw[i, o.token_id]).sum()) + 1
+        else:
+            assert o.rank == 0 and o.top_logprobs == []     # not asked for: not computed
     top = raw[0].topk(5)
     assert [t for t, _ in out[0].top_logprobs] == top.indices.tolist()
     assert [lp for _, lp in out[0].top_logprobs] == pytest.approx(top.values.tolist())

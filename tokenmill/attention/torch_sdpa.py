@@ -45,10 +45,11 @@ class TorchSDPABackend(AttentionBackend):
         block_size = k_cache.shape[1]
         max_len = meta.max_seq_len
         num_blocks = (max_len + block_size - 1) // block_size
-        tables = meta.block_tables[:, :num_blocks].long()
+        tables = meta.block_tables[:, :num_blocks].reshape(-1).long()
         hkv, d = k_cache.shape[2], k_cache.shape[3]
-        keys = k_cache[tables].reshape(meta.num_seqs, -1, hkv, d)[:, :max_len].transpose(1, 2)   # [B, Hkv, L, D]
-        values = v_cache[tables].reshape(meta.num_seqs, -1, hkv, d)[:, :max_len].transpose(1, 2)
+        # index_select copies whole pages at memcpy speed; advanced indexing is ~3x slower here
+        keys = k_cache.index_select(0, tables).view(meta.num_seqs, -1, hkv, d)[:, :max_len].transpose(1, 2)  # [B, Hkv, L, D]
+        values = v_cache.index_select(0, tables).view(meta.num_seqs, -1, hkv, d)[:, :max_len].transpose(1, 2)
         mask = torch.arange(max_len).unsqueeze(0) < meta.seq_lens.unsqueeze(1)                  # [B, L]
         o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :],
                                            scale=scale, enable_gqa=group > 1)                    # [B, Hq, 1, D]

@@ -26,7 +26,7 @@ class SamplerRow:
 class SampledToken:
     token_id: int
     logprob: float
-    rank: int
+    rank: int                          # 1-based rank in the raw distribution; 0 when logprobs were not asked for
     top_logprobs: list[tuple[int, float]]
 
 
@@ -91,7 +91,6 @@ class Sampler:
         logits = logits.float()                                         # [num_rows, vocab]
         if not rows:
             return []
-        raw_logprobs = logits.log_softmax(dim=-1)
         needs_penalty = any(r.suppress_token_ids or r.params.repetition_penalty != 1.0
                             or r.params.frequency_penalty or r.params.presence_penalty for r in rows)
         processed = apply_penalties(logits, rows) if needs_penalty else logits
@@ -102,7 +101,7 @@ class Sampler:
             sub = [rows[i] for i in random_rows]
             probs = apply_filters(processed[idx], sub).softmax(dim=-1)
             tokens[idx] = (probs / self._exponentials(probs, sub)).argmax(dim=-1)
-        return self._logprobs(raw_logprobs, tokens, rows)
+        return self._logprobs(logits, tokens, rows)
 
     def _exponentials(self, probs: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
         q = torch.empty_like(probs)
@@ -116,17 +115,27 @@ class Sampler:
         return q
 
     @staticmethod
-    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplerRow]) -> list[SampledToken]:
-        chosen = raw.gather(1, tokens.unsqueeze(1))
-        ranks = (raw > chosen).sum(dim=-1) + 1
-        widest = max((r.params.logprobs or 0) for r in rows)
-        top_vals, top_ids = raw.topk(widest, dim=-1) if widest else (None, None)
-        out = []
-        for i, r in enumerate(rows):
-            n = r.params.logprobs or 0
-            top = list(zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist())) if n else []
-            out.append(SampledToken(int(tokens[i]), float(chosen[i]), int(ranks[i]), top))
-        return out
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplerRow]) -> list[SampledToken]:
+        # log p = logit - logsumexp: the full log-softmax is only needed for rows that ask for top-n
+        lse = logits.logsumexp(dim=-1, keepdim=True)
+        chosen = logits.gather(1, tokens.unsqueeze(1))
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        ranks = {}
+        tops: dict[int, list[tuple[int, float]]] = {}
+        if wanted:
+            idx = torch.tensor(wanted, device=logits.device)
+            sub = logits[idx]
+            ranks = dict(zip(wanted, ((sub > chosen[idx]).sum(dim=-1) + 1).tolist()))
+            widest = max(rows[i].params.logprobs for i in wanted)
+            if widest:
+                vals, ids = sub.topk(widest, dim=-1)
+                vals = vals - lse[idx]
+                for j, i in enumerate(wanted):
+                    n = rows[i].params.logprobs
+                    tops[i] = list(zip(ids[j, :n].tolist(), vals[j, :n].tolist()))
+        logprobs = (chosen - lse).squeeze(1).tolist()
+        return [SampledToken(int(t), lp, ranks.get(i, 0), tops.get(i, []))
+                for i, (t, lp) in enumerate(zip(tokens.tolist(), logprobs))]
 
     @staticmethod
     def prompt_logprobs(logits: torch.Tensor, next_token_ids: list[int], num_top: int
