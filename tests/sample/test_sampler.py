@@ -5,6 +5,7 @@ from scipy.stats import chisquare
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
+from tokenmill.sample.ops import CANDIDATES
 from tokenmill.sample.sampler import Sampler, SamplerRow, apply_filters, apply_penalties
 from tokenmill.sampling_params import SamplingParams
 
@@ -30,16 +31,36 @@ def logits():
     (dict(temperature=1.0, top_k=17), [TopKLogitsWarper(17)]),
     (dict(temperature=1.0, top_p=0.8), [TopPLogitsWarper(0.8)]),
     (dict(temperature=1.0, min_p=0.05), [MinPLogitsWarper(0.05)]),
+    (dict(temperature=1.0, top_k=CANDIDATES + 44, top_p=0.99),
+     [TopKLogitsWarper(CANDIDATES + 44), TopPLogitsWarper(0.99)]),
     (dict(temperature=0.5, top_k=50, top_p=0.9, min_p=0.02),
      [TemperatureLogitsWarper(0.5), TopKLogitsWarper(50), TopPLogitsWarper(0.9), MinPLogitsWarper(0.02)]),
 ])
-def test_filters_match_transformers(logits, kw, processors):
+@pytest.mark.parametrize("scale", [3.0, 0.3])   # nucleus inside the top-CANDIDATES, and far wider (full sort)
+def test_filters_match_transformers(logits, kw, processors, scale):
+    logits = logits * scale
     ours = apply_filters(logits, [row(**kw)] * len(logits))
     ids = torch.zeros(len(logits), 1, dtype=torch.long)
     theirs = logits.clone()
     for p in processors:
         theirs = p(ids, theirs)
     same_support_and_probs(ours, theirs)
+
+
+def test_top_k_keeps_ties_like_transformers():
+    logits = (torch.randn(3, 200, generator=torch.Generator().manual_seed(1)) * 2).round()   # many equal logits
+    ours = apply_filters(logits, [row(top_k=20)] * 3)
+    theirs = TopKLogitsWarper(20)(torch.zeros(3, 1, dtype=torch.long), logits.clone())
+    same_support_and_probs(ours, theirs)
+    assert (~torch.isinf(ours)).sum(-1).gt(20).any()       # the rounding did make ties at the boundary
+
+
+def test_top_p_keeps_every_token_tied_with_the_last_survivor():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0, -1.0]])
+    probs = logits.softmax(-1)[0]
+    top_p = float(probs[0] + probs[1]) - 1e-4              # reached by the first tied token
+    kept = ~torch.isinf(apply_filters(logits, [row(top_p=top_p)]))[0]
+    assert kept.tolist() == [True, True, True, True, False, False]
 
 
 def test_repetition_penalty_matches_transformers(logits):
@@ -60,8 +81,16 @@ def test_frequency_and_presence_penalties_follow_the_openai_formula(logits):
 
 
 def test_mixed_batch_rows_equal_rows_alone(logits):
-    rows = [row(temperature=0.6, top_k=5), row(temperature=1.0, top_p=0.5), row(temperature=0),
-            row(temperature=1.2, min_p=0.1, repetition_penalty=1.2, prompt=[1, 2, 3])]
+    flat = torch.cat([logits, logits * 0.1])               # rows 4.. have a nucleus wider than CANDIDATES
+    rows = [row(temperature=0.6, top_k=5, suppress=[7, 8]), row(temperature=1.0, top_p=0.5, output=[4, 4, 9],
+                                                                 frequency_penalty=0.7),
+            row(temperature=0, repetition_penalty=0.8, prompt=[5, 6]),
+            row(temperature=1.2, min_p=0.1, repetition_penalty=1.2, prompt=[1, 2, 3], output=[2, 11]),
+            row(temperature=0.9, top_p=0.95, presence_penalty=-0.5, output=[1, 1, 2]),
+            row(temperature=1.0, top_k=700, top_p=0.9), row(temperature=1.5),
+            row(temperature=0.7, top_k=CANDIDATES + 1, min_p=0.01, suppress=[0], output=[0, 3],
+                frequency_penalty=-1.0, presence_penalty=1.0, repetition_penalty=1.1)]
+    logits = flat
     batched = apply_filters(apply_penalties(logits, rows), rows)
     for i, r in enumerate(rows):
         alone = apply_filters(apply_penalties(logits[i:i + 1], [r]), [r])
