@@ -62,6 +62,14 @@ class LLMEngine:
         ckpt = open_checkpoint(path)
         self.model_config = cfg = ckpt.config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if cfg.sliding_window and self.max_model_len > cfg.sliding_window:
+            # attention here is always full; past the window the model would attend differently
+            if config.max_model_len is not None:
+                raise ValueError(f"max_model_len must be <= the model's sliding window ({cfg.sliding_window}): "
+                                 f"sliding-window attention is not implemented, got {config.max_model_len}")
+            logger.warning("max_model_len %d capped to the model's sliding window (%d): sliding-window "
+                           "attention is not implemented", self.max_model_len, cfg.sliding_window)
+            self.max_model_len = cfg.sliding_window
         self.model = build_model(ckpt, dtype, self.max_model_len, device, progress)
         self.tokenizer = self._load_tokenizer(ckpt)
         logger.info("loaded %s (%s, %d layers) in %.1f s", path.name, cfg.architecture, cfg.num_hidden_layers,

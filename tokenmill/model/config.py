@@ -70,7 +70,7 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", known[0] == "qwen2")),
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None,
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", known[0] == "mistral") else None,
         )
 
     @classmethod
