@@ -131,3 +131,16 @@ def test_max_model_len_ends_with_length(llm):
     out = llm.generate([ids(250)], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
     assert SequenceStatus.FINISHED_LENGTH.value == "length"
+
+
+def test_sliding_window_bounds_the_context(tmp_path):
+    import json
+
+    from conftest import build_tiny
+    build_tiny("mistral", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["sliding_window"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert LLM(str(tmp_path), progress=False).engine.max_model_len == 32
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(str(tmp_path), max_model_len=64, progress=False)
