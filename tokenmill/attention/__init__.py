@@ -14,7 +14,13 @@ def _torch() -> AttentionBackend:
     return TorchSDPABackend()
 
 
-BACKENDS = {"reference": _reference, "torch": _torch}
+def _triton() -> AttentionBackend:
+    # triton is imported only when asked for: tokenmill runs without it on CPU
+    from tokenmill.attention.triton_backend import TritonBackend
+    return TritonBackend()
+
+
+BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton}
 
 
 def get_backend(name: str) -> AttentionBackend:
