@@ -2,12 +2,13 @@
 
 Each sequence's context is gathered from its pages; a prefill chunk that covers the whole
 context uses the causal kernel directly (no mask tensor), a chunk after cached context
-uses a bottom-right-aligned causal mask, and decode rows are padded into one batched call.
+uses a bottom-right-aligned causal bias (never a [q, k] tensor), and decode rows are padded into one batched call.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from tokenmill.attention.base import AttentionBackend, AttentionMetadata, gather_context, store_kv
 
@@ -31,10 +32,9 @@ class TorchSDPABackend(AttentionBackend):
                                                    enable_gqa=group > 1)
             elif qlen == 1:
                 o = F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=group > 1)
-            else:
-                mask = torch.ones(qlen, slen, dtype=torch.bool).tril(diagonal=slen - qlen)
-                o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
-                                                   enable_gqa=group > 1)
+            else:   # a chunk after cached context: causal aligned to the bottom-right, no mask tensor
+                o = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(qlen, slen),
+                                                   scale=scale, enable_gqa=group > 1)
             out[start:start + qlen] = o.transpose(0, 1)
             start += qlen
         return out
