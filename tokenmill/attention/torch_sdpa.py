@@ -24,9 +24,11 @@ class TorchSDPABackend(AttentionBackend):
         out = torch.empty_like(q)
         start = 0
         for b, (qlen, slen) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
-            keys = gather_context(k_cache, meta.block_tables[b], slen).transpose(0, 1)    # [Hkv, L, D]
-            values = gather_context(v_cache, meta.block_tables[b], slen).transpose(0, 1)
-            query = q[start:start + qlen].transpose(0, 1)                                  # [Hq, Lq, D]
+            # 4-D [1, H, L, D]: ATen's CPU flash kernel takes only 4-D input; 3-D falls back to the
+            # math path, which materialises the [Hq, Lq, L] scores
+            keys = gather_context(k_cache, meta.block_tables[b], slen).transpose(0, 1)[None]    # [1, Hkv, L, D]
+            values = gather_context(v_cache, meta.block_tables[b], slen).transpose(0, 1)[None]
+            query = q[start:start + qlen].transpose(0, 1)[None]                                 # [1, Hq, Lq, D]
             if qlen == slen:
                 o = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
                                                    enable_gqa=group > 1)
@@ -35,7 +37,7 @@ class TorchSDPABackend(AttentionBackend):
             else:   # a chunk after cached context: causal aligned to the bottom-right, no mask tensor
                 o = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(qlen, slen),
                                                    scale=scale, enable_gqa=group > 1)
-            out[start:start + qlen] = o.transpose(0, 1)
+            out[start:start + qlen] = o[0].transpose(0, 1)
             start += qlen
         return out
 
