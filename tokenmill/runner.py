@@ -48,29 +48,16 @@ class Runner:
     def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
         qlens, slens = [], []
-        bs = self.block_size
         for seq, n in out.scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids += seq.token_ids[start:end]
             pos += range(start, end)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             qlens.append(n)
             slens.append(end)
-        width = max(len(seq.block_table) for seq, _ in out.scheduled)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in out.scheduled]
-        cu = [0]
-        for q in qlens:
-            cu.append(cu[-1] + q)
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(slens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            query_lens_list=qlens, seq_lens_list=slens)
+        meta = AttentionMetadata.build([seq.block_table for seq, _ in out.scheduled], qlens, slens,
+                                       self.block_size, dev)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev), meta)
 
     def _row(self, seq: Sequence) -> SamplerRow:

@@ -43,6 +43,25 @@ class AttentionMetadata:
     def is_pure_decode(self) -> bool:
         return all(q == 1 for q in self.query_lens_list)
 
+    @classmethod
+    def build(cls, block_tables: list[list[int]], query_lens: list[int], seq_lens: list[int], block_size: int,
+              device: torch.device | str = "cpu") -> "AttentionMetadata":
+        """From per-sequence page lists: sequence b's new tokens are the last query_lens[b] of its
+        seq_lens[b] positions; their slots follow from its pages, the tables are padded with 0."""
+        slots: list[int] = []
+        for table, qlen, slen in zip(block_tables, query_lens, seq_lens):
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(slen - qlen, slen)]
+        width = max(len(t) for t in block_tables)
+        cu = [0]
+        for qlen in query_lens:
+            cu.append(cu[-1] + qlen)
+        return cls(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+                   query_start_loc=torch.tensor(cu, dtype=torch.int32, device=device),
+                   seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                   block_tables=torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
+                                             dtype=torch.int32, device=device),
+                   query_lens_list=list(query_lens), seq_lens_list=list(seq_lens))
+
     def to(self, device: torch.device | str) -> "AttentionMetadata":
         return AttentionMetadata(
             slot_mapping=self.slot_mapping.to(device),
