@@ -20,7 +20,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
     seed: int = 0
-    attention_backend: str | None = None  # None: "triton" on CUDA, "torch" on CPU
+    attention_backend: str | None = None  # None: "triton" on CUDA, "cpu" (ATen flash over pages) on CPU
     device: str | None = None             # None: CUDA when available, else CPU
 
     def __post_init__(self) -> None:
@@ -52,4 +52,4 @@ class EngineConfig:
     def backend_name(self) -> str:
         if self.attention_backend is not None:
             return self.attention_backend
-        return "triton" if self.torch_device.type == "cuda" else "torch"
+        return "triton" if self.torch_device.type == "cuda" else "cpu"

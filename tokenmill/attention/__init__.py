@@ -14,13 +14,22 @@ def _torch() -> AttentionBackend:
     return TorchSDPABackend()
 
 
+def _cpu() -> AttentionBackend:
+    from tokenmill.attention.cpu_tiled import CPUTiledBackend
+    return CPUTiledBackend()
+
+
 def _triton() -> AttentionBackend:
     # triton is imported only when asked for: tokenmill runs without it on CPU
-    from tokenmill.attention.triton_backend import TritonBackend
+    try:
+        from tokenmill.attention.triton_backend import TritonBackend
+    except ImportError as e:
+        raise ValueError(f"attention_backend='triton' needs the triton package ({e}); "
+                         "install it (`pip install triton`) or choose one of 'cpu', 'torch', 'reference'") from e
     return TritonBackend()
 
 
-BACKENDS = {"reference": _reference, "torch": _torch, "triton": _triton}
+BACKENDS = {"reference": _reference, "torch": _torch, "cpu": _cpu, "triton": _triton}
 
 
 def get_backend(name: str) -> AttentionBackend:

@@ -1,0 +1,141 @@
+"""CPU attention over the paged cache: ATen's tiled flash kernel, never a mask, never an N x N matrix.
+
+`aten::_scaled_dot_product_flash_attention_for_cpu` is an online-softmax kernel (query tiles of up
+to 256 rows stream key tiles of 512) that maps query heads to KV heads itself and returns the
+log-sum-exp of every row. Its causal mask is aligned to the top-left, so:
+  - a prompt processed whole (query_len == seq_len) is one causal call;
+  - a chunk after cached context (an earlier chunk or a prefix-cache hit) is two calls merged by
+    their log-sum-exp: every query sees every cached key (no mask), and the chunk's own keys causally;
+  - the decode rows of a step (query_len == 1) are one call over their contexts padded to the
+    longest, the tails masked by an additive [B, 1, 1, L] row, while padding wastes at most 25 %;
+    contexts more uneven than that are gathered without padding and attended one call each.
+Unmasked calls fold the query heads of a KV head into rows (`fold_groups`), so each K/V tile is read
+once per KV head rather than once per query head.
+Pages are copied into a reused workspace: a fresh multi-MiB tensor per call costs more in page
+faults than the copy itself (measured: 25 ms against 8 ms for 50 MiB on this machine). The workspace
+holds at most one layer's gathered context (x 1.25 for padding), a small part of the whole KV cache.
+Chosen as the CPU default by benchmarks/attention_cpu.py; the numbers are in docs/attention.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from tokenmill.attention.base import AttentionBackend, AttentionMetadata, store_kv
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+class Workspace:
+    """Two grow-only buffers that receive gathered K and V pages; reused from call to call."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy `pages` of both caches; returns two [len(pages), block_size, Hkv, D] views."""
+        rows, page_shape = pages.numel(), k_cache.shape[1:]
+        if self.k is None or self.k.dtype != k_cache.dtype or self.k.shape[1:] != page_shape \
+                or self.k.shape[0] < rows:
+            self.k = torch.empty(rows, *page_shape, dtype=k_cache.dtype)
+            self.v = torch.empty_like(self.k)
+        k, v = self.k[:rows], self.v[:rows]
+        torch.index_select(k_cache, 0, pages, out=k)
+        torch.index_select(v_cache, 0, pages, out=v)
+        return k, v
+
+
+def merge_by_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """Softmax over the union of two key sets from each set's result: o [.., H, L, D], lse [.., H, L]."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - lse).unsqueeze(-1)
+    w2 = torch.exp(lse2 - lse).unsqueeze(-1)
+    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
+
+
+def fold_groups(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[..., Lq, Hq, D] -> [..., Hkv, group * Lq, D]: without a causal mask the query heads of one KV
+    head are just more rows against the same keys, so each K/V tile is read once per group."""
+    *lead, lq, hq, d = q.shape
+    group = hq // num_kv_heads
+    q = q.view(*lead, lq, num_kv_heads, group, d).movedim(-4, -2)        # [..., Hkv, group, Lq, D]
+    return q.reshape(*lead, num_kv_heads, group * lq, d)
+
+
+def unfold_groups(o: torch.Tensor, lse: torch.Tensor, lq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Back from fold_groups: o [..., Hkv, group * Lq, D] -> [..., Hq, Lq, D], lse likewise."""
+    *lead, hkv, rows, d = o.shape
+    return o.reshape(*lead, hkv * (rows // lq), lq, d), lse.reshape(*lead, hkv * (rows // lq), lq)
+
+
+class CPUTiledBackend(AttentionBackend):
+    name = "cpu"
+
+    def __init__(self, max_padding: float = 0.25) -> None:
+        self.workspace = Workspace()
+        self.max_padding = max_padding     # decode pads to the longest context while that wastes at most this
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_pure_decode:
+            return self._decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_list, scale)
+        out = torch.empty_like(q)
+        starts = meta.query_start_loc.tolist()
+        decode_seqs = [b for b, qlen in enumerate(meta.query_lens_list) if qlen == 1]
+        if len(decode_seqs) > 1:
+            rows = torch.tensor([starts[b] for b in decode_seqs])
+            out[rows] = self._decode(q[rows], k_cache, v_cache, meta.block_tables[torch.tensor(decode_seqs)],
+                                     [meta.seq_lens_list[b] for b in decode_seqs], scale)
+        for b, (qlen, slen) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
+            if qlen > 1 or (qlen == 1 and len(decode_seqs) == 1):
+                s = starts[b]
+                out[s:s + qlen] = self._prefill(q[s:s + qlen], k_cache, v_cache, meta.block_tables[b], slen, scale)
+        return out
+
+    def _prefill(self, q, k_cache, v_cache, block_table, seq_len: int, scale: float) -> torch.Tensor:
+        """q [Lq, Hq, D], the last Lq of seq_len positions -> [Lq, Hq, D]."""
+        qlen, block_size, hkv = q.shape[0], k_cache.shape[1], k_cache.shape[2]
+        num_pages = -(-seq_len // block_size)
+        kp, vp = self.workspace.gather(k_cache, v_cache, block_table[:num_pages].long())
+        keys = kp.flatten(0, 1)[:seq_len].transpose(0, 1)[None]             # [1, Hkv, L, D]
+        values = vp.flatten(0, 1)[:seq_len].transpose(0, 1)[None]
+        cached = seq_len - qlen
+        if cached == 0:
+            o, _ = _flash(q.transpose(0, 1)[None], keys, values, is_causal=True, scale=scale)
+            return o[0].transpose(0, 1)
+        o_old, lse_old = _flash(fold_groups(q, hkv)[None], keys[:, :, :cached], values[:, :, :cached], scale=scale)
+        o_old, lse_old = unfold_groups(o_old, lse_old, qlen)                # [1, Hq, Lq, D], [1, Hq, Lq]
+        o_new, lse_new = _flash(q.transpose(0, 1)[None], keys[:, :, cached:], values[:, :, cached:],
+                                is_causal=True, scale=scale)
+        return merge_by_lse(o_old, lse_old, o_new, lse_new)[0].transpose(0, 1)
+
+    def _decode(self, q, k_cache, v_cache, block_tables, seq_lens: list[int], scale: float) -> torch.Tensor:
+        """q [B, Hq, D], one query per sequence at its last position -> [B, Hq, D]."""
+        num_seqs, block_size, hkv, d = q.shape[0], k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+        pages = [-(-n // block_size) for n in seq_lens]
+        width = max(pages)
+        folded = q.view(num_seqs, hkv, -1, d)                                # [B, Hkv, group, D]
+        if num_seqs * width <= (1 + self.max_padding) * sum(pages):
+            kp, vp = self.workspace.gather(k_cache, v_cache, block_tables[:, :width].reshape(-1).long())
+            length = max(seq_lens)
+            keys = kp.view(num_seqs, width * block_size, hkv, d)[:, :length].transpose(1, 2)   # [B, Hkv, L, D]
+            values = vp.view(num_seqs, width * block_size, hkv, d)[:, :length].transpose(1, 2)
+            bias = None
+            if min(seq_lens) < length:
+                tail = torch.arange(length).unsqueeze(0) >= torch.tensor(seq_lens).unsqueeze(1)    # [B, L]
+                bias = torch.zeros(num_seqs, 1, 1, length, dtype=q.dtype).masked_fill_(tail[:, None, None],
+                                                                                       float("-inf"))
+            o, _ = _flash(folded, keys, values, attn_mask=bias, scale=scale)  # [B, Hkv, group, D]
+            return o.reshape(num_seqs, -1, d)
+        # contexts too uneven to pad: gather only the pages in use, one call per sequence
+        in_use = torch.arange(width).unsqueeze(0) < torch.tensor(pages).unsqueeze(1)
+        kp, vp = self.workspace.gather(k_cache, v_cache, block_tables[:, :width][in_use].long())
+        out = torch.empty_like(q)
+        first = 0
+        for b, (n, length) in enumerate(zip(pages, seq_lens)):
+            keys = kp[first:first + n].flatten(0, 1)[:length].transpose(0, 1)[None]   # [1, Hkv, L, D]
+            values = vp[first:first + n].flatten(0, 1)[:length].transpose(0, 1)[None]
+            out[b] = _flash(folded[b:b + 1], keys, values, scale=scale)[0].reshape(-1, d)
+            first += n
+        return out
