@@ -22,30 +22,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenmill.attention import AttentionMetadata  # noqa: E402
+from tokenmill.attention.testing import random_paged_case  # noqa: E402
 from tokenmill.attention.reference import ReferenceBackend  # noqa: E402
-from tokenmill.attention.triton_backend import TritonBackend  # noqa: E402
+from tokenmill.attention.triton_backend import TileConfig, TritonBackend, default_tiles  # noqa: E402
 
 PAGE = 16
 
 
 def paged(query_lens, seq_lens, hq, hkv, d, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    pages = [-(-s // PAGE) for s in seq_lens]
-    num_blocks = sum(pages)
-    perm = torch.randperm(num_blocks, generator=g)
-    width, i, tables, slots = max(pages), 0, [], []
-    for n in pages:
-        tables.append(perm[i:i + n].tolist() + [0] * (width - n))
-        i += n
-    for b, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
-        slots += [tables[b][p // PAGE] * PAGE + p % PAGE for p in range(sl - ql, sl)]
-    t = sum(query_lens)
-    mk = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)  # noqa: E731
-    cu = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0).tolist()), dtype=torch.int32)
-    meta = AttentionMetadata(torch.tensor(slots), cu, torch.tensor(seq_lens, dtype=torch.int32),
-                             torch.tensor(tables, dtype=torch.int32), list(query_lens), list(seq_lens)).to(device)
-    return mk(t, hq, d), mk(t, hkv, d), mk(t, hkv, d), mk(num_blocks, PAGE, hkv, d), mk(num_blocks, PAGE, hkv, d), meta
+    return random_paged_case(query_lens, seq_lens, hq, hkv, d, dtype, device, block_size=PAGE, seed=seed)
 
 
 def time_ms(fn, iters: int) -> float:
@@ -72,6 +57,9 @@ def check(device, smoke: bool) -> None:
     print("|---|---|---|---|---|---|")
     cases = {"prefill": ([1, 16, 33], [1, 16, 33]), "chunked": ([5, 16, 17], [21, 48, 40]),
              "decode": ([1, 1, 1, 1], [1, 16, 17, 300])}
+    if not smoke:       # long enough for the device's own tiles: several query and key tiles, many splits
+        cases.update({"prefill long": ([517, 1000], [517, 1000]), "chunked long": ([300, 129], [1800, 700]),
+                      "decode long": ([1] * 3, [2000, 5003, 64])})
     for dtype in (torch.float16, torch.bfloat16):
         for hq, hkv in ((4, 4), (9, 3), (7, 1)):
             for d in ((64,) if smoke else (64, 128)):
@@ -79,28 +67,49 @@ def check(device, smoke: bool) -> None:
                     q, k, v, kc, vc, meta = paged(ql, sl, hq, hkv, d, dtype, device)
                     ref = ReferenceBackend().forward(q.cpu(), k.cpu(), v.cpu(), kc.cpu().clone(), vc.cpu().clone(),
                                                      meta.to("cpu"), d ** -0.5)
-                    out = TritonBackend(decode_pages_per_split=4).forward(q, k, v, kc, vc, meta, d ** -0.5)
+                    out = TritonBackend(decode_split_len=64 if smoke else None).forward(q, k, v, kc, vc, meta, d ** -0.5)
                     err = (out.cpu().float() - ref.float()).abs().max().item()
                     tol = 2e-3 if dtype == torch.float16 else 2e-2
                     print(f"| {name} | {str(dtype)[6:]} | {hq}/{hkv} | {d} | {err:.2e} | {'yes' if err < tol else 'NO'} |")
 
 
+PREFILL_TILES = {64: [TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 32, 4, 3),
+                      TileConfig(64, 64, 4, 3)],
+                 128: [TileConfig(128, 64, 8, 2), TileConfig(128, 64, 8, 3), TileConfig(128, 32, 8, 2),
+                       TileConfig(64, 64, 4, 3)]}
+
+
 def prefill(device, smoke: bool) -> None:
-    print("\n## prefill, causal, bf16, one sequence (32 query heads, 8 KV heads)")
-    print("| N | head_dim | triton TFLOP/s | SDPA TFLOP/s | ratio |")
-    print("|---|---|---|---|---|")
+    """Whole-prompt causal prefill of one sequence through the paged cache (the K/V store included)
+    against SDPA restricted to FlashAttention-2 on contiguous K/V already expanded to 32 heads."""
     hq, hkv = (4, 2) if smoke else (32, 8)
     dtype = torch.bfloat16 if not smoke else torch.float32
     for d in (64,) if smoke else (64, 128):
+        configs = [default_tiles(d, dtype, device)] if smoke else PREFILL_TILES[d]
+        print(f"\n## prefill, causal, {str(dtype)[6:]}, head_dim {d}, {hq} query / {hkv} KV heads: TFLOP/s")
+        print("| N | SDPA (FA2) | " + " | ".join(f"triton {c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
+                                               for c in configs) + " | best / SDPA |")
+        print("|---|---|" + "---|" * (len(configs) + 1))
         for n in ((64,) if smoke else (1024, 2048, 4096, 8192, 16384)):
             q, k, v, kc, vc, meta = paged([n], [n], hq, hkv, d, dtype, device)
-            backend = TritonBackend(block_m=64 if not smoke else 16)
-            tri = time_ms(lambda: backend.forward(q, k, v, kc, vc, meta, d ** -0.5), 1 if smoke else 10)
-            qs, ks, vs = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-            ref = time_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True),
-                          1 if smoke else 10)
-            flops = 4 * n * n * d * hq / 2          # causal: half the QK^T and PV work
-            print(f"| {n} | {d} | {flops / tri / 1e9:.1f} | {flops / ref / 1e9:.1f} | {ref / tri:.2f} |")
+            flops = 4 * n * n * d * hq / 2          # causal: half of QK^T and of PV
+            iters = 1 if smoke else 10
+            qs = q.transpose(0, 1)[None]
+            ks = k.repeat_interleave(hq // hkv, 1).transpose(0, 1)[None]
+            vs = v.repeat_interleave(hq // hkv, 1).transpose(0, 1)[None]
+            if device.type == "cuda":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                    ref = time_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), iters)
+            else:
+                ref = time_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), iters)
+            tflops = []
+            for c in configs:
+                backend = TritonBackend(tiles=c)
+                tflops.append(flops / time_ms(lambda: backend.forward(q, k, v, kc, vc, meta, d ** -0.5), iters) / 1e9)
+            sdpa = flops / ref / 1e9
+            print(f"| {n} | {sdpa:.1f} | " + " | ".join(f"{t:.1f}" for t in tflops)
+                  + f" | {max(tflops) / sdpa:.2f} |", flush=True)
 
 
 def decode(device, smoke: bool) -> None:
