@@ -54,6 +54,12 @@ def tiny_model(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_builder():
+    """build_tiny itself, for tests that change a config before loading."""
+    return build_tiny
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-llama")
     return directory, build_tiny("llama", directory)

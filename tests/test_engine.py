@@ -133,11 +133,10 @@ def test_max_model_len_ends_with_length(llm):
     assert SequenceStatus.FINISHED_LENGTH.value == "length"
 
 
-def test_sliding_window_bounds_the_context(tmp_path):
+def test_sliding_window_bounds_the_context(tmp_path, tiny_model_builder):
     import json
 
-    from conftest import build_tiny
-    build_tiny("mistral", tmp_path)
+    tiny_model_builder("mistral", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["sliding_window"] = 32
     (tmp_path / "config.json").write_text(json.dumps(cfg))

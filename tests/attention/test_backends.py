@@ -1,17 +1,20 @@
 """Every attention backend against attention/reference.py on fresh random paged inputs:
 prefill, chunked prefill after cached context, decode, mixed batches; GQA 1/3/7; head dims 64/128.
+The Triton kernels run through the interpreter (tests/attention/conftest.py)."""
+import importlib.util
 
-The Triton kernels run through the interpreter (TRITON_INTERPRET=1) in a subprocess-free way:
-the variable is set before triton is first imported by this module."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from tokenmill.attention import get_backend
+from tokenmill.attention.reference import ReferenceBackend
+from tokenmill.attention.testing import random_paged_case
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed"))
 
-from tokenmill.attention import AttentionMetadata, get_backend  # noqa: E402
-from tokenmill.attention.reference import ReferenceBackend  # noqa: E402
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
 
 PAGE = 16
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -19,32 +22,8 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 def make_case(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, seed=0):
     """Random q/k/v for the new tokens, a cache already holding the earlier context, shuffled pages."""
-    g = torch.Generator().manual_seed(seed)
-    num_seqs = len(seq_lens)
-    pages_per_seq = [-(-s // PAGE) for s in seq_lens]
-    num_blocks = sum(pages_per_seq) + 3
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, slots, i = [], [], 0
-    width = max(pages_per_seq)
-    for n in pages_per_seq:
-        tables.append(perm[i:i + n] + [0] * (width - n))
-        i += n
-    shape = (num_blocks, PAGE, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=g).to(dtype)
-    v_cache = torch.randn(shape, generator=g).to(dtype)
-    for b, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
-        slots += [tables[b][p // PAGE] * PAGE + p % PAGE for p in range(sl - ql, sl)]
-    t = sum(query_lens)
-    q = torch.randn(t, num_heads, head_dim, generator=g).to(dtype)
-    k = torch.randn(t, num_kv_heads, head_dim, generator=g).to(dtype)
-    v = torch.randn(t, num_kv_heads, head_dim, generator=g).to(dtype)
-    cu = [0]
-    for ql in query_lens:
-        cu.append(cu[-1] + ql)
-    meta = AttentionMetadata(torch.tensor(slots), torch.tensor(cu, dtype=torch.int32),
-                             torch.tensor(seq_lens, dtype=torch.int32), torch.tensor(tables, dtype=torch.int32),
-                             list(query_lens), list(seq_lens))
-    return q, k, v, k_cache, v_cache, meta
+    return random_paged_case(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, block_size=PAGE,
+                             spare_blocks=3, seed=seed)
 
 
 def run_both(backend_name, case):
@@ -60,12 +39,14 @@ def run_both(backend_name, case):
 CASES = {   # (query lens, context lens after the step)
     "prefill": ([1, 16, 33], [1, 16, 33]),                  # odd, on and across page boundaries
     "chunked": ([5, 16, 17], [21, 48, 40]),                 # chunks after cached context / prefix hits
-    "decode": ([1, 1, 1, 1], [1, 16, 17, 70]),
+    "decode": ([1, 1, 1, 1], [1, 16, 17, 70]),             # uneven contexts (the CPU path does not pad)
+    "decode_even": ([1, 1, 1], [60, 64, 51]),               # similar contexts (the CPU path pads, masks)
+    "decode_one": ([1], [37]),
     "mixed": ([1, 9, 1], [31, 9, 64]),
 }
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", TRITON])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("heads", [(4, 4), (9, 3), (7, 1)])       # GQA ratios 1, 3, 7
 def test_matches_reference_fp32(backend, case, heads):
@@ -73,19 +54,32 @@ def test_matches_reference_fp32(backend, case, heads):
     torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["cpu", TRITON])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["chunked", "decode"])
+@pytest.mark.parametrize("case", ["chunked", "decode", "mixed"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_triton_half_precision(dtype, case, head_dim):
-    out, ref = run_both("triton", make_case(*CASES[case], 6, 2, head_dim, dtype))
+def test_half_precision(backend, dtype, case, head_dim):
+    out, ref = run_both(backend, make_case(*CASES[case], 6, 2, head_dim, dtype))
     torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
-def test_decode_split_across_many_pages():
-    # more pages than one split holds: partial results merged by their log-sum-exp
+@pytest.mark.parametrize("split_len", [48, 64])
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_decode_split_across_many_pages(split_len):
+    # many splits, partial results merged by their log-sum-exp; 48 is not a multiple of the key tile
     from tokenmill.attention.triton_backend import TritonBackend
-    q, k, v, kc, vc, meta = make_case([1, 1], [300, 45], 4, 2, 64, torch.float32)
+    q, k, v, kc, vc, meta = make_case([1, 1], [300, 45], 8, 2, 64, torch.float32)
     scale = 0.125
     ref = ReferenceBackend().forward(q, k, v, kc.clone(), vc.clone(), meta, scale)
-    out = TritonBackend(decode_pages_per_split=4).forward(q, k, v, kc, vc, meta, scale)
+    out = TritonBackend(decode_split_len=split_len).forward(q, k, v, kc, vc, meta, scale)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_prefill_tiles_larger_than_pages():
+    # key tiles of 64 span four 16-token pages; query tiles of 32 start mid-page
+    from tokenmill.attention.triton_backend import TileConfig, TritonBackend
+    q, k, v, kc, vc, meta = make_case([70, 37], [70, 130], 6, 2, 64, torch.float32)
+    ref = ReferenceBackend().forward(q, k, v, kc.clone(), vc.clone(), meta, 0.125)
+    out = TritonBackend(TileConfig(block_m=32, block_n=64)).forward(q, k, v, kc, vc, meta, 0.125)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

@@ -1,24 +1,34 @@
 """Greedy outputs of the engine are identical across attention backends on a tiny model
-(the Triton kernels through the interpreter)."""
-import os
+(the Triton kernels through the interpreter, tests/attention/conftest.py)."""
+import importlib.util
+import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import random  # noqa: E402
+from tokenmill import LLM, SamplingParams
 
-from tokenmill import LLM, SamplingParams  # noqa: E402
+BACKENDS = ["reference", "torch", "cpu",
+            pytest.param("triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                                            reason="triton is not installed"))]
 
 
-def test_greedy_identical_across_backends(tiny_llama):
+@pytest.fixture(scope="module")
+def reference_run(tiny_llama):
     directory, hf = tiny_llama
     rng = random.Random(0)
     prompts = [[rng.randrange(hf.config.vocab_size) for _ in range(n)] for n in (3, 17, 40, 33)]
-    shared = prompts[2][:32]
-    prompts.append(shared + [5, 6])                      # a prefix-cache hit: chunk after cached pages
+    prompts.append(prompts[2][:32] + [5, 6])            # a prefix-cache hit: a chunk after cached pages
+    prompts.append(prompts[1] + [9] * 30)               # decodes of uneven length share steps
+    return directory, prompts, _run(directory, prompts, "reference")
+
+
+def _run(directory, prompts, backend):
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    outs = {}
-    for backend in ("reference", "torch", "triton"):
-        llm = LLM(str(directory), attention_backend=backend, max_num_batched_tokens=24, progress=False)
-        outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert outs["torch"] == outs["reference"]
-    assert outs["triton"] == outs["reference"]
+    llm = LLM(str(directory), attention_backend=backend, max_num_batched_tokens=24, progress=False)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_greedy_identical_across_backends(reference_run, backend, triton_interpreter):
+    directory, prompts, expected = reference_run
+    assert _run(directory, prompts, backend) == expected
