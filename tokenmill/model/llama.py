@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.model.config import ModelConfig
-from tokenmill.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from tokenmill.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
 
 
 class Attention(nn.Module):
@@ -28,15 +28,14 @@ class Attention(nn.Module):
                          if cfg.attention_bias else None)
         self.o = nn.Parameter(torch.empty(cfg.hidden_size, self.q_size, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
                 meta: AttentionMetadata) -> torch.Tensor:
         qkv = F.linear(x, self.qkv, self.qkv_bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)                  # [T, Hq, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)               # [T, Hkv, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = apply_rope(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)   # [T, Hq + Hkv, D]
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)               # [T, Hkv, D]
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return F.linear(out.reshape(-1, self.q_size), self.o)
 
@@ -67,8 +66,9 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         h = F.embedding(input_ids, self.embed)
         residual = h
+        rope = self.rope(positions)
         for layer, cache in zip(self.layers, kv_caches):
-            h = layer.attn(layer.input_norm(residual), positions, self.rope, cache, backend, meta)
+            h = layer.attn(layer.input_norm(residual), rope, cache, backend, meta)
             residual = residual + h
             h = layer.mlp(layer.post_attn_norm(residual))
             residual = residual + h
