@@ -1,10 +1,10 @@
-"""Engine benchmark on the SmolLM2 GGUF: tokenmill vs transformers generate (same weights, float32)
-vs llama.cpp (llama-cpp-python, same file), side by side in one run.
+"""Engine benchmark on the SmolLM2 GGUF: tokenmill vs transformers generate (same dequantized weights,
+float32 and bfloat16) vs llama.cpp (llama-cpp-python, same file), side by side in one run.
 
   batch-1:  one request, 128 prompt tokens, 128 new tokens: TTFT and decode tok/s
   offline:  N requests (default 64), 128 in / 128 out, ignore_eos: output tok/s
 
-Prints a markdown table.  python benchmarks/engine.py [--requests 64] [--skip transformers,llama.cpp]
+Prints a markdown table.  python benchmarks/engine.py [--requests 64] [--dtypes float32,bfloat16] [--skip transformers,llama.cpp]
 """
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(IN)] for _ in range(n)]
 
 
-def bench_tokenmill(path: Path, n: int, repeats: int) -> dict:
-    engine = LLMEngine(EngineConfig(model=str(path), max_num_seqs=max(64, n), max_num_batched_tokens=2048),
-                       progress=False)
+def bench_tokenmill(path: Path, n: int, repeats: int, dtype: str) -> dict:
+    engine = LLMEngine(EngineConfig(model=str(path), max_num_seqs=max(64, n), max_num_batched_tokens=2048,
+                                    dtype=dtype), progress=False)
     vocab = engine.model_config.vocab_size
     ttft, decode = [], []
     params = SamplingParams(temperature=0, max_tokens=OUT, ignore_eos=True)
@@ -58,11 +58,11 @@ def bench_tokenmill(path: Path, n: int, repeats: int) -> dict:
             "offline_tok_s": off["output_tok_s"], "offline_requests": n}
 
 
-def bench_transformers(path: Path, n: int, repeats: int) -> dict:
+def bench_transformers(path: Path, n: int, repeats: int, dtype: str) -> dict:
     import transformers as tf
     tf.logging.set_verbosity_error()
     model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                    torch_dtype=torch.float32).eval()
+                                                    torch_dtype=getattr(torch, dtype)).eval()
     vocab = model.config.vocab_size
     kw = dict(do_sample=False, max_new_tokens=OUT, min_new_tokens=OUT, pad_token_id=0)
     ttft, decode = [], []
@@ -113,6 +113,16 @@ def bench_llama_cpp(path: Path, n: int, repeats: int) -> dict:
             "offline_tok_s": offline, "offline_requests": n}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -120,25 +130,31 @@ def main() -> None:
     ap.add_argument("--llama-cpp-requests", type=int, default=16,
                     help="llama-cpp-python runs requests one after another; fewer keep the run short")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip", default="")
+    ap.add_argument("--skip", default="", help="comma-separated engines to leave out: tokenmill,transformers,llama.cpp")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="run dtypes of tokenmill and transformers (llama.cpp runs the file's own Q4_1)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     path = resolve_model(args.model)
     skip = set(filter(None, args.skip.split(",")))
-    runs = {"tokenmill": lambda: bench_tokenmill(path, args.requests, args.repeats),
-            "transformers": lambda: bench_transformers(path, args.requests, args.repeats),
-            "llama.cpp": lambda: bench_llama_cpp(path, args.llama_cpp_requests, args.repeats)}
+    dtypes = args.dtypes.split(",")
+    runs = {}
+    for engine, bench in (("tokenmill", bench_tokenmill), ("transformers", bench_transformers)):
+        for dtype in dtypes:
+            if engine not in skip:
+                runs[f"{engine} {dtype}"] = (lambda b, d: lambda: b(path, args.requests, args.repeats, d))(bench, dtype)
+    if "llama.cpp" not in skip:
+        runs["llama.cpp Q4_1"] = lambda: bench_llama_cpp(path, args.llama_cpp_requests, args.repeats)
     results = {}
     for name, fn in runs.items():
-        if name in skip:
-            continue
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         results[name] = fn()
-    print(f"\nmodel: {path.name}; machine: {platform.processor() or platform.machine()}, "
+    amx = "AMX-BF16" if torch.cpu._is_amx_tile_supported() else "no AMX"
+    print(f"\nmodel: {path.name}; machine: {cpu_name()} ({amx}), "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| engine | TTFT ms (128 in) | batch-1 decode tok/s | offline output tok/s (requests) | offline vs tokenmill |")
+    print("| engine | TTFT ms (128 in) | batch-1 decode tok/s | offline output tok/s (requests) | offline vs transformers float32 |")
     print("|---|---|---|---|---|")
-    base = results.get("tokenmill", {}).get("offline_tok_s")
+    base = results.get("transformers float32", {}).get("offline_tok_s")
     for name, r in results.items():
         ratio = f"{r['offline_tok_s'] / base:.2f}x" if base else "-"
         print(f"| {name} | {r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} | {r['offline_tok_s']:.1f} ({r['offline_requests']}) | {ratio} |")

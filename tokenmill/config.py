@@ -8,10 +8,16 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpu_has_amx_bf16() -> bool:
+    """AMX tiles make bfloat16 matrix products ~3.5x faster than float32 ones on this CPU
+    (benchmarks/engine.py, docs/benchmarks.md); without them bf16 products are slower than fp32."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None             # path to a .gguf / HF directory, or a short name; None = the default model
-    dtype: str = "float32"
+    dtype: str = "float32"               # "auto": bfloat16 on CUDA and on CPUs with AMX-BF16, else float32
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -45,7 +51,8 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+            fast_bf16 = self.torch_device.type == "cuda" or cpu_has_amx_bf16()
+            return torch.bfloat16 if fast_bf16 else torch.float32
         return DTYPES[self.dtype]
 
     @property
