@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenmill.cli import run_offline_bench  # noqa: E402
-from tokenmill.config import EngineConfig  # noqa: E402
+from tokenmill.config import EngineConfig, cpu_has_amx_bf16  # noqa: E402
 from tokenmill.engine import LLMEngine  # noqa: E402
 from tokenmill.model_files import resolve_model  # noqa: E402
 from tokenmill.sampling_params import SamplingParams  # noqa: E402
@@ -149,7 +149,7 @@ def main() -> None:
     for name, fn in runs.items():
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         results[name] = fn()
-    amx = "AMX-BF16" if torch.cpu._is_amx_tile_supported() else "no AMX"
+    amx = "AMX-BF16" if cpu_has_amx_bf16() else "no AMX"
     print(f"\nmodel: {path.name}; machine: {cpu_name()} ({amx}), "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| engine | TTFT ms (128 in) | batch-1 decode tok/s | offline output tok/s (requests) | offline vs transformers float32 |")

@@ -15,13 +15,12 @@ def _set_interpret(value: str | None) -> str | None:
     return saved
 
 
-def _import_kernels_interpreted() -> bool:
+def _import_kernels_interpreted() -> None:
     saved = _set_interpret("1")
     try:
         import tokenmill.attention.triton_backend  # noqa: F401
-        return True
     except ImportError:
-        return False
+        pass                        # no triton: the tests that need it are skipped
     finally:
         _set_interpret(saved)
 
