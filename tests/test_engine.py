@@ -20,7 +20,7 @@ def ids(n: int, seed: int = 0) -> list[int]:
 
 @pytest.mark.parametrize("field,kwargs", [
     ("temperature", dict(temperature=-0.5)), ("top_p", dict(top_p=0.0)), ("top_p", dict(top_p=1.5)),
-    ("top_k", dict(top_k=0)), ("top_k", dict(top_k=-2)), ("n", dict(n=0)), ("max_tokens", dict(max_tokens=0)),
+    ("top_k", dict(top_k=-2)), ("top_k", dict(top_k=1.5)), ("n", dict(n=0)), ("max_tokens", dict(max_tokens=-1)),
     ("logprobs", dict(logprobs=21)), ("min_p", dict(min_p=2.0)), ("best_of", dict(n=3, best_of=2)),
     ("repetition_penalty", dict(repetition_penalty=0.0)), ("min_tokens", dict(min_tokens=9, max_tokens=4)),
 ])

@@ -5,6 +5,7 @@ RequestOutputs: detokenizing, stop strings, logprob records and best-of selectio
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tokenmill.model.load import build_model, open_checkpoint
 from tokenmill.model_files import resolve_model
 from tokenmill.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
 from tokenmill.runner import Runner, StepResult
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("tokenmill")
@@ -38,6 +39,9 @@ class _Sample:
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     hold: int = 0            # trailing characters held back: they may start a stop string
+    stop_floor: int = 0      # stop strings may only start here: the text before came within min_tokens
+    sent_text: int = 0       # what DELTA outputs have handed out so far: characters,
+    sent_tokens: int = 0     # and tokens (and logprob records)
 
 
 @dataclass(eq=False)
@@ -50,7 +54,16 @@ class _Request:
     metrics: RequestMetrics
     prompt_logprobs: PromptLogprobs | None = None
     finished: bool = False
+    error: str | None = None
+    sent_prompt_logprobs: bool = False
     seqs_by_id: dict[int, _Sample] = field(default_factory=dict)
+
+    @property
+    def emits_every_step(self) -> bool:
+        """FINAL_ONLY emits once; so does DELTA with best_of > n (which samples stay is known at the end)."""
+        kind = self.params.output_kind
+        return kind is RequestOutputKind.CUMULATIVE or (kind is RequestOutputKind.DELTA
+                                                        and len(self.samples) == self.params.n)
 
 
 class LLMEngine:
@@ -61,15 +74,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         ckpt = open_checkpoint(path)
         self.model_config = cfg = ckpt.config
-        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
-        if cfg.sliding_window and self.max_model_len > cfg.sliding_window:
-            # attention here is always full; past the window the model would attend differently
-            if config.max_model_len is not None:
-                raise ValueError(f"max_model_len must be <= the model's sliding window ({cfg.sliding_window}): "
-                                 f"sliding-window attention is not implemented, got {config.max_model_len}")
-            logger.warning("max_model_len %d capped to the model's sliding window (%d): sliding-window "
-                           "attention is not implemented", self.max_model_len, cfg.sliding_window)
-            self.max_model_len = cfg.sliding_window
+        num_blocks = config.num_kv_blocks or num_blocks_for_memory(cfg, config.block_size, dtype,
+                                                                   config.kv_cache_memory_gb)
+        self.max_model_len = self._context_length(cfg, num_blocks * config.block_size)
         self.model = build_model(ckpt, dtype, self.max_model_len, device, progress)
         self.tokenizer = self._load_tokenizer(ckpt)
         logger.info("loaded %s (%s, %d layers) in %.1f s", path.name, cfg.architecture, cfg.num_hidden_layers,
@@ -77,19 +84,44 @@ class LLMEngine:
         if dtype == torch.float32 and device.type == "cpu" and cpu_has_amx_bf16():
             logger.info("this CPU has AMX-BF16: dtype='bfloat16' (or 'auto') gives about 2x the batched "
                         "throughput and half the weight memory, at bfloat16 precision (docs/benchmarks.md)")
-        num_blocks = config.num_kv_blocks or num_blocks_for_memory(cfg, config.block_size, dtype,
-                                                                   config.kv_cache_memory_gb)
-        logger.info("KV cache: %d pages of %d tokens; the longest context that fits is %d tokens",
-                    num_blocks, config.block_size, num_blocks * config.block_size)
+        logger.info("KV cache: %d pages of %d tokens (%d tokens in all); max_model_len %d",
+                    num_blocks, config.block_size, num_blocks * config.block_size, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else set()
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.block_manager, eos)
         kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, dtype, device)
         self.runner = Runner(self.model, kv_caches, get_backend(config.backend_name), config.block_size, eos,
-                             config.seed, device)
+                             config.seed, device, cfg.vocab_size)
         self.requests: dict[str, _Request] = {}
+        self._failed: list[_Request] = []
         self._next_id = 0
+        self.last_step_tokens = 0        # tokens the last step computed: 0 means it had nothing to do
+
+    def _context_length(self, cfg, cache_tokens: int) -> int:
+        """max_model_len: the configured one, checked against the model's positions and the KV cache
+        (one sequence must always fit, or it could never finish); by default the largest that does."""
+        asked = self.config.max_model_len
+        if asked is not None and asked > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len ({asked}) exceeds the model's max_position_embeddings "
+                             f"({cfg.max_position_embeddings}); use at most {cfg.max_position_embeddings}")
+        if asked is not None and asked > cache_tokens:
+            raise ValueError(f"max_model_len ({asked}) exceeds the {cache_tokens} tokens the KV cache holds; "
+                             f"raise num_kv_blocks / kv_cache_memory_gb or lower max_model_len")
+        length = asked or cfg.max_position_embeddings
+        if cfg.sliding_window and length > cfg.sliding_window:
+            # attention here is always full; past the window the model would attend differently
+            if asked is not None:
+                raise ValueError(f"max_model_len must be <= the model's sliding window ({cfg.sliding_window}): "
+                                 f"sliding-window attention is not implemented, got {asked}")
+            logger.warning("max_model_len %d capped to the model's sliding window (%d): sliding-window "
+                           "attention is not implemented", length, cfg.sliding_window)
+            length = cfg.sliding_window
+        if length > cache_tokens:
+            logger.warning("max_model_len %d capped to the %d tokens the KV cache holds (raise num_kv_blocks / "
+                           "kv_cache_memory_gb for longer contexts)", length, cache_tokens)
+            length = cache_tokens
+        return length
 
     @staticmethod
     def _load_tokenizer(ckpt) -> Tokenizer | None:
@@ -110,13 +142,19 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: this model has no tokenizer; pass token ids instead of text")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt: token ids must be integers in [0, {self.model_config.vocab_size}), "
-                                 f"got {bad[:5]}")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt: not valid Unicode text ({e.reason} at character {e.start})") from None
+            return self.check_prompt_ids(self.tokenizer.encode(prompt))
+        return self.check_prompt_ids(prompt)
+
+    def check_prompt_ids(self, ids: Seq[int]) -> list[int]:
+        ids = list(ids)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt: token ids must be integers in [0, {vocab}), got {bad[:5]}")
         if not ids:
             raise ValueError("prompt: must not be empty")
         if len(ids) >= self.max_model_len:
@@ -125,14 +163,29 @@ class LLMEngine:
         return ids
 
     def check_params(self, params: SamplingParams) -> None:
+        """The limits that depend on this engine: the vocabulary, max_num_seqs, the tokenizer."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: must be a SamplingParams, got {type(params).__name__}")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer, and this model has none")
+        vocab = self.model_config.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or ()))):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name}: token ids must be in [0, {vocab}), got {bad[:5]}")
+        group = params.best_of or params.n
+        if group > self.config.max_num_seqs:
+            field_name = "best_of" if params.best_of else "n"
+            raise ValueError(f"{field_name} must be <= max_num_seqs ({self.config.max_num_seqs}): the "
+                             f"{group} samples of one request run side by side, got {group}")
 
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> str:
+        """Queue a request; everything is validated here (ValueError naming the field), so nothing
+        invalid reaches a step."""
         params = params or SamplingParams()
-        ids = prompt_token_ids if prompt_token_ids is not None else self.tokenize(prompt)
         self.check_params(params)
+        ids = self.check_prompt_ids(prompt_token_ids) if prompt_token_ids is not None else self.tokenize(prompt)
         request_id = request_id if request_id is not None else self.new_request_id()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -159,18 +212,67 @@ class LLMEngine:
             self.runner.release(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._failed)
 
     # ---- one step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.last_step_tokens = out.num_batched_tokens
         if out.is_empty:
-            return []
-        result = self.runner.execute(out)
-        self.scheduler.update(out, [s.token_id for s in result.sampled])
-        return self._postprocess(out, result)
+            return self._flush_failed()
+        snapshot = self.runner.snapshot(out)
+        try:
+            result = self.runner.execute(out) if out.scheduled else StepResult([])
+        except Exception:      # noqa: BLE001 -- find the request(s) that broke it; the others go on
+            logger.exception("a step of %d sequences failed; retrying its requests one by one", len(out.scheduled))
+            self.runner.restore(snapshot)
+            out, result = self._execute_alone(out)
+        finished = self.scheduler.update(out, [s.token_id for s in result.sampled])
+        return self._postprocess(out, result, finished) + self._flush_failed()
 
-    def _postprocess(self, out: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _execute_alone(self, out: SchedulerOutput) -> tuple[SchedulerOutput, StepResult]:
+        """Run each request of a failed step by itself; fail those that fail alone. Returns the step
+        as it went for the rest."""
+        groups: dict[str, SchedulerOutput] = {}
+        rows: dict[str, dict[int, int]] = {}
+        for i, (seq, n) in enumerate(out.scheduled):
+            group = groups.setdefault(seq.request_id, SchedulerOutput())
+            rows.setdefault(seq.request_id, {})[i] = len(group.scheduled)
+            group.scheduled.append((seq, n))
+        for seq, row in out.samples:
+            groups[seq.request_id].samples.append((seq, rows[seq.request_id][row]))
+        kept, result = SchedulerOutput(block_copies=out.block_copies), StepResult([])
+        for request_id, group in groups.items():
+            group.block_copies = out.block_copies     # copying again is harmless: the sources are unchanged
+            try:
+                part = self.runner.execute(group)
+            except Exception as e:     # noqa: BLE001
+                logger.exception("request %s fails alone: failing it", request_id)
+                self._fail(request_id, e)
+                continue
+            base = len(kept.scheduled)
+            kept.scheduled += group.scheduled
+            kept.samples += [(seq, base + row) for seq, row in group.samples]
+            result.sampled += part.sampled
+            result.prompt_logprobs.update(part.prompt_logprobs)
+        kept.finished = [s for s in out.finished if s.request_id in self.requests]
+        return kept, result
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        req.error = f"{type(error).__name__}: {error}"
+        self.abort_request(request_id)
+        req.finished = True
+        req.metrics.finished_time = time.time()
+        self._failed.append(req)
+
+    def _flush_failed(self) -> list[RequestOutput]:
+        failed, self._failed = self._failed, []
+        return [self._request_output(req) for req in failed]
+
+    def _postprocess(self, out: SchedulerOutput, result: StepResult, finished: list[Sequence]) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, _Request] = {}
         for seq, _ in out.scheduled:
@@ -187,15 +289,18 @@ class LLMEngine:
             req = self.requests.get(seq.request_id)
             if req is None or seq.status is SequenceStatus.FINISHED_ABORTED:
                 continue
-            sample = req.seqs_by_id[seq.seq_id]
-            seq.cumulative_logprob += tok.logprob
-            if sample.logprobs is not None:
-                sample.logprobs.append(self._logprob_record(tok, req.params.logprobs))
-            if sample.detokenizer is not None:
-                self._append_text(sample, sample.detokenizer.add(tok.token_id))
+            try:
+                self._add_token(req, req.seqs_by_id[seq.seq_id], tok)
+            except Exception as e:      # noqa: BLE001 -- e.g. a detokenizer error: this request alone fails
+                logger.exception("request %s failed after sampling: failing it", req.request_id)
+                self._fail(req.request_id, e)
+                continue
             req.metrics.first_token_time = req.metrics.first_token_time or now
             req.metrics.last_token_time = now
             touched[req.request_id] = req
+        for seq in finished:
+            if (req := self.requests.get(seq.request_id)) is not None:
+                touched[req.request_id] = req
         outputs = []
         for req in touched.values():
             if all(s.seq.is_finished for s in req.samples):
@@ -204,15 +309,32 @@ class LLMEngine:
                 for s in req.samples:
                     self.runner.release(s.seq)
                 del self.requests[req.request_id]
-            outputs.append(self._request_output(req))
+            if req.finished or req.emits_every_step:
+                outputs.append(self._request_output(req))
         return outputs
+
+    def _add_token(self, req: _Request, sample: _Sample, tok) -> None:
+        seq = sample.seq
+        seq.cumulative_logprob += tok.logprob
+        if sample.logprobs is not None:
+            sample.logprobs.append(self._logprob_record(tok, req.params.logprobs))
+        if sample.detokenizer is not None:
+            delta = sample.detokenizer.add(tok.token_id)
+            # an EOS or stop token ends the text without its own (vLLM's rule), unless asked for
+            if seq.status is SequenceStatus.FINISHED_STOPPED and not req.params.include_stop_str_in_output:
+                delta = ""
+            self._append_text(sample, delta)
 
     def _append_text(self, sample: _Sample, delta: str) -> None:
         seq, params = sample.seq, sample.seq.params
         sample.text += delta
         if not params.stop_strings:
             return
-        window_start = max(0, len(sample.text) - len(delta) - max(map(len, params.stop_strings)) + 1)
+        if seq.num_output_tokens < params.min_tokens:       # no stop string may end the text yet
+            sample.stop_floor, sample.hold = len(sample.text), 0
+            return
+        window_start = max(sample.stop_floor,
+                           len(sample.text) - len(delta) - max(map(len, params.stop_strings)) + 1)
         for stop in params.stop_strings:
             i = sample.text.find(stop, window_start)
             if i >= 0:
@@ -247,22 +369,30 @@ class LLMEngine:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else None
 
     def _request_output(self, req: _Request) -> RequestOutput:
-        samples = req.samples
-        if req.finished and len(samples) > req.params.n:      # best_of: keep the n most likely
-            samples = sorted(samples, key=lambda s: s.seq.cumulative_logprob, reverse=True)[:req.params.n]
-        elif len(samples) > req.params.n:
-            samples = samples[:req.params.n]
+        samples, n = req.samples, req.params.n
+        if req.finished and len(samples) > n:      # best_of: keep the n most likely
+            samples = sorted(samples, key=lambda s: s.seq.cumulative_logprob, reverse=True)[:n]
+        elif len(samples) > n:
+            samples = samples[:n]
+        delta = req.params.output_kind is RequestOutputKind.DELTA
         outputs = []
         for i, s in enumerate(samples):
             seq = s.seq
-            reason = seq.status.value if seq.is_finished else None
-            text = s.text if s.hold == 0 else s.text[:-s.hold]
+            visible = len(s.text) - s.hold
+            first_token = seq.num_prompt_tokens + (s.sent_tokens if delta else 0)
             outputs.append(CompletionOutput(
-                index=i, text=text, token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob, logprobs=s.logprobs,
-                finish_reason=reason, stop_reason=seq.stop_reason))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.prompt_logprobs, outputs,
-                             req.finished, req.metrics)
+                index=i, text=s.text[s.sent_text if delta else 0:visible], token_ids=seq.token_ids[first_token:],
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=s.logprobs[s.sent_tokens:] if delta and s.logprobs is not None else s.logprobs,
+                finish_reason=seq.status.value if seq.is_finished else None, stop_reason=seq.stop_reason))
+            if delta:
+                s.sent_text, s.sent_tokens = visible, seq.num_output_tokens
+        prompt_logprobs = req.prompt_logprobs
+        if delta:          # the prompt is done before anything is emitted: its logprobs go out once
+            prompt_logprobs = None if req.sent_prompt_logprobs else req.prompt_logprobs
+            req.sent_prompt_logprobs = True
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, prompt_logprobs, outputs,
+                             req.finished, req.metrics, error=req.error)
 
     # ---- observability -----------------------------------------------------------------------------
     @property
@@ -311,6 +441,7 @@ class LLM:
         token_ids = [self.engine.tokenize(p) for p in prompts]     # reject bad input before queueing any
         for p in params:
             self.engine.check_params(p)
+        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         ids = [self.engine.add_request(None, prompt, p, prompt_token_ids=t)
                for prompt, p, t in zip(prompts, params, token_ids)]
         return self._run(ids, use_tqdm)

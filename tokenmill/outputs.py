@@ -22,7 +22,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: SampleLogprobs | None
-    finish_reason: str | None = None     # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None     # "stop" | "length" | "abort" (also on error) | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     @property
@@ -49,3 +49,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = field(default=None, repr=False)
+    error: str | None = None       # set when this request failed inside a step (the others carried on)

@@ -1,4 +1,8 @@
-"""The only place where Sequences meet tensors: a SchedulerOutput in, sampled tokens out."""
+"""The only place where Sequences meet tensors: a SchedulerOutput in, sampled tokens out.
+
+Per-sequence tensor state lives here, keyed by seq_id and kept until `release(seq)`: the seeded
+generators, the penalty history rows and int32 copies of the block tables. Each is brought up to
+date from the sequence by its new part only, so a step's bookkeeping does not grow with context."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,9 +13,10 @@ from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.core.scheduler import SchedulerOutput
 from tokenmill.core.sequence import Sequence
 from tokenmill.kv_cache import copy_blocks
-from tokenmill.sample.sampler import SampledToken, Sampler, SamplerRow
+from tokenmill.sample.sampler import SampledToken, Sampler, SamplerRow, TokenHistory
 
 PromptLogprob = tuple[float, int, list[tuple[int, float]]] | None   # (logprob, rank, top-n) of a prompt token
+SEED_MASK = 2**64 - 1
 
 
 @dataclass
@@ -20,18 +25,38 @@ class StepResult:
     prompt_logprobs: dict[int, list[tuple[int, PromptLogprob]]] = field(default_factory=dict)  # seq_id -> (position, entry)
 
 
+@dataclass
+class _TableCopy:
+    buffer: torch.Tensor      # int32 [capacity]
+    length: int               # entries that mirror seq.block_table
+    last: int                 # the last of them
+    source: int               # id() of the list mirrored
+    preemptions: int
+
+
+@dataclass
+class _HistoryRow:
+    slot: int
+    num_tokens: int           # tokens of the sequence counted so far
+
+
 class Runner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  backend: AttentionBackend, block_size: int, eos_token_ids: set[int], seed: int,
-                 device: torch.device):
+                 device: torch.device, vocab_size: int):
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
         self.block_size = block_size
         self.eos_token_ids = sorted(eos_token_ids)
         self.device = device
+        self.vocab_size = vocab_size
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
         self.generators: dict[int, torch.Generator] = {}
+        self.tables: dict[int, _TableCopy] = {}
+        self.history: TokenHistory | None = None
+        self.history_rows: dict[int, _HistoryRow] = {}
+        self.free_slots: list[int] = []
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -42,7 +67,9 @@ class Runner:
         sample_rows = [last[row] - 1 for _, row in out.samples]
         plp_rows, plp_targets = self._prompt_logprob_rows(out, meta)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows + plp_rows, dtype=torch.long)])
-        sampled = self.sampler(logits[:len(sample_rows)], [self._row(seq) for seq, _ in out.samples])
+        rows = [self._row(seq) for seq, _ in out.samples]
+        self._update_history(out, rows)
+        sampled = self.sampler(logits[:len(sample_rows)], rows, self.history)
         return StepResult(sampled, self._prompt_logprobs(logits[len(sample_rows):], plp_targets))
 
     def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -57,28 +84,91 @@ class Runner:
             slens.append(end)
         dev = self.device
         meta = AttentionMetadata.build([seq.block_table for seq, _ in out.scheduled], qlens, slens,
-                                       self.block_size, dev)
+                                       self.block_size, dev, [self._table(seq) for seq, _ in out.scheduled])
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev), meta)
+
+    def _table(self, seq: Sequence) -> torch.Tensor:
+        """seq.block_table as int32, re-copying only its tail: the block manager appends pages and
+        copies-on-write only the last one; a new list (preemption, prefix hit) is copied whole."""
+        table, n = seq.block_table, len(seq.block_table)
+        copy = self.tables.get(seq.seq_id)
+        if (copy is None or copy.source != id(table) or copy.preemptions != seq.num_preemptions
+                or copy.buffer.numel() < n):
+            buffer = torch.empty(max(16, 2 * n), dtype=torch.int32)
+            buffer[:n] = torch.tensor(table, dtype=torch.int32)
+            self.tables[seq.seq_id] = _TableCopy(buffer, n, table[-1] if table else -1, id(table),
+                                                 seq.num_preemptions)
+            return buffer[:n]
+        if n != copy.length or (n and table[-1] != copy.last):
+            start = max(0, min(copy.length, n) - 1)
+            copy.buffer[start:n] = torch.tensor(table[start:n], dtype=torch.int32)
+            copy.length, copy.last = n, table[-1] if table else -1
+        return copy.buffer[:n]
 
     def _row(self, seq: Sequence) -> SamplerRow:
         p = seq.params
         suppress = []
         if seq.num_output_tokens < p.min_tokens:
             suppress = sorted(set(self.eos_token_ids) | set(p.stop_token_ids))
-        return SamplerRow(params=p, prompt_token_ids=seq.prompt_token_ids, output_token_ids=seq.output_token_ids,
-                          generator=self._generator(seq), suppress_token_ids=suppress)
+        uses_history = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+        return SamplerRow(params=p, generator=self._generator(seq), suppress_token_ids=suppress,
+                          history_slot=self._history_slot(seq) if uses_history else None)
+
+    def _history_slot(self, seq: Sequence) -> int:
+        entry = self.history_rows.get(seq.seq_id)
+        if entry is not None:
+            return entry.slot
+        if self.history is None:
+            self.history = TokenHistory(8, self.vocab_size, self.device)
+        if not self.free_slots:
+            grown, old = TokenHistory(2 * len(self.history.seen), self.history.seen.shape[1], self.device), self.history
+            grown.seen[:len(old.seen)], grown.counts[:len(old.counts)] = old.seen, old.counts
+            self.free_slots = list(range(len(grown.seen) - 1, len(old.seen) - 1, -1))
+            self.history = grown
+        slot = self.free_slots.pop()
+        self.history.reset(slot, seq.prompt_token_ids)
+        self.history_rows[seq.seq_id] = _HistoryRow(slot, seq.num_prompt_tokens)
+        return slot
+
+    def _update_history(self, out: SchedulerOutput, rows: list[SamplerRow]) -> None:
+        """Count the output tokens each penalised sequence gained since it was last counted."""
+        slots, new = [], []
+        for (seq, _), row in zip(out.samples, rows):
+            entry = self.history_rows.get(seq.seq_id)
+            if row.history_slot is None or entry is None or entry.num_tokens == seq.num_tokens:
+                continue
+            slots.append(entry.slot)
+            new.append(seq.token_ids[entry.num_tokens:])
+            entry.num_tokens = seq.num_tokens
+        if slots:
+            self.history.add(slots, new)
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.params.seed is None or seq.params.greedy:
             return None
         gen = self.generators.get(seq.seq_id)
         if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
+            gen = torch.Generator(device=self.device).manual_seed((seq.params.seed + seq.index) & SEED_MASK)
             self.generators[seq.seq_id] = gen
         return gen
 
     def release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
+        self.tables.pop(seq.seq_id, None)
+        entry = self.history_rows.pop(seq.seq_id, None)
+        if entry is not None:
+            self.free_slots.append(entry.slot)
+
+    # ---- failure isolation -------------------------------------------------------------------------
+    def snapshot(self, out: SchedulerOutput) -> list[tuple[torch.Generator, torch.Tensor]]:
+        """The random state a step may consume, so that a failed step can be retried exactly."""
+        gens = [self.sampler.generator] + [g for seq, _ in out.samples if (g := self._generator(seq)) is not None]
+        return [(g, g.get_state()) for g in gens]
+
+    @staticmethod
+    def restore(snapshot: list[tuple[torch.Generator, torch.Tensor]]) -> None:
+        for gen, state in snapshot:
+            gen.set_state(state)
 
     @staticmethod
     def _prompt_logprob_rows(out: SchedulerOutput, meta: AttentionMetadata) -> tuple[list[int], list[tuple[int, int, int]]]:

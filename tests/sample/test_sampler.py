@@ -1,4 +1,6 @@
 """The sampler against transformers' logits processors, a dense penalty formula, and chi-square."""
+import dataclasses
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -6,14 +8,29 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from tokenmill.sample.ops import CANDIDATES
-from tokenmill.sample.sampler import Sampler, SamplerRow, apply_filters, apply_penalties
+from tokenmill.sample.sampler import Sampler, SamplerRow, TokenHistory, apply_filters, apply_penalties
 from tokenmill.sampling_params import SamplingParams
 
 V = 1000
 
 
+@dataclasses.dataclass
+class Row(SamplerRow):
+    prompt: list[int] = dataclasses.field(default_factory=list)
+    output: list[int] = dataclasses.field(default_factory=list)
+
+
 def row(prompt=(), output=(), suppress=None, generator=None, **kw):
-    return SamplerRow(SamplingParams(**kw), list(prompt), list(output), generator, suppress)
+    return Row(SamplingParams(**kw), generator, suppress, prompt=list(prompt), output=list(output))
+
+
+def with_history(rows, vocab=V):
+    """The rows with history slots 0..n-1, and a TokenHistory filled from their token lists."""
+    history = TokenHistory(len(rows), vocab)
+    for i, r in enumerate(rows):
+        history.reset(i, r.prompt)
+        history.add([i], [r.output])
+    return [dataclasses.replace(r, history_slot=i) for i, r in enumerate(rows)], history
 
 
 def same_support_and_probs(ours: torch.Tensor, theirs: torch.Tensor):
@@ -65,7 +82,7 @@ def test_top_p_keeps_every_token_tied_with_the_last_survivor():
 
 def test_repetition_penalty_matches_transformers(logits):
     prompt, output = [1, 5, 7, 999], [5, 42, 42, 3]
-    ours = apply_penalties(logits, [row(prompt, output, repetition_penalty=1.3)] * len(logits))
+    ours = apply_penalties(logits, *with_history([row(prompt, output, repetition_penalty=1.3)] * len(logits)))
     ids = torch.tensor([prompt + output] * len(logits))
     theirs = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
     torch.testing.assert_close(ours, theirs)
@@ -73,7 +90,7 @@ def test_repetition_penalty_matches_transformers(logits):
 
 def test_frequency_and_presence_penalties_follow_the_openai_formula(logits):
     output = [3, 3, 3, 8, 9, 9]
-    ours = apply_penalties(logits, [row([3, 100], output, frequency_penalty=0.5, presence_penalty=0.25)] * 4)
+    ours = apply_penalties(logits, *with_history([row([3, 100], output, frequency_penalty=0.5, presence_penalty=0.25)] * 4))
     expected = logits.clone()
     for t in set(output):                  # logit - count * frequency - (count > 0) * presence; prompt not counted
         expected[:, t] -= output.count(t) * 0.5 + 0.25
@@ -91,9 +108,9 @@ def test_mixed_batch_rows_equal_rows_alone(logits):
             row(temperature=0.7, top_k=CANDIDATES + 1, min_p=0.01, suppress=[0], output=[0, 3],
                 frequency_penalty=-1.0, presence_penalty=1.0, repetition_penalty=1.1)]
     logits = flat
-    batched = apply_filters(apply_penalties(logits, rows), rows)
+    batched = apply_filters(apply_penalties(logits, *with_history(rows)), rows)
     for i, r in enumerate(rows):
-        alone = apply_filters(apply_penalties(logits[i:i + 1], [r]), [r])
+        alone = apply_filters(apply_penalties(logits[i:i + 1], *with_history([r])), [r])
         torch.testing.assert_close(batched[i:i + 1], alone)
 
 
@@ -117,7 +134,7 @@ def test_logprobs_are_raw_log_softmax_with_ranks(logits):
     sampler = Sampler(torch.Generator().manual_seed(0))
     rows = [row(temperature=0.3, top_k=3, logprobs=5, repetition_penalty=1.5, prompt=list(range(50))),
             row(temperature=0, logprobs=0), row(temperature=1.0)]
-    out = sampler(logits[:3], rows)
+    out = sampler(logits[:3], *with_history(rows))
     raw = logits[:3].log_softmax(-1)
     for i, o in enumerate(out):
         assert o.logprob == pytest.approx(raw[i, o.token_id].item(), abs=1e-6)

@@ -45,21 +45,23 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], seq_lens: list[int], block_size: int,
-              device: torch.device | str = "cpu") -> "AttentionMetadata":
+              device: torch.device | str = "cpu", table_rows: list[torch.Tensor] | None = None
+              ) -> "AttentionMetadata":
         """From per-sequence page lists: sequence b's new tokens are the last query_lens[b] of its
-        seq_lens[b] positions; their slots follow from its pages, the tables are padded with 0."""
+        seq_lens[b] positions; their slots follow from its pages, the tables are padded with 0.
+        `table_rows` (int32 tensors equal to the page lists) spares converting whole lists."""
         slots: list[int] = []
         for table, qlen, slen in zip(block_tables, query_lens, seq_lens):
             slots += [table[p // block_size] * block_size + p % block_size for p in range(slen - qlen, slen)]
-        width = max(len(t) for t in block_tables)
+        if table_rows is None:
+            table_rows = [torch.tensor(t, dtype=torch.int32) for t in block_tables]
         cu = [0]
         for qlen in query_lens:
             cu.append(cu[-1] + qlen)
         return cls(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
                    query_start_loc=torch.tensor(cu, dtype=torch.int32, device=device),
                    seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                   block_tables=torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
-                                             dtype=torch.int32, device=device),
+                   block_tables=torch.nn.utils.rnn.pad_sequence(table_rows, batch_first=True).to(device),
                    query_lens_list=list(query_lens), seq_lens_list=list(seq_lens))
 
     def to(self, device: torch.device | str) -> "AttentionMetadata":

@@ -4,21 +4,38 @@ A page whose tokens are all computed gets a hash chained from its predecessor's,
 sequences that start with the same tokens map to the same pages. Pages whose reference count
 drops to zero go to the tail of a free list but keep their hash: a later prompt can still hit
 them, and allocation takes the least recently freed page first (evicting its hash).
+
+A hit is never taken on the hash alone (crafted prompts whose hashes collide would read another
+request's KV, vLLM's CVE-2025-25183): the hash is SHA-256 of (parent hash, tokens), and a hit must
+also hold the same tokens and have been computed after the very page (id and generation) that
+the lookup matched one level up, so the whole chain is verified, whatever the hash function.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from tokenmill.core.sequence import Sequence
+
+HashFn = Callable[[bytes | None, tuple[int, ...]], bytes]
+
+
+def chain_hash(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    return hashlib.sha256((parent or b"") + array("q", token_ids).tobytes()).digest()
 
 
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
     token_ids: tuple[int, ...] = ()
+    parent: tuple[int, int] | None = None   # (block id, generation) of the page before it when it was hashed
+    generation: int = 0                     # renewed each time the page gets a hash
 
 
 @dataclass
@@ -31,19 +48,18 @@ class PrefixCacheStats:
         return self.hits / self.queries if self.queries else 0.0
 
 
-def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, token_ids))
-
-
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 hash_fn: HashFn = chain_hash):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}                 # hash -> block id
+        self.hash_fn = hash_fn
+        self.cached: dict[bytes, int] = {}               # hash -> block id
+        self._generations = itertools.count(1)
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) page copies owed before the next forward
         self.stats = PrefixCacheStats()
 
@@ -63,23 +79,28 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _update_hashes(self, seq: Sequence, limit: int) -> list[tuple[int, tuple[int, ...]]]:
-        """Extend `seq.block_hashes` to every full block among its first `limit` tokens."""
-        hashes = seq.block_hashes
-        while (len(hashes) + 1) * self.block_size <= limit:
-            start = len(hashes) * self.block_size
-            tokens = tuple(seq.token_ids[start:start + self.block_size])
-            hashes.append((chain_hash(hashes[-1][0] if hashes else None, tokens), tokens))
-        return hashes[:limit // self.block_size]
+    def _update_hashes(self, seq: Sequence, num_blocks: int) -> None:
+        """Extend `seq.block_hashes` to its first `num_blocks` blocks (all full)."""
+        hashes, size = seq.block_hashes, self.block_size
+        while len(hashes) < num_blocks:
+            start = len(hashes) * size
+            tokens = tuple(seq.token_ids[start:start + size])
+            hashes.append((self.hash_fn(hashes[-1][0] if hashes else None, tokens), tokens))
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached prefix of `seq`, leaving at least one token to compute."""
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
-        hits = []
-        for h, tokens in self._update_hashes(seq, seq.num_tokens - 1):
+        num_full = (seq.num_tokens - 1) // self.block_size
+        self._update_hashes(seq, num_full)
+        hits: list[int] = []
+        for h, tokens in itertools.islice(seq.block_hashes, num_full):
             block_id = self.cached.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            parent = (hits[-1], self.blocks[hits[-1]].generation) if hits else None
+            if block.token_ids != tokens or block.parent != parent:
                 break
             hits.append(block_id)
         return hits
@@ -104,6 +125,7 @@ class BlockManager:
         if hits:
             seq.block_table = [self._take(b) for b in hits]
             seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+            seq.num_hashed_blocks = len(hits)
         if cow:
             self._copy_on_write(seq, start // self.block_size)
         for _ in range(need_new):
@@ -127,7 +149,7 @@ class BlockManager:
         if block.hash is not None:
             if self.cached.get(block.hash) == block_id:
                 del self.cached[block.hash]
-            block.hash, block.token_ids = None, ()
+            block.hash, block.token_ids, block.parent = None, (), None
         self.free[block_id] = None      # _take removes it again
         return block_id
 
@@ -140,6 +162,7 @@ class BlockManager:
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         child.block_table = list(parent.block_table)
+        child.num_hashed_blocks = parent.num_hashed_blocks
         for b in child.block_table:
             self.blocks[b].ref_count += 1
 
@@ -151,16 +174,25 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table = []
+        seq.num_hashed_blocks = 0
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register the hashes of pages whose tokens are now all computed."""
+        """Register the hashes of pages whose tokens are now all computed (only the new ones)."""
         if not self.enable_prefix_caching:
             return
-        for block_id, (h, tokens) in zip(seq.block_table, self._update_hashes(seq, seq.num_computed_tokens)):
-            block = self.blocks[block_id]
+        table = seq.block_table
+        num_full = min(seq.num_computed_tokens // self.block_size, len(table))
+        if num_full <= seq.num_hashed_blocks:
+            return
+        self._update_hashes(seq, num_full)
+        for i in range(seq.num_hashed_blocks, num_full):
+            block = self.blocks[table[i]]
             if block.hash is None:
-                block.hash, block.token_ids = h, tokens
-                self.cached.setdefault(h, block_id)
+                h, block.token_ids = seq.block_hashes[i]
+                block.hash, block.generation = h, next(self._generations)
+                block.parent = (table[i - 1], self.blocks[table[i - 1]].generation) if i else None
+                self.cached.setdefault(h, block.block_id)
+        seq.num_hashed_blocks = num_full
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

@@ -5,6 +5,9 @@ Running sequences are served first, in arrival order; a sequence that cannot get
 preempts the newest running one (recompute: its pages are freed, it goes back to the front
 of the queue and later recomputes, mostly from the prefix cache). Waiting sequences are
 admitted in FCFS order while the budget, `max_num_seqs` and the page pool allow.
+
+Nothing waits forever: `add` refuses what could never be scheduled, and a sequence that cannot
+grow even with the whole pool to itself finishes with "length".
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)    # (src page, dst page) before the forward
     preempted: list[Sequence] = field(default_factory=list)
     forked: list[Sequence] = field(default_factory=list)                 # n > 1 siblings that start running now
+    finished: list[Sequence] = field(default_factory=list)               # ended while scheduling (no room to grow)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -41,7 +45,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.scheduled and not self.finished
 
 
 class Scheduler:
@@ -60,6 +64,10 @@ class Scheduler:
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"prompt of {seq.num_tokens} tokens needs {needed} KV pages but the cache has "
                              f"{self.block_manager.num_blocks}; raise num_kv_blocks / kv_cache_memory_gb")
+        group = 1 + len(seq.pending_forks)
+        if group > self.config.max_num_seqs:
+            raise ValueError(f"n: a request of {group} sequences (n / best_of) can never run beside "
+                             f"max_num_seqs ({self.config.max_num_seqs}); ask for at most {self.config.max_num_seqs}")
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -92,6 +100,10 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running.pop()
+                if victim is seq and not self.running:     # the whole pool is not enough: it cannot grow
+                    self.finish(seq, SequenceStatus.FINISHED_LENGTH)
+                    out.finished.append(seq)
+                    break
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -113,6 +125,10 @@ class Scheduler:
                 break
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, num_new):
+                if not self.running and not out.scheduled:    # alone with the whole pool: it never fits
+                    self.finish(seq, SequenceStatus.FINISHED_LENGTH)
+                    out.finished.append(seq)
+                    continue
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -122,7 +138,7 @@ class Scheduler:
 
     def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> int:
         out.scheduled.append((seq, num_new))
-        if seq.num_computed_tokens + num_new == seq.num_tokens:
+        if seq.num_computed_tokens + num_new == seq.num_tokens and seq.params.max_tokens != 0:
             row = len(out.scheduled) - 1
             out.samples.append((seq, row))
             for sibling in seq.pending_forks:     # n > 1: siblings share the prompt's pages and its logits
@@ -145,10 +161,13 @@ class Scheduler:
     def update(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
         """Advance computed counts, append the sampled tokens (one per `out.samples` entry) and
         apply the token-level stops. Returns the sequences that finished."""
+        finished = list(out.finished)
         for seq, num_new in out.scheduled:
             seq.num_computed_tokens += num_new
             self.block_manager.cache_full_blocks(seq)
-        finished = []
+            if seq.params.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens and not seq.is_finished:
+                self.finish(seq, SequenceStatus.FINISHED_LENGTH)     # prompt scoring: nothing to generate
+                finished.append(seq)
         for (seq, _), token in zip(out.samples, sampled):
             if seq.is_finished:       # aborted meanwhile
                 continue

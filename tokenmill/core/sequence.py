@@ -40,7 +40,8 @@ class Sequence:
     stop_reason: int | str | None = None
     cumulative_logprob: float = 0.0
     num_preemptions: int = 0
-    block_hashes: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # chained hashes of full blocks
+    block_hashes: list[tuple[bytes, tuple[int, ...]]] = field(default_factory=list)  # chained hashes of full blocks
+    num_hashed_blocks: int = 0                       # leading pages of block_table registered in the prefix cache
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:

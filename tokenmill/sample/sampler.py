@@ -1,6 +1,6 @@
 """The batched sampler: one call per step over rows with different parameters.
 
-Order per row: suppressed tokens → repetition penalty → frequency / presence penalties →
+Order per row: suppressed tokens → logit bias → repetition penalty → frequency / presence penalties →
 greedy argmax, or temperature → top-k → top-p → min-p → draw (exponential race, so a seeded
 row's draw depends only on its own generator). Logprobs are of the raw model distribution.
 """
@@ -10,19 +10,18 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.sample.ops import apply_filters, apply_penalties, penalised
+from tokenmill.sample.ops import TokenHistory, apply_filters, apply_penalties, penalised
 from tokenmill.sampling_params import SamplingParams
 
-__all__ = ["SampledToken", "Sampler", "SamplerRow", "apply_filters", "apply_penalties"]
+__all__ = ["SampledToken", "Sampler", "SamplerRow", "TokenHistory", "apply_filters", "apply_penalties"]
 
 
 @dataclass
 class SamplerRow:
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
     generator: torch.Generator | None = None      # the request's own when params.seed is set
     suppress_token_ids: list[int] | None = None   # forbidden this step (EOS / stop ids before min_tokens)
+    history_slot: int | None = None               # its row in the TokenHistory, when it has penalties
 
 
 @dataclass
@@ -38,11 +37,12 @@ class Sampler:
         self.generator = generator     # draws for every row without its own generator
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampledToken]:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow], history: TokenHistory | None = None
+                 ) -> list[SampledToken]:
         if not rows:
             return []
         logits = logits.float()                                         # [num_rows, vocab]
-        processed = apply_penalties(logits, rows) if any(map(penalised, rows)) else logits
+        processed = apply_penalties(logits, rows, history) if any(map(penalised, rows)) else logits
         drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(drawn) == len(rows):
             tokens = self._draw(processed, rows)

@@ -1,0 +1,317 @@
+"""Hardening: bad input is refused where it enters, a request that breaks a step fails alone,
+nothing waits forever, and prefix-cache hits are verified whatever the hash."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.core.block_manager import BlockManager
+from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.core.sequence import Sequence, SequenceStatus
+from tokenmill.engine import LLMEngine
+from tokenmill.config import EngineConfig
+from tokenmill.sampling_params import RequestOutputKind
+
+VOCAB = 384
+
+
+def ids(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama) -> LLMEngine:
+    directory, _ = tiny_llama
+    return LLMEngine(EngineConfig(model=str(directory), max_num_seqs=8, max_model_len=256), progress=False)
+
+
+def run(engine: LLMEngine) -> dict:
+    done = {}
+    deadline = time.monotonic() + 60
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the engine did not finish"
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+# ---- validation where input enters ---------------------------------------------------------------------
+@pytest.mark.parametrize("field,kwargs", [
+    ("temperature", dict(temperature=math.nan)), ("temperature", dict(temperature=math.inf)),
+    ("temperature", dict(temperature=1e-9)), ("top_p", dict(top_p=math.nan)), ("min_p", dict(min_p=math.nan)),
+    ("presence_penalty", dict(presence_penalty=math.nan)), ("repetition_penalty", dict(repetition_penalty=math.inf)),
+    ("seed", dict(seed=2**64)), ("seed", dict(seed=-2**63 - 1)), ("seed", dict(seed=1.5)),
+    ("n", dict(n=True)), ("max_tokens", dict(max_tokens=2.0)),
+    ("logit_bias", dict(logit_bias={5: 101.0})), ("logit_bias", dict(logit_bias={-1: 1.0})),
+    ("logit_bias", dict(logit_bias={5: math.nan})), ("stop", dict(stop=["ok", "\ud800"])),
+])
+def test_sampling_params_refuse_with_the_field(field, kwargs):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        SamplingParams(**kwargs)
+
+
+def test_edge_values_that_are_valid():
+    assert SamplingParams(top_k=0).top_k == 0                     # vLLM: 0 disables top-k, like -1
+    assert SamplingParams(seed=2**63 - 1, n=4).seed == 2**63 - 1
+    assert SamplingParams(max_tokens=0, prompt_logprobs=1).max_tokens == 0
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(prompt_token_ids=[10**6]), "prompt"), (dict(prompt_token_ids=[]), "prompt"),
+    (dict(prompt_token_ids=[1, -3]), "prompt"), (dict(prompt_token_ids=[True]), "prompt"),
+    (dict(params=SamplingParams(stop_token_ids=[VOCAB], min_tokens=2)), "stop_token_ids"),
+    (dict(params=SamplingParams(logit_bias={VOCAB + 5: 1.0})), "logit_bias"),
+    (dict(params=SamplingParams(n=9)), "n"), (dict(params=SamplingParams(n=2, best_of=9)), "best_of"),
+])
+def test_add_request_refuses_before_queueing(engine, kwargs, field):
+    params = kwargs.pop("params", SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match=f"^{field}"):
+        engine.add_request(None, None, params, prompt_token_ids=kwargs.get("prompt_token_ids", ids(5)))
+    assert not engine.has_unfinished_requests() and not engine.requests
+    rid = engine.add_request(None, None, SamplingParams(temperature=0, max_tokens=3), prompt_token_ids=ids(7))
+    assert len(run(engine)[rid].outputs[0].token_ids) == 3
+
+
+def test_a_huge_n_is_refused_at_once(engine):
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="^n must be <= max_num_seqs"):
+        engine.add_request(None, None, SamplingParams(n=200000), prompt_token_ids=ids(5))
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_lone_surrogate_in_a_prompt_is_a_value_error(smollm2_path):
+    llm = LLM(str(smollm2_path), num_kv_blocks=64, progress=False)
+    with pytest.raises(ValueError, match="^prompt: not valid Unicode"):
+        llm.generate("abc \ud800 def", SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_max_model_len_checked_against_positions_and_cache(tiny_llama, caplog):
+    directory, hf = tiny_llama
+    positions = hf.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"^max_model_len \\({positions + 1}\\) exceeds the model's"):
+        LLMEngine(EngineConfig(model=str(directory), max_model_len=positions + 1), progress=False)
+    with pytest.raises(ValueError, match=r"^max_model_len \(512\) exceeds the 128 tokens the KV cache holds"):
+        LLMEngine(EngineConfig(model=str(directory), num_kv_blocks=8, max_model_len=512), progress=False)
+    with caplog.at_level(logging.WARNING, logger="tokenmill"):
+        capped = LLMEngine(EngineConfig(model=str(directory), num_kv_blocks=8), progress=False)
+    assert capped.max_model_len == 128 and "capped to the 128 tokens" in caplog.text
+
+
+# ---- nothing waits forever -----------------------------------------------------------------------------
+def test_a_sequence_larger_than_the_cache_ends_with_length(tiny_llama):
+    directory, _ = tiny_llama
+    llm = LLM(str(directory), num_kv_blocks=8, progress=False)           # 128 tokens in all
+    t0 = time.perf_counter()
+    out = llm.generate([ids(20)], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True), use_tqdm=False)
+    assert out[0].outputs[0].finish_reason == "length"
+    assert len(out[0].prompt_token_ids) + len(out[0].outputs[0].token_ids) == 128
+    assert time.perf_counter() - t0 < 30
+
+
+def test_scheduler_finishes_a_lone_sequence_that_cannot_grow():
+    """Below the engine's start-up check: the scheduler alone never spins on such a sequence."""
+    bm = BlockManager(num_blocks=2, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=100), bm, set())
+    seq = Sequence("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=None))
+    sched.add(seq)
+    for step in range(10):
+        out = sched.schedule()
+        if seq.is_finished:
+            break
+        sched.update(out, [7] * len(out.samples))
+    assert seq.status is SequenceStatus.FINISHED_LENGTH and seq.num_tokens == 9 and step < 6   # 8 in the pages + the last sampled
+    assert out.finished == [seq] and not sched.has_unfinished() and bm.num_free_blocks == 2
+
+
+def test_scheduler_refuses_a_group_larger_than_max_num_seqs():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2), BlockManager(8, 4), set())
+    leader = Sequence("r", [1, 2], SamplingParams(n=3))
+    leader.pending_forks = [Sequence("r", [1, 2], leader.params, index=i) for i in (1, 2)]
+    with pytest.raises(ValueError, match="^n: a request of 3 sequences"):
+        sched.add(leader)
+
+
+# ---- a failing request fails alone ---------------------------------------------------------------------
+POISON = 383
+
+
+def poison_forward(engine: LLMEngine):
+    """Make the model raise whenever a step's input holds token POISON: a fault tied to one request."""
+    model = engine.runner.model
+    forward = model.forward
+
+    def guarded(input_ids, *args, **kwargs):
+        if bool((input_ids == POISON).any()):
+            raise RuntimeError("injected fault")
+        return forward(input_ids, *args, **kwargs)
+    return guarded
+
+
+def test_a_request_that_breaks_the_forward_fails_alone(tiny_llama, monkeypatch):
+    directory, _ = tiny_llama
+    llm = LLM(str(directory), max_num_seqs=8, progress=False)
+    prompts = [ids(9, seed=s) for s in range(4)]
+    assert all(POISON not in p for p in prompts)
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=12, ignore_eos=True, repetition_penalty=1.2),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, frequency_penalty=0.5)]
+    clean = llm.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setattr(llm.engine.runner.model, "forward", poison_forward(llm.engine))
+    mixed = llm.generate(prompts[:2] + [ids(5, seed=9) + [POISON]] + prompts[2:],
+                         params[:2] + [SamplingParams(max_tokens=4)] + params[2:], use_tqdm=False)
+    bad = mixed.pop(2)
+    assert bad.finished and bad.error == "RuntimeError: injected fault"
+    assert [o.outputs[0].finish_reason for o in [bad]] == ["abort"]
+    assert [[c.token_ids for c in o.outputs] for o in mixed] == [[c.token_ids for c in o.outputs] for o in clean]
+    assert all(o.error is None for o in mixed)
+    engine = llm.engine
+    assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_request_that_breaks_sampling_midway_fails_alone(engine, monkeypatch):
+    clean_id = engine.add_request(None, None, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                                  prompt_token_ids=ids(11, seed=1))
+    clean = run(engine)[clean_id].outputs[0].token_ids
+    row = engine.runner._row
+
+    def faulty(seq):
+        if seq.request_id == "bad" and seq.num_output_tokens == 3:
+            raise IndexError("injected sampler fault")
+        return row(seq)
+    monkeypatch.setattr(engine.runner, "_row", faulty)
+    engine.add_request("good", None, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                       prompt_token_ids=ids(11, seed=1))
+    engine.add_request("bad", None, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                       prompt_token_ids=ids(6, seed=2))
+    done = run(engine)
+    assert done["good"].outputs[0].token_ids == clean and done["good"].error is None
+    assert done["bad"].error == "IndexError: injected sampler fault"
+    assert len(done["bad"].outputs[0].token_ids) == 3
+
+
+# ---- prefix-cache hits are verified --------------------------------------------------------------------
+def weak_hash(parent, tokens):
+    """A hash that ignores the prefix: every page with the same tokens collides."""
+    return repr(tokens).encode()
+
+
+def test_colliding_hashes_never_share_pages():
+    bm = BlockManager(num_blocks=16, block_size=4, hash_fn=weak_hash)
+    x, y, z = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]
+
+    def compute(tokens):
+        s = Sequence("r", list(tokens), SamplingParams())
+        assert bm.allocate(s, len(tokens))
+        s.num_computed_tokens = len(tokens)
+        bm.cache_full_blocks(s)
+        return s
+    a = compute(x + z + [0])          # z computed after x
+    b = compute(y + z + [0])          # the same z page, after y: same weak hash, other KV
+    c = Sequence("r", y + z + [13], SamplingParams())
+    assert bm.allocate(c, c.num_tokens)
+    assert c.block_table[0] == b.block_table[0]                   # y is a true hit
+    assert c.block_table[1] not in (a.block_table[1],)            # a's z page follows x, not y
+    assert c.num_computed_tokens in (4, 8)
+    if c.num_computed_tokens == 8:
+        assert c.block_table[1] == b.block_table[1]
+
+
+def test_engine_output_is_unchanged_by_colliding_hashes(tiny_llama, monkeypatch):
+    import tokenmill.engine as engine_module
+    directory, _ = tiny_llama
+    x, y, z = ids(16, seed=1), ids(16, seed=2), ids(32, seed=3)
+    prompts = [x + z + ids(3, seed=4), y + z + ids(3, seed=5), y + z + ids(3, seed=6)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    plain = LLM(str(directory), enable_prefix_caching=False, progress=False)
+    expected = [plain.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+
+    class WeakBlockManager(BlockManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, hash_fn=weak_hash)
+    monkeypatch.setattr(engine_module, "BlockManager", WeakBlockManager)
+    weak = LLM(str(directory), progress=False)
+    got = [weak.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert got == expected
+    # the third prompt hits its y page; the z pages the weak hash finds were computed after x
+    assert weak.engine.block_manager.stats.hits == 16
+
+
+# ---- outputs, penalties and seeds stay exact across batching, chunking and preemption --------------------
+def test_penalised_and_seeded_rows_are_batch_invariant(tiny_llama):
+    directory, _ = tiny_llama
+    rng = random.Random(11)
+    prompts = [ids(rng.randrange(5, 70), seed=100 + i) for i in range(12)]
+    params = [SamplingParams(temperature=rng.choice([0, 0.8]), seed=i, max_tokens=rng.randrange(8, 30),
+                             ignore_eos=True, repetition_penalty=rng.choice([1.0, 1.3]),
+                             frequency_penalty=rng.choice([0.0, 0.7]), presence_penalty=rng.choice([0.0, -0.4]),
+                             logit_bias={rng.randrange(VOCAB): rng.choice([-100.0, 3.0])})
+              for i in range(12)]
+    alone_llm = LLM(str(directory), enable_prefix_caching=False, progress=False)
+    alone = [alone_llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+    squeezed = LLM(str(directory), num_kv_blocks=12, max_num_batched_tokens=32, max_num_seqs=12, progress=False)
+    batched = squeezed.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in batched] == alone
+    assert squeezed.engine.scheduler.num_preemptions > 0
+
+
+def test_delta_outputs_add_up_to_the_cumulative_ones(engine):
+    base = dict(temperature=1.0, seed=7, n=2, max_tokens=12, ignore_eos=True, logprobs=2)
+    collected = {}
+    for kind in RequestOutputKind:
+        rid = engine.add_request(None, None, SamplingParams(**base, output_kind=kind), prompt_token_ids=ids(9))
+        steps = []
+        while engine.has_unfinished_requests():
+            steps += [o for o in engine.step() if o.request_id == rid]
+        collected[kind] = steps
+    assert len(collected[RequestOutputKind.FINAL_ONLY]) == 1
+    final = collected[RequestOutputKind.FINAL_ONLY][0]
+    assert collected[RequestOutputKind.CUMULATIVE][-1].outputs[0].token_ids == final.outputs[0].token_ids
+    deltas = collected[RequestOutputKind.DELTA]
+    assert len(deltas) == 12
+    for j in range(2):
+        assert sum((d.outputs[j].token_ids for d in deltas), []) == final.outputs[j].token_ids
+        assert sum((d.outputs[j].logprobs for d in deltas), []) == final.outputs[j].logprobs
+
+
+def test_max_tokens_zero_scores_the_prompt_only(engine):
+    prompt = ids(40, seed=8)
+    rid = engine.add_request(None, None, SamplingParams(max_tokens=0, prompt_logprobs=1), prompt_token_ids=prompt)
+    one = engine.add_request(None, None, SamplingParams(max_tokens=1, prompt_logprobs=1), prompt_token_ids=prompt)
+    done = run(engine)
+    scored = done[rid]
+    assert scored.outputs[0].token_ids == [] and scored.outputs[0].finish_reason == "length"
+    assert len(scored.prompt_logprobs) == len(prompt)
+    assert [{t: lp.logprob for t, lp in r.items()} if r else None for r in scored.prompt_logprobs] == \
+        [{t: lp.logprob for t, lp in r.items()} if r else None for r in done[one].prompt_logprobs]
+
+
+def test_top_k_zero_is_disabled(engine):
+    outs = {}
+    for k in (0, -1):
+        rid = engine.add_request(None, None, SamplingParams(temperature=1.0, top_k=k, seed=3, max_tokens=10,
+                                                            ignore_eos=True), prompt_token_ids=ids(6))
+        outs[k] = run(engine)[rid].outputs[0].token_ids
+    assert outs[0] == outs[-1]
+
+
+def test_logit_bias_bans_and_forces_tokens(engine):
+    prompt = ids(12, seed=21)
+    rid = engine.add_request(None, None, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                             prompt_token_ids=prompt)
+    greedy = run(engine)[rid].outputs[0].token_ids
+    rid = engine.add_request(None, None, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                        logit_bias={greedy[0]: -100.0}), prompt_token_ids=prompt)
+    banned = run(engine)[rid].outputs[0].token_ids
+    assert greedy[0] not in banned
+    rid = engine.add_request(None, None, SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=1,
+                                                        logit_bias={17: 100.0}), prompt_token_ids=prompt)
+    assert run(engine)[rid].outputs[0].token_ids == [17] * 6
