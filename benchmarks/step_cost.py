@@ -100,6 +100,7 @@ def main() -> None:
                                         num_kv_blocks=args.seqs * (max(contexts) + 256) // 16 + 64), progress=False)
         print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}; {args.seqs} sequences decoding, tiny Llama (2 layers, hidden 64)\n")
+        measure(engine, args.seqs, contexts[0], args.steps, params(True, kinds[0]))     # warm-up, not shown
         print("| output kind | penalties | context | step ms | model ms | rest ms |")
         print("|---|---|---|---|---|---|")
         for kind in kinds:

@@ -315,3 +315,39 @@ def test_logit_bias_bans_and_forces_tokens(engine):
     rid = engine.add_request(None, None, SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=1,
                                                         logit_bias={17: 100.0}), prompt_token_ids=prompt)
     assert run(engine)[rid].outputs[0].token_ids == [17] * 6
+
+
+# ---- stop semantics on the real model ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    return LLM(str(smollm2_path), num_kv_blocks=128, max_num_seqs=8, progress=False)
+
+
+def test_stop_strings_wait_for_min_tokens(smol):
+    prompt = "The numbers from one to ten are: one, two,"
+    free = smol.generate(prompt, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0].outputs[0]
+    tok = smol.get_tokenizer()
+    assert "," in tok.decode(free.token_ids[:3]), free.text        # a stop that would fire early
+    early = smol.generate(prompt, SamplingParams(temperature=0, max_tokens=16, stop=","), use_tqdm=False)[0]
+    assert early.outputs[0].text == free.text[:free.text.index(",")]
+    for min_tokens in (5, 6):
+        waited = smol.generate(prompt, SamplingParams(temperature=0, max_tokens=16, stop=",", min_tokens=min_tokens),
+                               use_tqdm=False)[0].outputs[0]
+        floor = len(tok.decode(free.token_ids[:min_tokens - 1]))   # text before the min_tokens-th token
+        assert waited.finish_reason == "stop" and waited.stop_reason == ","
+        assert waited.text == free.text[:free.text.index(",", floor)]
+        assert len(waited.token_ids) >= min_tokens
+
+
+def test_eos_text_is_dropped_unless_asked(smol):
+    tok = smol.get_tokenizer()
+    eos = next(iter(sorted(tok.eos_token_ids)))
+    conversation = [{"role": "user", "content": "Hi"}]
+    base = dict(temperature=0, max_tokens=40, skip_special_tokens=False)
+    cut = smol.chat(conversation, SamplingParams(**base), use_tqdm=False)[0].outputs[0]
+    kept = smol.chat(conversation, SamplingParams(**base, include_stop_str_in_output=True),
+                     use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.token_ids[-1] in tok.eos_token_ids and cut.token_ids == kept.token_ids
+    assert cut.text == tok.decode(cut.token_ids[:-1], skip_special_tokens=False)
+    assert kept.text == tok.decode(kept.token_ids, skip_special_tokens=False) and kept.text != cut.text
+    assert eos in tok.eos_token_ids

@@ -235,3 +235,46 @@ def test_spm_decode_and_incremental(spm):
         parts = deltas(spm, ids)
         assert "".join(parts) == text and not any("\ufffd" in p for p in parts)
     assert spm.eos_token_ids == {2}
+
+
+# ---- token bytes (the chat logprobs `bytes` field) ------------------------------------------------------
+def llama_cpp_piece(llm, token_id: int) -> bytes:
+    """llama.cpp's own bytes of one token (llama_token_to_piece, special tokens as text)."""
+    import ctypes
+
+    import llama_cpp
+    buf = ctypes.create_string_buffer(512)
+    n = llama_cpp.llama_token_to_piece(llama_cpp.llama_model_get_vocab(llm.model), token_id, buf, len(buf), 0, True)
+    assert n >= 0, n
+    return buf.raw[:n]
+
+
+def test_token_bytes_match_llama_cpp_over_the_whole_vocabulary(ours, llama_cpp_vocab):
+    partial = 0
+    for token_id in range(ours.vocab_size):
+        expected = llama_cpp_piece(llama_cpp_vocab, token_id)
+        assert ours.token_bytes(token_id) == expected, token_id
+        try:
+            expected.decode()
+        except UnicodeDecodeError:
+            partial += 1
+    assert partial > 100           # tokens that hold part of a UTF-8 character were really checked
+
+
+def test_token_bytes_add_up_to_the_text(ours, tmp_path, hf_tokenizer):
+    text = "naïve café 日本語 🤗🎉 Ωμέγα — ok"
+    ids = ours.encode(text, add_special_tokens=False)
+    assert b"".join(ours.token_bytes(t) for t in ids) == text.encode()
+    assert any("\ufffd" in ours.decode([t]) for t in ids)          # some tokens are parts of a character
+    hf_tokenizer.save_pretrained(tmp_path)                          # the same vocabulary from tokenizer.json
+    from_dir = Tokenizer.from_dir(tmp_path)
+    assert [from_dir.token_bytes(t) for t in ids] == [ours.token_bytes(t) for t in ids]
+
+
+def test_spm_token_bytes_match_llama_cpp(spm, spm_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ref = llama_cpp.Llama(str(spm_path), vocab_only=True, verbose=False)
+    for token_id in range(spm.vocab_size):
+        assert spm.token_bytes(token_id) == llama_cpp_piece(ref, token_id), token_id
+    ids = spm.encode("Ünïcödé 🤗 日本語", add_special_tokens=False)
+    assert b"".join(spm.token_bytes(t) for t in ids) == " Ünïcödé 🤗 日本語".encode()

@@ -18,7 +18,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--attention-backend", default=None)
+    p.add_argument("--attention-backend", default=None, choices=["cpu", "torch", "reference", "triton"],
+                   help="default: triton on CUDA, cpu (ATen flash over pages) on CPU")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -41,7 +43,7 @@ def engine_config(args: argparse.Namespace):
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
                         enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
-                        seed=args.seed, attention_backend=args.attention_backend)
+                        seed=args.seed, attention_backend=args.attention_backend, device=args.device)
 
 
 def sampling_params(args: argparse.Namespace):

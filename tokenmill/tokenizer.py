@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,6 +62,24 @@ _PRE_TYPES: dict[str, tuple[str, bool, bool]] = {
 _PRE_REGEXES["tekken"] = [
     r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+"
     r"((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)"]
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _gpt2_unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode: byte-level BPE writes byte b as chr(table[b])."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _gpt2_unicode_to_byte()
+
 # tokens llama.cpp treats as end of generation by their text alone
 _EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
               "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>"}
@@ -149,6 +168,8 @@ class Tokenizer:
         self.add_bos, self.add_eos = add_bos, add_eos
         self._native_specials = post_processor_adds_specials
         self._template = None
+        self._byte_level = _is_byte_level(tok)
+        self._added_ids = set(tok.get_added_tokens_decoder())
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any]) -> "Tokenizer":
@@ -217,6 +238,21 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for. A byte-level or byte-fallback token may hold part of a
+        UTF-8 character, which decoding it alone shows as U+FFFD; this gives the bytes themselves."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:          # special and user-defined tokens are stored as text
+            return piece.encode()
+        if self._byte_level:
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece) if all(c in _UNICODE_TO_BYTE for c in piece) \
+                else piece.encode()
+        if (m := _BYTE_TOKEN.fullmatch(piece)) is not None:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; special-token strings in the text (e.g. "<|im_start|>") become their tokens."""
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens and self._native_specials).ids
@@ -244,6 +280,15 @@ class Tokenizer:
 
     def _text_or_empty(self, token_id: int | None) -> str:
         return (self._tok.id_to_token(token_id) or "") if token_id is not None else ""
+
+
+def _is_byte_level(tok: tokenizers.Tokenizer) -> bool:
+    """Whether the vocabulary is GPT-2 byte-level (its decoder, alone or in a sequence, is ByteLevel)."""
+    def walk(node: Any) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == "ByteLevel" or any(walk(d) for d in node.get("decoders") or [])
+        return False
+    return walk(json.loads(tok.to_str()).get("decoder"))
 
 
 def _compile_template(source: str):

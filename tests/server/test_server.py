@@ -329,6 +329,139 @@ def test_disconnect_while_waiting_non_streaming(served):
 
 
 # ---- `tokenmill serve`: a separate process, drained by SIGTERM ----------------------------------------
+# ---- hardening ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, param", [
+    ('"seed": 18446744073709551616', "seed"),
+    ('"temperature": NaN', "temperature"),
+    ('"stop_token_ids": [1000000], "min_tokens": 2', "stop_token_ids"),
+    ('"n": 200000', "n"),
+    ('"logit_bias": {"abc": 1}', "logit_bias"),
+    ('"logit_bias": {"999999": 5}', "logit_bias"),
+    ('"logit_bias": {"5": 500}', "logit_bias"),
+    ('"prompt": "caf\\ud800e"', "prompt"),
+    ('"max_tokens": 0', "max_tokens"),
+])
+def test_bad_values_are_400_and_harm_no_one(served, raw, param):
+    body = '{"model": "%s", "prompt": "hi", "max_tokens": 2, %s}' % (MODEL, raw)
+    r = served.post("/v1/completions", content=body.replace('"prompt": "hi", ', '', raw.startswith('"prompt"')),
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    wait_idle(served.engine)
+
+
+def test_chat_with_a_lone_surrogate_is_400(served):
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "x\\udc80y"}], "max_tokens": 2}' % MODEL
+    r = served.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
+def test_a_request_that_fails_in_the_engine_harms_no_one(served, monkeypatch):
+    """A fault tied to one request (its prompt holds a poisoned token) while a stream is in flight:
+    the faulty request gets a 500 naming the failure, the stream ends exactly as offline."""
+    poison = served.engine.model_config.vocab_size - 1
+    model = served.engine.runner.model
+    forward = model.forward
+
+    def guarded(input_ids, *args, **kwargs):
+        if bool((input_ids == poison).any()):
+            raise RuntimeError("injected fault")
+        return forward(input_ids, *args, **kwargs)
+    monkeypatch.setattr(model, "forward", guarded)
+    prompt = CONCURRENT_PROMPTS[3]
+
+    async def run():
+        client = served.async_client()
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        text = ""
+        failed = None
+        async for chunk in stream:
+            text += "".join(c.text for c in chunk.choices)
+            if failed is None:
+                try:
+                    await client.completions.create(model=MODEL, prompt=[1, 2, poison], max_tokens=4)
+                except openai.InternalServerError as e:
+                    failed = e
+        await client.close()
+        return text, failed
+
+    text, failed = asyncio.run(run())
+    assert text == served.reference[prompt]
+    assert failed is not None and "injected fault" in failed.body["message"]
+    wait_idle(served.engine)
+    assert served.engine.runner.generators == {} and served.engine.runner.tables == {}
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(served):
+    client = served.client()
+    prompt = "The capital of France is Paris."
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    one = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    n = len(choice.logprobs.tokens)
+    assert choice.logprobs.token_logprobs[0] is None and n == scored.usage.prompt_tokens
+    assert choice.logprobs.tokens == one.choices[0].logprobs.tokens[:n]
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(one.choices[0].logprobs.token_logprobs[1:n], abs=1e-5)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
+
+
+def test_logit_bias_and_stop_token_text(served):
+    client = served.client()
+    prompt = "The capital of France is"
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    tok = served.engine.tokenizer
+    ids = tok.encode(prompt + greedy.choices[0].text, add_special_tokens=False)
+    first = tok.encode(prompt, add_special_tokens=False)
+    banned = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                       logit_bias={str(ids[len(first)]): -100})
+    assert banned.choices[0].text != greedy.choices[0].text
+    # a stop token's own text is dropped unless include_stop_str_in_output
+    full = served.llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0]
+    stop = full.token_ids[2]
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                    extra_body={"stop_token_ids": [stop]})
+    kept = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                     extra_body={"stop_token_ids": [stop], "include_stop_str_in_output": True})
+    head = tok.decode(full.token_ids[:full.token_ids.index(stop)])
+    assert cut.choices[0].text == head and cut.choices[0].finish_reason == "stop"
+    assert kept.choices[0].text == tok.decode(full.token_ids[:full.token_ids.index(stop) + 1])
+    assert kept.choices[0].text != head
+
+
+def test_chat_logprob_bytes_of_a_token_that_splits_a_character(served):
+    tok = served.engine.tokenizer
+    ids = tok.encode("🤗", add_special_tokens=False)
+    partial = next(t for t in ids if "\ufffd" in tok.decode([t]))       # holds part of the emoji's UTF-8
+    r = served.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1, temperature=0,
+                                                logprobs=True, top_logprobs=2, logit_bias={str(partial): 100})
+    entry = r.choices[0].logprobs.content[0]
+    assert entry.bytes == list(tok.token_bytes(partial)) and entry.bytes != list("\ufffd".encode())
+    # logprobs are of the model's own distribution (before the bias): its top tokens carry their bytes too
+    assert all(bytes(top.bytes).decode(errors="replace") == top.token for top in entry.top_logprobs)
+    with pytest.raises(UnicodeDecodeError):
+        bytes(entry.bytes).decode()
+
+
+def test_idle_engine_thread_sleeps(served):
+    wait_idle(served.engine)
+    engine = served.engine
+    calls = []
+    original = engine.has_unfinished_requests
+
+    def counted():
+        calls.append(1)
+        return original()
+    engine.has_unfinished_requests = counted
+    try:
+        time.sleep(1.0)
+    finally:
+        del engine.has_unfinished_requests
+    assert len(calls) <= 1, f"the idle engine loop woke {len(calls)} times in 1 s"
+
+
 def test_serve_cli_queue_full_and_sigterm_drain(smollm2_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(smollm2_path),

@@ -24,9 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tokenmill
 from tokenmill.engine import LLMEngine
-from tokenmill.outputs import Logprob, RequestOutput
+from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream, StepObserver
+from tokenmill.server.async_engine import (AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError,
+                                           RequestStream, StepObserver)
 from tokenmill.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionChunk, CompletionLogprobs,
@@ -297,13 +298,16 @@ class _Handlers:
                 s.close()
 
     async def _collect(self, streams: list[RequestStream], request: Request) -> list[RequestOutput]:
+        """The whole of each request, added up from its DELTA outputs."""
         finals: list[RequestOutput | None] = [None] * len(streams)
         merged = self._merge(streams, request)
         try:
             async for i, out in merged:
-                finals[i] = out
+                finals[i] = out if finals[i] is None else _add_delta(finals[i], out)
         except ValueError as e:      # the engine refused the request after all
             raise bad_request(e) from None
+        except RequestFailedError as e:
+            raise APIError(500, f"the request failed in the engine: {e}", code="request_failed") from None
         finally:
             await merged.aclose()
         return finals
@@ -364,30 +368,29 @@ class _Handlers:
                                                 finish_reason=self._finish_reason(c.finish_reason),
                                                 stop_reason=c.stop_reason))
         return CompletionResponse(id=request_id, model=self.config.served_model_name, choices=choices,
-                                  usage=self._usage(ids, finals)).model_dump()
+                                  usage=self._usage(ids, self._num_generated(finals))).model_dump()
 
     async def _completion_chunks(self, body: CompletionRequest, request_id: str, streams: list[RequestStream],
                                  ids: list[list[int]], prompt_texts: list[str] | None) -> AsyncIterator[dict]:
         n, created, model = body.n, int(time.time()), self.config.served_model_name
-        sent_text: dict[tuple[int, int], int] = {}
-        sent_tokens: dict[tuple[int, int], int] = {}
-        finals: list[RequestOutput | None] = [None] * len(streams)
+        echoed: set[tuple[int, int]] = set()
+        prompt_records: dict[int, list] = {}
+        completion_tokens = 0
         merged = self._merge(streams, None)
         try:
             async for i, out in merged:
-                finals[i] = out
+                if out.prompt_logprobs is not None:
+                    prompt_records[i] = out.prompt_logprobs
                 choices = []
                 for c in out.outputs:
-                    key = (i, c.index)
-                    first = key not in sent_text
-                    text = c.text[sent_text.get(key, 0):]
-                    records, token_ids = (c.logprobs or [])[sent_tokens.get(key, 0):], c.token_ids[sent_tokens.get(key, 0):]
-                    if first and prompt_texts is not None:
+                    completion_tokens += len(c.token_ids)
+                    text, records, token_ids = c.text, list(c.logprobs or []), list(c.token_ids)
+                    if prompt_texts is not None and (i, c.index) not in echoed:
+                        echoed.add((i, c.index))
                         text = prompt_texts[i] + text
                         if body.logprobs is not None:
-                            records = list(out.prompt_logprobs or [None] * len(ids[i])) + list(records)
-                            token_ids = list(ids[i]) + list(token_ids)
-                    sent_text[key], sent_tokens[key] = len(c.text), len(c.token_ids)
+                            records = list(prompt_records.get(i) or [None] * len(ids[i])) + records
+                            token_ids = list(ids[i]) + token_ids
                     if not text and not c.finish_reason and not token_ids:
                         continue
                     logprobs = self._legacy_logprobs(records, token_ids) if body.logprobs is not None else None
@@ -400,7 +403,7 @@ class _Handlers:
             await merged.aclose()
         if body.include_usage:
             yield CompletionChunk(id=request_id, created=created, model=model, choices=[],
-                                  usage=self._usage(ids, finals)).model_dump()
+                                  usage=self._usage(ids, completion_tokens)).model_dump()
 
     def _prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
         if isinstance(prompt, str):
@@ -413,6 +416,11 @@ class _Handlers:
             return lp.decoded_token
         tok = self.engine.tokenizer
         return tok.decode([token_id], skip_special_tokens=False) if tok else f"token_id:{token_id}"
+
+    def _token_bytes(self, token_id: int) -> list[int] | None:
+        """The token's own bytes: a token may hold part of a UTF-8 character, which its text cannot show."""
+        tok = self.engine.tokenizer
+        return list(tok.token_bytes(token_id)) if tok else None
 
     def _legacy_logprobs(self, records: list[dict[int, Logprob] | None], token_ids: list[int]) -> CompletionLogprobs:
         out, offset = CompletionLogprobs(), 0
@@ -429,10 +437,13 @@ class _Handlers:
         return out
 
     @staticmethod
-    def _usage(ids: list[list[int]], finals: list[RequestOutput | None]) -> Usage:
+    def _usage(ids: list[list[int]], completion_tokens: int) -> Usage:
         prompt = sum(len(t) for t in ids)
-        completion = sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+
+    @staticmethod
+    def _num_generated(finals: list[RequestOutput | None]) -> int:
+        return sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
 
     # ---- /v1/chat/completions ------------------------------------------------------------------------
     async def chat(self, body: ChatCompletionRequest, request: Request):
@@ -466,7 +477,7 @@ class _Handlers:
                               finish_reason=self._finish_reason(c.finish_reason), stop_reason=c.stop_reason)
                    for c in out.outputs]
         return ChatCompletionResponse(id=request_id, model=self.config.served_model_name, choices=choices,
-                                      usage=self._usage(ids, [out])).model_dump()
+                                      usage=self._usage(ids, self._num_generated([out]))).model_dump()
 
     async def _chat_chunks(self, body: ChatCompletionRequest, request_id: str, streams: list[RequestStream],
                            ids: list[list[int]]) -> AsyncIterator[dict]:
@@ -478,23 +489,18 @@ class _Handlers:
 
         yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
                      for j in range(body.n)])
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        final: RequestOutput | None = None
+        completion_tokens = 0
         merged = self._merge(streams, None)
         try:
             async for _, out in merged:
-                final = out
                 choices = []
                 for c in out.outputs:
-                    text = c.text[sent_text.get(c.index, 0):]
-                    start = sent_tokens.get(c.index, 0)
-                    sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
-                    if not text and not c.finish_reason and len(c.token_ids) == start:
+                    completion_tokens += len(c.token_ids)
+                    if not c.text and not c.finish_reason and not c.token_ids:
                         continue
-                    logprobs = self._chat_logprobs((c.logprobs or [])[start:], c.token_ids[start:],
-                                                   body.top_logprobs or 0) if body.logprobs else None
-                    choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=text or None),
+                    logprobs = self._chat_logprobs(c.logprobs, c.token_ids, body.top_logprobs or 0) \
+                        if body.logprobs else None
+                    choices.append(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=c.text or None),
                                                    logprobs=logprobs,
                                                    finish_reason=self._finish_reason(c.finish_reason)))
                 if choices:
@@ -502,7 +508,7 @@ class _Handlers:
         finally:
             await merged.aclose()
         if body.include_usage:
-            yield chunk([], self._usage(ids, [final]))
+            yield chunk([], self._usage(ids, completion_tokens))
 
     def _chat_logprobs(self, records: list[dict[int, Logprob]] | None, token_ids: list[int],
                        num_top: int) -> ChoiceLogprobs:
@@ -510,11 +516,28 @@ class _Handlers:
         for tid, record in zip(token_ids, records or []):
             lp = record.get(tid)
             token = self._token_str(tid, lp)
-            top = [TopLogprob(token=(s := self._token_str(t, l)), logprob=l.logprob, bytes=list(s.encode()))
+            top = [TopLogprob(token=self._token_str(t, l), logprob=l.logprob, bytes=self._token_bytes(t))
                    for t, l in sorted(record.items(), key=lambda kv: kv[1].rank) if l.rank <= num_top][:num_top]
             content.append(TokenLogprob(token=token, logprob=lp.logprob if lp else float("-inf"),
-                                        bytes=list(token.encode()), top_logprobs=top))
+                                        bytes=self._token_bytes(tid), top_logprobs=top))
         return ChoiceLogprobs(content=content)
+
+
+def _add_delta(total: RequestOutput, delta: RequestOutput) -> RequestOutput:
+    """`total` extended by a later DELTA output of the same request (best_of > n arrives whole, once)."""
+    by_index = {c.index: c for c in total.outputs}
+    outputs = []
+    for c in delta.outputs:
+        before = by_index.get(c.index)
+        if before is None:
+            outputs.append(c)
+            continue
+        logprobs = None if c.logprobs is None else (before.logprobs or []) + c.logprobs
+        outputs.append(CompletionOutput(c.index, before.text + c.text, before.token_ids + c.token_ids,
+                                        c.cumulative_logprob, logprobs, c.finish_reason, c.stop_reason))
+    return RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids,
+                         total.prompt_logprobs if total.prompt_logprobs is not None else delta.prompt_logprobs,
+                         outputs, delta.finished, delta.metrics, delta.error)
 
 
 # ---- `tokenmill serve` -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """AsyncEngine: the synchronous LLMEngine stepped in one background thread, fed from asyncio.
 
-Contract: `generate()` is called on the event loop with an already validated prompt and params; it
-yields cumulative RequestOutputs until one is finished. Requests and aborts reach the engine thread
+Contract: `submit()` is called on the event loop with an already validated prompt and params; its
+stream yields the RequestOutputs the engine emits (of the params' output_kind) until one is finished. Requests and aborts reach the engine thread
 through a thread-safe inbox; outputs come back through one asyncio.Queue per request
 (`loop.call_soon_threadsafe`). Closing or cancelling the generator before the end aborts the request,
 which frees its pages. Only the engine thread touches the engine after `start()`; the rest of the
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from tokenmill.engine import LLMEngine
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -29,6 +29,10 @@ class QueueFullError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request inside a step (and carried on with the others)."""
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,13 @@ class _Tracked:
     """Engine-thread bookkeeping of one request: where its outputs go and its latency clock."""
     sink: asyncio.Queue
     arrival_time: float
+    cumulative: bool = True        # outputs hold everything so far, not only what is new
     num_tokens: int = 0
     last_token_time: float | None = None
 
 
 class RequestStream:
-    """Cumulative RequestOutputs of one request, ending with the finished one.
+    """The RequestOutputs of one request (as its output_kind says), ending with the finished one.
     `close()` before the end aborts the request in the engine (freeing its pages)."""
 
     def __init__(self, owner: AsyncEngine, request_id: str):
@@ -108,14 +113,14 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None,
-                 observer: StepObserver | None = None, idle_wait_s: float = 0.5):
+                 observer: StepObserver | None = None, stalled_wait_s: float = 0.05):
         self.engine = engine
         # in-flight requests beyond what one batch holds before new ones get a 503
         self.max_queued_requests = max_queued_requests
         self.observer = observer or StepObserver()
         self.stats = EngineStats()
         self.num_in_flight = 0          # event-loop side: generate() calls not yet ended
-        self._idle_wait_s = idle_wait_s
+        self._stalled_wait_s = stalled_wait_s   # a step with nothing to schedule waits this long, not spinning
         self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -186,10 +191,12 @@ class AsyncEngine:
                 break
             if not engine.has_unfinished_requests():
                 self._refresh_stats()
-                self._wake.wait(self._idle_wait_s)
+                self._wake.wait()          # idle: sleep until a request, an abort or stop() arrives
                 continue
             try:
                 outputs = engine.step()
+                if not outputs and engine.last_step_tokens == 0:
+                    self._wake.wait(self._stalled_wait_s)
             except Exception as e:     # noqa: BLE001 -- one bad step must not take the server down
                 logger.exception("engine step failed; aborting the %d requests in flight", len(self._tracked))
                 for rid in list(self._tracked):
@@ -220,15 +227,18 @@ class AsyncEngine:
             except Exception as e:     # noqa: BLE001 -- handed back to the one request that caused it
                 self._deliver(cmd.sink, e if isinstance(e, ValueError) else RuntimeError(str(e)))
                 continue
-            self._tracked[cmd.request_id] = _Tracked(cmd.sink, cmd.arrival_time)
+            self._tracked[cmd.request_id] = _Tracked(cmd.sink, cmd.arrival_time,
+                                                     cmd.params.output_kind is not RequestOutputKind.DELTA)
             self.observer.on_prompt(len(cmd.prompt_token_ids))
 
     def _route(self, out: RequestOutput, now: float) -> None:
         tracked = self._tracked.get(out.request_id)
         if tracked is None:
             return
-        num_tokens = sum(len(o.token_ids) for o in out.outputs)
-        new = num_tokens - tracked.num_tokens
+        new = sum(len(o.token_ids) for o in out.outputs)
+        if tracked.cumulative:
+            new -= tracked.num_tokens
+        num_tokens = tracked.num_tokens + new
         if new > 0:
             if tracked.last_token_time is None:
                 self.observer.on_first_token(now - tracked.arrival_time)
@@ -239,7 +249,7 @@ class AsyncEngine:
         if out.finished:
             del self._tracked[out.request_id]
             self.observer.on_finished(now - tracked.arrival_time, [o.finish_reason for o in out.outputs])
-        self._deliver(tracked.sink, out)
+        self._deliver(tracked.sink, out if out.error is None else RequestFailedError(out.error))
 
     def _deliver(self, sink: asyncio.Queue, item: RequestOutput | BaseException) -> None:
         try:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 
 class ErrorInfo(BaseModel):
@@ -45,6 +45,7 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     seed: int | None = None
+    logit_bias: dict[str, float] | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -53,14 +54,26 @@ class _SamplingRequest(BaseModel):
     user: str | None = None
 
     def _sampling(self, **overrides: Any) -> SamplingParams:
-        """SamplingParams from the request; it raises ValueError("<field> must be ...") on bad values."""
+        """SamplingParams from the request; it raises ValueError("<field> must be ...") on bad values.
+        Outputs come as DELTAs (per-step work stays proportional to the new tokens); the handlers
+        stream them or add them up."""
         given = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                      presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                      repetition_penalty=self.repetition_penalty, stop=self.stop, stop_token_ids=self.stop_token_ids,
                      include_stop_str_in_output=self.include_stop_str_in_output, seed=self.seed,
-                     min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
-                     skip_special_tokens=self.skip_special_tokens, **overrides)
+                     min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logit_bias=self._logit_bias(),
+                     skip_special_tokens=self.skip_special_tokens, output_kind=RequestOutputKind.DELTA, **overrides)
         return SamplingParams(**{k: v for k, v in given.items() if v is not None or k == "max_tokens"})
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI sends token ids as JSON object keys, so as strings."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(k): v for k, v in self.logit_bias.items()}
+        except ValueError:
+            raise ValueError(f"logit_bias: keys must be token ids (integers as strings), "
+                             f"got {list(self.logit_bias)[:5]}") from None
 
     @property
     def include_usage(self) -> bool:
@@ -88,6 +101,8 @@ class CompletionRequest(_SamplingRequest):
     def sampling_params(self) -> SamplingParams:
         if self.suffix is not None:
             raise ValueError("suffix: is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be >= 1 unless echo is true (prompt scoring), got 0")
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
         return self._sampling(max_tokens=self.max_tokens, best_of=self.best_of, logprobs=self.logprobs,
                               prompt_logprobs=prompt_logprobs)
@@ -141,6 +156,11 @@ class ChatMessage(BaseModel):
     def as_template_input(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else \
             "".join(p.text for p in self.content or [])
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"messages: content is not valid Unicode text ({e.reason} at character {e.start})") \
+                from None
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
@@ -158,6 +178,9 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs to be true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        for name in ("max_tokens", "max_completion_tokens"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name} must be >= 1, got 0")
         try:
             return self._sampling(max_tokens=max_tokens,
                                   logprobs=(self.top_logprobs or 0) if self.logprobs else None)
