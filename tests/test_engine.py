@@ -4,7 +4,6 @@ import random
 import pytest
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.core.sequence import SequenceStatus
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +81,17 @@ def test_greedy_n_gives_n_copies_of_the_greedy_answer(llm):
 
 
 def test_best_of_keeps_the_most_likely_samples(llm):
+    """Sample i of a seeded request draws from seed + i, so n=3 shows best_of=3's three candidates."""
     p = ids(15, seed=5)
-    all3 = llm.generate([p], SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=8, ignore_eos=True),
-                        use_tqdm=False)[0].outputs
-    best = llm.generate([p], SamplingParams(n=1, best_of=3, temperature=1.0, seed=11, max_tokens=8, ignore_eos=True),
-                        use_tqdm=False)[0].outputs
-    assert len(best) == 1
-    top = max(all3, key=lambda c: c.cumulative_logprob)
-    assert best[0].token_ids == top.token_ids
+    base = dict(temperature=1.0, seed=11, max_tokens=8, ignore_eos=True)
+    candidates = llm.generate([p], SamplingParams(n=3, **base), use_tqdm=False)[0].outputs
+    scores = [c.cumulative_logprob for c in candidates]
+    assert len(set(scores)) == 3 and len({tuple(c.token_ids) for c in candidates}) == 3
+    best = llm.generate([p], SamplingParams(n=2, best_of=3, **base), use_tqdm=False)[0].outputs
+    ranked = sorted(candidates, key=lambda c: c.cumulative_logprob, reverse=True)
+    assert [c.token_ids for c in best] == [c.token_ids for c in ranked[:2]]
+    assert [c.cumulative_logprob for c in best] == [c.cumulative_logprob for c in ranked[:2]]
+    assert [c.index for c in best] == [0, 1]
 
 
 def test_stop_token_ids_and_min_tokens(llm):
@@ -130,7 +132,6 @@ def test_abort_frees_pages(llm):
 def test_max_model_len_ends_with_length(llm):
     out = llm.generate([ids(250)], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
-    assert SequenceStatus.FINISHED_LENGTH.value == "length"
 
 
 def test_sliding_window_bounds_the_context(tmp_path, tiny_model_builder):

@@ -205,7 +205,12 @@ def test_streaming_deltas_never_show_a_partial_stop_string(smollm2):
 
 def test_smollm2_bfloat16_tracks_transformers_float32(smollm2_path):
     """The bfloat16 path (the fast one on AMX CPUs) against transformers in float32 on the same file:
-    prompt logprobs within bf16 rounding (measured: mean 0.027, max 0.13 nats), and it knows Paris."""
+    prompt logprobs within bf16 rounding of the weights and matmuls, and it knows Paris.
+
+    Measured |logprob difference| (mean / max nats) on this text: 0.039 / 0.134 on a Zen 3 (AVX2),
+    0.027 / 0.13 on a Xeon with AMX. The limits catch the precision slips this test exists for
+    (measured by patching them in): RMSNorm computed in bfloat16 0.055 / 0.243, rope in bfloat16
+    0.051 / 0.215, both 0.057 / 0.414."""
     tf = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, "
@@ -219,6 +224,6 @@ def test_smollm2_bfloat16_tracks_transformers_float32(smollm2_path):
         ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
     diff = torch.tensor([out.prompt_logprobs[i][ids[i]].logprob - ref[i - 1, ids[i]].item()
                          for i in range(1, len(ids))]).abs()
-    assert diff.mean() < 0.08 and diff.max() < 0.4, (diff.mean().item(), diff.max().item())
+    assert diff.mean() < 0.047 and diff.max() < 0.18, (diff.mean().item(), diff.max().item())
     paris = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
     assert "Paris" in paris.outputs[0].text

@@ -177,13 +177,21 @@ def test_seeded_rows_are_reproducible_in_any_batch(logits):
     assert draw(0, 0, seed=6) != a
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(temperature=1.0, top_k=6),
-                                dict(temperature=1.5, top_p=0.7), dict(temperature=1.0, min_p=0.15)])
-def test_empirical_distribution_matches_filtered_softmax(kw):
+@pytest.mark.parametrize("kw,processors", [
+    (dict(temperature=0.8), [TemperatureLogitsWarper(0.8)]),
+    (dict(temperature=1.0, top_k=6), [TopKLogitsWarper(6)]),
+    (dict(temperature=1.5, top_p=0.7), [TemperatureLogitsWarper(1.5), TopPLogitsWarper(0.7)]),
+    (dict(temperature=1.0, min_p=0.15), [MinPLogitsWarper(0.15)]),
+])
+def test_empirical_distribution_matches_transformers(kw, processors):
+    """Draws follow the distribution transformers' processors define (the reference, not our filters)."""
     vocab, draws = 24, 20000
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 1.5
+    reference = logits.clone()
+    for p in processors:
+        reference = p(torch.zeros(1, 1, dtype=torch.long), reference)
+    expected = reference.softmax(-1)[0].double()
     r = row(**kw)
-    expected = apply_filters(logits, [r]).softmax(-1)[0]
     sampler = Sampler(torch.Generator().manual_seed(1))
     tokens = torch.tensor([o.token_id for o in sampler(logits.expand(draws, vocab), [r] * draws)])
     counts = torch.bincount(tokens, minlength=vocab).double()
@@ -191,6 +199,5 @@ def test_empirical_distribution_matches_filtered_softmax(kw):
     assert counts[~support].sum() == 0                      # filtered tokens never appear
     if "top_k" in kw:
         assert int(support.sum()) == 6
-    probs = expected[support].double()
-    stat = chisquare(counts[support].numpy(), (probs / probs.sum() * draws).numpy())
+    stat = chisquare(counts[support].numpy(), (expected[support] / expected[support].sum() * draws).numpy())
     assert stat.pvalue > 1e-3, stat
