@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Hugging Face models saved to disk, and the real SmolLM2 GGUF."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -70,3 +71,62 @@ def smollm2_path():
     if not SMOLLM2_GGUF.is_file():
         pytest.skip(f"{SMOLLM2_GGUF} missing: run `make model` first")
     return SMOLLM2_GGUF
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TINY_EOS_PROMPTS = ["The river flows past the market", "hello world", "one two three", "Paris is the capital of",
+                    "the quick brown fox", "water boils at sea level", "monday tuesday friday"]
+
+
+def write_tiny_tokenizer(directory: Path, vocab_size: int) -> int:
+    """A real byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json with a ChatML template)
+    of exactly `vocab_size` entries, trained on a fixed word salad; returns the EOS id (<|im_end|>)."""
+    import random as _random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    words = ("the a an of to and in is was for on with as by at from that this it be are or not have had but "
+             "river town market farmer apple bread cheese tower artist visitor water boil freeze sea level degree "
+             "quick brown fox jump lazy dog capital france germany paris berlin one two three four five six seven "
+             "eight nine ten monday tuesday friday hello world engine token page cache model answer question").split()
+    rng = _random.Random(0)
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) + rng.choice(".!?,") for _ in range(3000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    assert tok.get_vocab_size() == vocab_size
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "bos_token": None, "chat_template": CHATML,
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return tok.token_to_id("<|im_end|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory):
+    """(directory, transformers model, eos id, prompt): the tiny Llama with a real tokenizer, its
+    config's eos_token_id set to <|im_end|>, and two lm_head rows swapped so that greedy decoding
+    of `prompt` emits EOS as its third token (the transformers model is the swapped one)."""
+    import transformers as tf
+    directory = tmp_path_factory.mktemp("tiny-chat-llama")
+    model = build_tiny("llama", directory)
+    eos = write_tiny_tokenizer(directory, model.config.vocab_size)
+    encode = tf.AutoTokenizer.from_pretrained(directory)
+    for prompt in TINY_EOS_PROMPTS:
+        with torch.no_grad():
+            greedy = model.generate(torch.tensor([encode(prompt).input_ids]), max_new_tokens=3, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0, -3:].tolist()
+        if greedy[2] not in greedy[:2] and eos not in greedy:
+            break
+    else:
+        raise AssertionError("no prompt whose third greedy token is new")
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head[[greedy[2], eos]] = head[[eos, greedy[2]]].clone()
+    model.config.eos_token_id = eos
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(directory)
+    return directory, model, eos, prompt

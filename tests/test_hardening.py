@@ -351,3 +351,61 @@ def test_eos_text_is_dropped_unless_asked(smol):
     assert cut.text == tok.decode(cut.token_ids[:-1], skip_special_tokens=False)
     assert kept.text == tok.decode(kept.token_ids, skip_special_tokens=False) and kept.text != cut.text
     assert eos in tok.eos_token_ids
+
+
+# ---- EOS end to end on a tiny model with a real tokenizer ----------------------------------------------
+@pytest.fixture(scope="module")
+def chat_llm(tiny_chat_llama):
+    directory = tiny_chat_llama[0]
+    return LLM(str(directory), max_num_seqs=8, progress=False)
+
+
+def hf_greedy(model, ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                             **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def test_eos_ends_generation_like_transformers(tiny_chat_llama, chat_llm):
+    _, hf, eos, prompt = tiny_chat_llama
+    tok = chat_llm.get_tokenizer()
+    assert tok.eos_token_ids == {eos}
+    ids = tok.encode(prompt)
+    expected = hf_greedy(hf, ids, 10, eos_token_id=eos)
+    assert expected[-1] == eos and len(expected) == 3             # the reference stops on EOS too
+    out = chat_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert c.token_ids == expected and c.finish_reason == "stop" and c.stop_reason is None
+    assert c.text == tok.decode(expected[:-1])
+    shown = chat_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, skip_special_tokens=False,
+                                                              include_stop_str_in_output=True), use_tqdm=False)
+    assert shown[0].outputs[0].text == tok.decode(expected, skip_special_tokens=False)
+    assert shown[0].outputs[0].text.endswith("<|im_end|>")
+
+
+@pytest.mark.parametrize("params", [dict(ignore_eos=True), dict(min_tokens=6), dict(logit_bias={"eos": -100.0})])
+def test_eos_can_be_ignored_delayed_or_banned(tiny_chat_llama, chat_llm, params):
+    _, hf, eos, prompt = tiny_chat_llama
+    if "logit_bias" in params:
+        params = dict(logit_bias={eos: -100.0})
+    out = chat_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, **params),
+                            use_tqdm=False)[0].outputs[0]
+    free = hf_greedy(hf, chat_llm.get_tokenizer().encode(prompt), 8, eos_token_id=None)
+    if "ignore_eos" in params:                     # EOS stays in the tokens, the text runs on
+        assert out.token_ids == free and out.finish_reason == "length" and eos in out.token_ids
+    else:
+        assert eos not in out.token_ids[:6] and out.token_ids[:2] == free[:2]
+        assert out.token_ids[2] != eos
+
+
+def test_chat_template_and_stop_string_on_the_tiny_model(chat_llm):
+    out = chat_llm.chat([{"role": "user", "content": "hello world"}], SamplingParams(temperature=0, max_tokens=12,
+                                                                                     ignore_eos=True), use_tqdm=False)[0]
+    assert out.prompt == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
+    text = out.outputs[0].text
+    assert text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = chat_llm.chat([{"role": "user", "content": "hello world"}],
+                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=stop), use_tqdm=False)[0]
+    assert cut.outputs[0].text == text[:text.index(stop)] and cut.outputs[0].stop_reason == stop

@@ -278,3 +278,18 @@ def test_spm_token_bytes_match_llama_cpp(spm, spm_path):
         assert spm.token_bytes(token_id) == llama_cpp_piece(ref, token_id), token_id
     ids = spm.encode("Ünïcödé 🤗 日本語", add_special_tokens=False)
     assert b"".join(spm.token_bytes(t) for t in ids) == " Ünïcödé 🤗 日本語".encode()
+
+
+def test_tiny_test_tokenizer_matches_transformers(tiny_chat_llama):
+    """The tiny models' own tokenizer (tests/conftest.py) reads the same through tokenmill and transformers."""
+    import transformers as tf
+    directory, _, eos, _ = tiny_chat_llama
+    ours, theirs = Tokenizer.from_dir(directory), tf.AutoTokenizer.from_pretrained(directory)
+    for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
+        ids = ours.encode(text)
+        assert ids == theirs(text).input_ids, repr(text)
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    assert ours.eos_token_ids == {eos} and ours.vocab_size == 384
+    messages = [{"role": "user", "content": "hello"}]
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False,
+                                                                            add_generation_prompt=True)
