@@ -409,3 +409,14 @@ def test_chat_template_and_stop_string_on_the_tiny_model(chat_llm):
     cut = chat_llm.chat([{"role": "user", "content": "hello world"}],
                         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=stop), use_tqdm=False)[0]
     assert cut.outputs[0].text == text[:text.index(stop)] and cut.outputs[0].stop_reason == stop
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(kv_cache_memory_gb=math.nan), "kv_cache_memory_gb"), (dict(kv_cache_memory_gb=-1.0), "kv_cache_memory_gb"),
+    (dict(num_kv_blocks=2.5), "num_kv_blocks"), (dict(max_model_len=True), "max_model_len"),
+    (dict(device="gpu9"), "device"), (dict(seed=2**64), "seed"), (dict(block_size=0), "block_size"),
+    (dict(dtype="fp8"), "dtype"),
+])
+def test_engine_config_refuses_with_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        EngineConfig(**kwargs)

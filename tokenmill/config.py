@@ -30,17 +30,31 @@ class EngineConfig:
     device: str | None = None             # None: CUDA when available, else CPU
 
     def __post_init__(self) -> None:
+        def integer(name: str, low: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.kv_cache_memory_gb <= 0:
-            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+            integer(name, 1)
+        integer("num_kv_blocks", 1, optional=True)
+        integer("max_model_len", 2, optional=True)
+        integer("seed", -2**63)
+        if self.seed >= 2**64:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
+        gb = self.kv_cache_memory_gb
+        if not isinstance(gb, (int, float)) or isinstance(gb, bool) or not 0 < gb < float("inf"):
+            raise ValueError(f"kv_cache_memory_gb must be a finite number > 0, got {gb!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r} "
+                                 f"({e})") from None
 
     @property
     def torch_device(self) -> torch.device:
