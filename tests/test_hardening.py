@@ -420,3 +420,58 @@ def test_chat_template_and_stop_string_on_the_tiny_model(chat_llm):
 def test_engine_config_refuses_with_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}"):
         EngineConfig(**kwargs)
+
+
+# ---- fuzz: any mix of values is refused with a field name or runs to the end, and harms no one ----------
+FUZZ_VALUES = {
+    "n": [1, 2, 3, 0, -1, 9, 2.0, True, None],
+    "best_of": [None, 3, 1, 0, 100],
+    "temperature": [0.0, 0.7, 1.0, 2.5, -1.0, math.nan, math.inf, 1e-7, "hot"],
+    "top_p": [1.0, 0.9, 0.01, 0.0, 1.5, math.nan],
+    "top_k": [-1, 0, 1, 5, 10**6, -3, 2.5],
+    "min_p": [0.0, 0.1, 1.0, -0.1, 2.0],
+    "presence_penalty": [0.0, 1.0, -2.0, 3.0, math.inf],
+    "frequency_penalty": [0.0, 0.5, -2.5],
+    "repetition_penalty": [1.0, 1.3, 0.7, 0.0, -1.0, math.nan],
+    "seed": [None, 0, 7, 2**63 - 1, 2**64, -5, -2**63 - 1, "x"],
+    "stop": [None, "a", ["ab", "c"], [""], [1], "\udc80"],
+    "stop_token_ids": [None, [5], [VOCAB + 1], [-1], ["5"]],
+    "logit_bias": [None, {3: 5.0}, {3: 200.0}, {VOCAB: 1.0}, {-2: 1.0}, {4: math.nan}],
+    "max_tokens": [1, 5, 12, 0, -1, None],
+    "min_tokens": [0, 2, 20, -1],
+    "logprobs": [None, 0, 3, 21, -1],
+    "prompt_logprobs": [None, 0, 2, 30],
+    "ignore_eos": [False, True],
+}
+
+
+def test_fuzzed_requests_are_refused_by_name_or_complete(tiny_chat_llama):
+    llm = LLM(str(tiny_chat_llama[0]), max_num_seqs=8, num_kv_blocks=24, max_model_len=128, progress=False)
+    engine = llm.engine
+    rng = random.Random(1234)
+    accepted, refused = set(), 0
+    for i in range(160):
+        kwargs = {k: rng.choice(v) for k, v in rng.sample(sorted(FUZZ_VALUES.items()), rng.randrange(1, 8))}
+        if kwargs.get("max_tokens", 1) is None:
+            kwargs["max_tokens"] = 30
+        prompt = ids(rng.randrange(1, 40), seed=i)
+        try:
+            params = SamplingParams(**kwargs)
+            rid = engine.add_request(None, None, params, prompt_token_ids=prompt)
+        except ValueError as e:
+            field = str(e).split(" ", 1)[0].rstrip(":")
+            assert field in FUZZ_VALUES or field in ("prompt", "sampling_params"), (kwargs, str(e))
+            assert field == "prompt" or field in kwargs or field == "n", (kwargs, str(e))
+            refused += 1
+            continue
+        except TypeError as e:          # a value of a type no field takes (e.g. a str seed) -- never past here
+            raise AssertionError(f"{kwargs}: TypeError instead of ValueError: {e}") from e
+        accepted.add(rid)
+        if len(engine.requests) >= 6 or i == 159:
+            done = run(engine)
+            assert set(done) <= accepted and all(o.error is None for o in done.values()), \
+                [o.error for o in done.values() if o.error]
+            accepted -= set(done)
+    run(engine)
+    assert refused > 20 and not engine.requests
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
