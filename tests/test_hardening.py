@@ -475,3 +475,19 @@ def test_fuzzed_requests_are_refused_by_name_or_complete(tiny_chat_llama):
     run(engine)
     assert refused > 20 and not engine.requests
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("call", [
+    lambda llm: llm.generate([None], SamplingParams(max_tokens=1), use_tqdm=False),
+    lambda llm: llm.generate([{"text": "x"}], SamplingParams(max_tokens=1), use_tqdm=False),
+    lambda llm: llm.generate(["x"], [SamplingParams(), SamplingParams()], use_tqdm=False),
+    lambda llm: llm.generate(["x"], [dict(max_tokens=1)], use_tqdm=False),
+    lambda llm: llm.chat([{"role": "user"}], use_tqdm=False),
+    lambda llm: llm.chat([{"role": "user", "content": 5}], use_tqdm=False),
+    lambda llm: llm.chat([{"role": "user", "content": "a\ud800"}], use_tqdm=False),
+    lambda llm: llm.chat([], use_tqdm=False),
+])
+def test_offline_entry_points_refuse_bad_input(chat_llm, call):
+    with pytest.raises(ValueError, match="^(prompt|sampling_params|messages)"):
+        call(chat_llm)
+    assert not chat_llm.engine.has_unfinished_requests()

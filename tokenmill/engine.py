@@ -150,6 +150,8 @@ class LLMEngine:
         return self.check_prompt_ids(prompt)
 
     def check_prompt_ids(self, ids: Seq[int]) -> list[int]:
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"prompt: must be text or a list of token ids, got {type(ids).__name__}")
         ids = list(ids)
         vocab = self.model_config.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
@@ -407,6 +409,18 @@ class LLMEngine:
 Message = dict[str, str]
 
 
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages: must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages: entry {i} must be a dict with string 'role' and 'content', got {m!r}"[:200])
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"messages: entry {i} is not valid Unicode text ({e.reason})") from None
+
+
 class LLM:
     """The offline front end: `LLM(model).generate(prompts, SamplingParams(...))`."""
 
@@ -452,7 +466,11 @@ class LLM:
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("chat: this model has no tokenizer, so no chat template")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages: must be a non-empty list of messages, or of conversations")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        for conversation in conversations:
+            _check_messages(conversation)
         texts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
         outputs = self.generate([tok.encode(t, add_special_tokens=False) for t in texts], sampling_params, use_tqdm)
         for out, text in zip(outputs, texts):
