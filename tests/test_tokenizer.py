@@ -239,7 +239,9 @@ def test_spm_decode_and_incremental(spm):
 
 # ---- token bytes (the chat logprobs `bytes` field) ------------------------------------------------------
 def llama_cpp_piece(llm, token_id: int) -> bytes:
-    """llama.cpp's own bytes of one token (llama_token_to_piece, special tokens as text)."""
+    """llama.cpp's own bytes of one token (llama_token_to_piece, special tokens as text). Not
+    Llama.detokenize([id], special=True): llama-cpp-python gives it a 32-byte buffer per token, and a
+    longer piece (47 of SmolLM2's, runs of spaces or dashes) comes back as b""."""
     import ctypes
 
     import llama_cpp
@@ -259,6 +261,8 @@ def test_token_bytes_match_llama_cpp_over_the_whole_vocabulary(ours, llama_cpp_v
         except UnicodeDecodeError:
             partial += 1
     assert partial > 100           # tokens that hold part of a UTF-8 character were really checked
+    assert ours.token_bytes(ours.vocab_size) == ours.token_bytes(ours.vocab_size + 10**6) == b""
+    assert ours.token_bytes(-1) == b""
 
 
 def test_token_bytes_add_up_to_the_text(ours, tmp_path, hf_tokenizer):
@@ -289,6 +293,8 @@ def test_tiny_test_tokenizer_matches_transformers(tiny_chat_llama):
         ids = ours.encode(text)
         assert ids == theirs(text).input_ids, repr(text)
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids, skip_special_tokens=False) == text, repr(text)      # byte-level: lossless
+        assert b"".join(ours.token_bytes(t) for t in ids) == text.encode(), repr(text)
     assert ours.eos_token_ids == {eos} and ours.vocab_size == 384
     messages = [{"role": "user", "content": "hello"}]
     assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False,

@@ -170,6 +170,7 @@ class Tokenizer:
         self._template = None
         self._byte_level = _is_byte_level(tok)
         self._added_ids = set(tok.get_added_tokens_decoder())
+        self._bytes: dict[int, bytes] = {}     # token_bytes, filled lazily per id
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any]) -> "Tokenizer":
@@ -239,9 +240,18 @@ class Tokenizer:
         return self._tok.id_to_token(token_id)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The raw bytes one token stands for. A byte-level or byte-fallback token may hold part of a
-        UTF-8 character, which decoding it alone shows as U+FFFD; this gives the bytes themselves."""
-        piece = self._tok.id_to_token(token_id)
+        """The raw bytes one token stands for, as llama.cpp's llama_token_to_piece(special=True) gives
+        them. A byte-level or byte-fallback token may hold part of a UTF-8 character, which decoding it
+        alone shows as U+FFFD; this gives the bytes themselves. Ids the vocabulary lacks give b""."""
+        found = self._bytes.get(token_id)
+        if found is None:
+            found = self._piece_bytes(token_id)
+            if found:                       # not ids outside the vocabulary, so the cache stays bounded
+                self._bytes[token_id] = found
+        return found
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id) if token_id >= 0 else None
         if piece is None:
             return b""
         if token_id in self._added_ids:          # special and user-defined tokens are stored as text
