@@ -11,6 +11,10 @@ import time
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="path to a .gguf file or HF directory, or a short name (default smollm2-135m)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    p.add_argument("--quantization", default=None, choices=["dequantize", "int4", "int8", "gguf"],
+                   help="default: run the checkpoint as stored (GGUF blocks packed, dense weights in --dtype); "
+                        "dequantize = everything in --dtype (the transformers-exact path); int4 / int8 = "
+                        "group-wise int4 weight-only / W8A8, made at load")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
@@ -39,7 +43,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace):
     from tokenmill.config import EngineConfig
-    return EngineConfig(model=args.model, dtype=args.dtype, block_size=args.block_size,
+    return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization, block_size=args.block_size,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
                         enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,

@@ -17,7 +17,8 @@ def cpu_has_amx_bf16() -> bool:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None             # path to a .gguf / HF directory, or a short name; None = the default model
-    dtype: str = "float32"               # "auto": bfloat16 on CUDA and on CPUs with AMX-BF16, else float32
+    dtype: str = "float32"               # activations; "auto": bfloat16 on CUDA and on CPUs with AMX-BF16, else float32
+    quantization: str | None = None      # None: as stored (GGUF packed, dense in dtype); "dequantize", "int4", "int8", "gguf"
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -39,6 +40,8 @@ class EngineConfig:
 
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}")
+        from tokenmill.quant import check_quantization
+        check_quantization(self.quantization)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             integer(name, 1)
         integer("num_kv_blocks", 1, optional=True)

@@ -19,7 +19,7 @@ from tokenmill.core.block_manager import BlockManager
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.core.sequence import Sequence, SequenceStatus
 from tokenmill.kv_cache import allocate_kv_cache, num_blocks_for_memory
-from tokenmill.model.load import build_model, open_checkpoint
+from tokenmill.model.load import build_model, describe_weights, open_checkpoint, weight_bytes
 from tokenmill.model_files import resolve_model
 from tokenmill.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
 from tokenmill.runner import Runner, StepResult
@@ -77,10 +77,11 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or num_blocks_for_memory(cfg, config.block_size, dtype,
                                                                    config.kv_cache_memory_gb)
         self.max_model_len = self._context_length(cfg, num_blocks * config.block_size)
-        self.model = build_model(ckpt, dtype, self.max_model_len, device, progress)
+        self.model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(config.quantization), progress)
         self.tokenizer = self._load_tokenizer(ckpt)
-        logger.info("loaded %s (%s, %d layers) in %.1f s", path.name, cfg.architecture, cfg.num_hidden_layers,
-                    time.perf_counter() - t0)
+        logger.info("loaded %s (%s, %d layers) in %.1f s: %s; weights %.1f MB", path.name, cfg.architecture,
+                    cfg.num_hidden_layers, time.perf_counter() - t0, describe_weights(self.model),
+                    weight_bytes(self.model) / 1e6)
         if dtype == torch.float32 and device.type == "cpu" and cpu_has_amx_bf16():
             logger.info("this CPU has AMX-BF16: dtype='bfloat16' (or 'auto') gives about 2x the batched "
                         "throughput and half the weight memory, at bfloat16 precision (docs/benchmarks.md)")
@@ -424,12 +425,14 @@ def _check_messages(messages: object) -> None:
 class LLM:
     """The offline front end: `LLM(model).generate(prompts, SamplingParams(...))`."""
 
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", block_size: int = 16,
+    def __init__(self, model: str | None = None, *, dtype: str = "float32", quantization: str | None = None,
+                 block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, num_kv_blocks: int | None = None,
                  kv_cache_memory_gb: float = 2.0, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, seed: int = 0, attention_backend: str | None = None,
                  device: str | None = None, progress: bool = True):
-        config = EngineConfig(model=model, dtype=dtype, block_size=block_size, max_num_seqs=max_num_seqs,
+        config = EngineConfig(model=model, dtype=dtype, quantization=quantization, block_size=block_size,
+                              max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
                               kv_cache_memory_gb=kv_cache_memory_gb, enable_prefix_caching=enable_prefix_caching,
                               max_model_len=max_model_len, seed=seed, attention_backend=attention_backend,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -54,6 +55,19 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A quantized GGUF tensor as stored: uint8 [out, bytes per row] blocks of `qtype`, rows in
+    Hugging Face order. Blocks never cross rows, so a row slice is a valid tensor too."""
+    qtype: GGMLQuantizationType
+    data: np.ndarray
+    shape: tuple[int, ...]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32, exactly as gguf-py (and so transformers) dequantizes it."""
+        return torch.from_numpy(np.ascontiguousarray(dequantize(self.data, self.qtype)).reshape(self.shape))
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -231,6 +245,15 @@ class GGUFCheckpoint:
         if heads is not None:
             data = data[unpermute_rows(info.shape[0], heads)]
         return info.qtype, data, info.shape
+
+    def iter_sources(self, progress: bool = False) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
+        """(Hugging Face name, tensor as stored): quantized ones as GGUFTensor, F32/F16 as tensors."""
+        for hf in tqdm(self._tensors, desc=f"loading {self.path.name}", unit="tensor", disable=not progress):
+            qtype, data, shape = self.raw_tensor(hf)
+            if qtype in (T.F32, T.F16):
+                yield hf, torch.from_numpy(np.array(data))
+            else:
+                yield hf, GGUFTensor(qtype, data, shape)
 
     def iter_tensors(self, dtype: torch.dtype, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, dequantized tensor in dtype, shape [out, in]) for every tensor the model uses."""

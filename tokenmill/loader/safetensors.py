@@ -35,7 +35,7 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(directory: Path, dtype: torch.dtype, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(directory: Path, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     files = safetensors_files(directory)
     for path in tqdm(files, desc="loading safetensors", unit="file", disable=not progress):
         try:
@@ -48,4 +48,4 @@ def iter_safetensors(directory: Path, dtype: torch.dtype, progress: bool = False
                     tensor = f.get_tensor(name)
                 except Exception as e:
                     raise ValueError(f"{path}: tensor {name} is unreadable, the file may be truncated ({e})") from None
-                yield name, tensor.to(dtype)
+                yield name, tensor

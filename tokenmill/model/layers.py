@@ -64,9 +64,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype):
         super().__init__()
-        self.gate_up = nn.Parameter(torch.empty(2 * intermediate, hidden, dtype=dtype), requires_grad=False)
-        self.down = nn.Parameter(torch.empty(hidden, intermediate, dtype=dtype), requires_grad=False)
+        from tokenmill.model.linear import QLinear
+        self.gate_up = QLinear(hidden, [intermediate, intermediate], False, dtype)
+        self.down = QLinear(intermediate, [hidden], False, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)

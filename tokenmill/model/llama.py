@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
+from tokenmill.model.linear import Embedding, QLinear
+from tokenmill.quant import QuantMethod, Source
 
 
 class Attention(nn.Module):
@@ -22,22 +24,19 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, cfg.hidden_size, dtype=dtype),
-                                requires_grad=False)
-        self.qkv_bias = (nn.Parameter(torch.zeros(self.q_size + 2 * self.kv_size, dtype=dtype), requires_grad=False)
-                         if cfg.attention_bias else None)
-        self.o = nn.Parameter(torch.empty(cfg.hidden_size, self.q_size, dtype=dtype), requires_grad=False)
+        self.qkv = QLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias, dtype)
+        self.o = QLinear(self.q_size, [cfg.hidden_size], False, dtype)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
                 meta: AttentionMetadata) -> torch.Tensor:
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        qkv = self.qkv(x)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = apply_rope(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)   # [T, Hq + Hkv, D]
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)               # [T, Hkv, D]
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return F.linear(out.reshape(-1, self.q_size), self.o)
+        return self.o(out.reshape(-1, self.q_size))
 
 
 class DecoderLayer(nn.Module):
@@ -53,18 +52,18 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.dtype = dtype
+        self.embed = Embedding()
         self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = (self.embed if cfg.tie_word_embeddings else
-                        nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False))
+        self.lm_head = QLinear(cfg.hidden_size, [cfg.vocab_size], False, dtype)
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
-        h = F.embedding(input_ids, self.embed)
+        h = self.embed(input_ids, self.dtype)
         residual = h
         rope = self.rope(positions)
         for layer, cache in zip(self.layers, kv_caches):
@@ -76,29 +75,40 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()                 # [N, vocab]
+        return self.lm_head(hidden).float()                           # [N, vocab]
 
     # ---- weights -----------------------------------------------------------------------------------
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors into the fused parameters; fail on anything missing."""
-        cfg = self.cfg
-        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        qkv_rows = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
-        gate_up_rows = {"gate_proj": (0, cfg.intermediate_size), "up_proj": (cfg.intermediate_size, 2 * cfg.intermediate_size)}
+    def load_weights(self, weights: Iterable[tuple[str, Source]], method: QuantMethod) -> None:
+        """Hugging Face-named checkpoint tensors into the layers: norms and biases copied, linear
+        matrices handed to `method`, which makes each fused layer's kernel once its parts are in."""
+        device = self.norm.weight.device
         loaded: set[str] = set()
-        for name, tensor in weights:
-            target, rows = self._target(name, qkv_rows, gate_up_rows)
-            if target is None:
+        embed_src = None
+        for name, src in weights:
+            if name == "model.embed_tokens.weight":
+                embed_src = src
+                if self.cfg.tie_word_embeddings:
+                    self.lm_head.add_part(0, src, name, method, self.dtype)
+            elif name == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue
-            dst = target if rows is None else target[rows[0]:rows[1]]
-            if dst.shape != tensor.shape:
-                raise ValueError(f"weight {name}: expected shape {tuple(dst.shape)}, file has {tuple(tensor.shape)}")
-            with torch.no_grad():
-                dst.copy_(tensor)
+            else:
+                target, part = self._target(name)
+                if target is None:
+                    continue
+                if isinstance(target, QLinear):
+                    target.add_part(part, src, name, method, self.dtype)
+                else:
+                    dst = target if part is None else target[part[0]:part[1]]
+                    if dst.shape != src.shape:
+                        raise ValueError(f"weight {name}: expected shape {tuple(dst.shape)}, file has {tuple(src.shape)}")
+                    with torch.no_grad():
+                        dst.copy_(src)
             loaded.add(name)
         missing = [n for n in self.expected_weight_names() if n not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
+        tied = self.lm_head.kernel if self.cfg.tie_word_embeddings else None
+        self.embed.load(embed_src, method, self.dtype, device, tied)
 
     def expected_weight_names(self) -> list[str]:
         names = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -113,13 +123,23 @@ class LlamaForCausalLM(nn.Module):
                 names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
         return names
 
-    def _target(self, name: str, qkv_rows: dict, gate_up_rows: dict) -> tuple[torch.Tensor | None, tuple | None]:
-        if name == "model.embed_tokens.weight":
-            return self.embed, None
+    def linears(self) -> dict[str, QLinear]:
+        """Every linear layer by a short role name ("layers.3.qkv", "lm_head")."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            out.update({f"layers.{i}.qkv": layer.attn.qkv, f"layers.{i}.o": layer.attn.o,
+                        f"layers.{i}.gate_up": layer.mlp.gate_up, f"layers.{i}.down": layer.mlp.down})
+        out["lm_head"] = self.lm_head
+        return out
+
+    def _target(self, name: str) -> tuple[QLinear | torch.Tensor | None, int | tuple | None]:
+        """(layer or tensor, part index or row range) a checkpoint tensor goes to; (None, None) to skip."""
+        cfg = self.cfg
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         if name == "model.norm.weight":
             return self.norm.weight, None
         if name == "lm_head.weight":
-            return (None, None) if self.cfg.tie_word_embeddings else (self.lm_head, None)
+            return self.lm_head, 0
         parts = name.split(".")
         if len(parts) < 5 or parts[:2] != ["model", "layers"]:
             return None, None
@@ -129,13 +149,15 @@ class LlamaForCausalLM(nn.Module):
             return layer.input_norm.weight, None
         if module == "post_attention_layernorm":
             return layer.post_attn_norm.weight, None
+        if module == "self_attn" and leaf in ("q_proj", "k_proj", "v_proj"):
+            index = "qkv".index(leaf[0])
+            if kind == "bias":
+                return layer.attn.qkv.bias, [(0, q), (q, q + kv), (q + kv, q + 2 * kv)][index]
+            return layer.attn.qkv, index
         if module == "self_attn" and leaf == "o_proj":
-            return layer.attn.o, None
-        if module == "self_attn" and leaf in qkv_rows:
-            target = layer.attn.qkv if kind == "weight" else layer.attn.qkv_bias
-            return target, qkv_rows[leaf]
-        if module == "mlp" and leaf in gate_up_rows:
-            return layer.mlp.gate_up, gate_up_rows[leaf]
+            return layer.attn.o, 0
+        if module == "mlp" and leaf in ("gate_proj", "up_proj"):
+            return layer.mlp.gate_up, ("gate_proj", "up_proj").index(leaf)
         if module == "mlp" and leaf == "down_proj":
-            return layer.mlp.down, None
+            return layer.mlp.down, 0
         return None, None

@@ -1,6 +1,7 @@
 """Open a checkpoint (GGUF file or Hugging Face directory) and build the model from it."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -10,25 +11,36 @@ from torch import nn
 
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.registry import model_class
+from tokenmill.quant import QuantMethod, Source, resolve_method
 
-WeightStream = Callable[[torch.dtype, bool], Iterator[tuple[str, torch.Tensor]]]
+WeightStream = Callable[[bool], Iterator[tuple[str, Source]]]
 
 
 @dataclass
 class Checkpoint:
     path: Path
     config: ModelConfig
-    weights: WeightStream          # (dtype, progress) -> (hf name, tensor)
+    weights: WeightStream          # (progress) -> (hf name, tensor as stored)
     gguf_metadata: dict[str, Any] | None = None
+    quant_config: dict[str, Any] | None = None     # config.json's quantization_config
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_metadata is not None
+
+    def method(self, quantization: str | None) -> QuantMethod:
+        return resolve_method(quantization, self.is_gguf, self.quant_config)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if path.is_dir():
         from tokenmill.loader.safetensors import iter_safetensors, read_hf_config, safetensors_files
-        config = ModelConfig.from_hf(read_hf_config(path))
+        hf_config = read_hf_config(path)
+        config = ModelConfig.from_hf(hf_config)
         safetensors_files(path)   # fail now, not halfway through building the model
-        return Checkpoint(path, config, lambda dtype, progress: iter_safetensors(path, dtype, progress))
+        return Checkpoint(path, config, lambda progress: iter_safetensors(path, progress),
+                          quant_config=hf_config.get("quantization_config"))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     from tokenmill.loader.gguf import GGUFCheckpoint
@@ -36,13 +48,38 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     names = set(gguf.tensor_names())
     config = ModelConfig.from_gguf(gguf.metadata, has_output_weight="lm_head.weight" in names,
                                    has_qkv_bias="model.layers.0.self_attn.q_proj.bias" in names)
-    return Checkpoint(path, config, lambda dtype, progress: gguf.iter_tensors(dtype, progress=progress),
+    return Checkpoint(path, config, lambda progress: gguf.iter_sources(progress),
                       gguf_metadata=gguf.metadata)
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, max_positions: int, device: torch.device,
-                progress: bool = True) -> nn.Module:
+                method: QuantMethod, progress: bool = True) -> nn.Module:
     with torch.device(device):
         model = model_class(ckpt.config.architecture)(ckpt.config, dtype, max_positions)
-    model.load_weights(ckpt.weights(dtype, progress))
+        model.load_weights(ckpt.weights(progress), method)
     return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Resident bytes of every weight, each storage counted once (a tied table is one)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t is None:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total - sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.startswith("rope."))
+
+
+def describe_weights(model: nn.Module) -> str:
+    """What runs where, e.g. "120 linears Q4_1 -> int4 g32, lm_head Q8_0 -> int8 per-row, embedding: lm_head's rows"."""
+    linears = model.linears()
+    head = linears.pop("lm_head")
+    counts: Counter[str] = Counter()
+    for layer in linears.values():
+        counts[layer.kernel.describe()] += len(layer.part_rows)
+    parts = [f"{n} linears {kind}" for kind, n in counts.most_common()]
+    parts.append(f"lm_head {head.kernel.describe()}")
+    table = model.embed.table
+    parts.append("embedding: lm_head's rows" if table is head.kernel else f"embedding {table.describe()}")
+    return ", ".join(parts)

@@ -1,0 +1,82 @@
+"""Choosing a quantization: names checked up front, checkpoints that say they are quantized in a
+way we do not run refused at start-up naming the method; made-at-load int4/int8 against transformers."""
+import copy
+import json
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.config import EngineConfig
+
+
+def test_unknown_quantization_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="^quantization must be"):
+        EngineConfig(quantization="int3")
+
+
+def test_gguf_quantization_needs_a_gguf_file(tiny_llama):
+    with pytest.raises(ValueError, match="quantization='gguf' needs a GGUF file"):
+        LLM(str(tiny_llama[0]), quantization="gguf", progress=False)
+
+
+def test_checkpoint_with_unsupported_quantization_config_is_refused(tiny_llama, tmp_path):
+    src = tiny_llama[0]
+    for f in src.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quant_method 'bitsandbytes' is not supported"):
+        LLM(str(tmp_path), progress=False)
+
+
+def fake_quantized(hf, quantization: str):
+    """transformers with every weight replaced by its dequantized quantization (and, for W8A8, each
+    linear's input quantized per token): the dense-math reference of what the kernels compute."""
+    from tokenmill.quant.int4 import dequantize_int4, quantize_rtn
+    from tokenmill.quant.int8 import quantize_per_channel
+    ref = copy.deepcopy(hf)
+
+    def int8(w):
+        q, s = quantize_per_channel(w)
+        return q.float() * s[:, None]
+
+    def w8a8_forward(layer):
+        def forward(x):
+            sx = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
+            return torch.nn.functional.linear(torch.round(x / sx).clamp(-127, 127) * sx, layer.weight, layer.bias)
+        return forward
+
+    with torch.no_grad():
+        table = ref.model.embed_tokens.weight.detach().clone()
+        ref.model.embed_tokens.weight = torch.nn.Parameter(int8(table))      # rows: int8 per row in both methods
+        for name, layer in ref.named_modules():
+            if isinstance(layer, torch.nn.Linear):
+                w = table if name == "lm_head" and hf.config.tie_word_embeddings else layer.weight.detach()
+                if quantization == "int4":
+                    deq = dequantize_int4(*quantize_rtn(w, 32), 32)
+                else:
+                    deq = int8(w)
+                    layer.forward = w8a8_forward(layer)
+                layer.weight = torch.nn.Parameter(deq)
+    return ref
+
+
+@pytest.mark.parametrize("quantization,tol", [("int8", 1e-4), ("int4", 0.03)])
+def test_made_at_load_matches_dense_math_of_the_same_quantization(tiny_llama, quantization, tol):
+    """W8A8 and int4 RTN made at load from a dense checkpoint, against transformers running the same
+    quantized weights (and quantized activations) in float32. int4 computes in bfloat16 inside."""
+    path, hf = tiny_llama[0], tiny_llama[1]
+    llm = LLM(str(path), quantization=quantization, progress=False)
+    prompt = list(range(3, 40))
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    ref_model = fake_quantized(hf, quantization)
+    with torch.no_grad():
+        ref = torch.log_softmax(ref_model(torch.tensor([prompt])).logits[0].float(), -1)
+        dense = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+    diff = torch.tensor([out.prompt_logprobs[i][prompt[i]].logprob - ref[i - 1, prompt[i]].item()
+                         for i in range(1, len(prompt))]).abs()
+    lost = torch.tensor([dense[i - 1, prompt[i]] - ref[i - 1, prompt[i]] for i in range(1, len(prompt))]).abs()
+    assert diff.mean() < tol, diff.mean().item()
+    assert lost.mean() > 2 * tol        # the quantization itself moves logprobs far more than the tolerance

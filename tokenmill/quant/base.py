@@ -1,0 +1,97 @@
+"""The quantization interface: a QuantMethod turns one linear layer's checkpoint tensors into a
+LinearKernel; the model calls kernels and never learns which method made them.
+
+A linear layer may fuse several checkpoint matrices by rows (q/k/v, gate/up). Each matrix arrives
+as a `Source`: a float tensor, a GGUF block tensor as stored, or a dict of a packed format's tensors
+(GPTQ/AWQ: qweight, qzeros, scales, g_idx). A method builds one kernel for the whole fused layer.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from tokenmill.loader.gguf import GGUFTensor
+
+
+Source = Union[torch.Tensor, GGUFTensor, dict]
+
+
+def as_float(src: Source, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense [out, in] weight a source stands for (dict sources are dequantized by their method)."""
+    if isinstance(src, GGUFTensor):
+        return src.dequantize().to(dtype)
+    if isinstance(src, torch.Tensor):
+        return src.to(dtype)
+    raise TypeError(f"cannot read a {type(src).__name__} source as a dense weight")
+
+
+class LinearKernel(nn.Module):
+    """y = x @ W^T for one (possibly fused) weight W [out, in]. Input and output keep x's dtype;
+    a kernel that computes in another dtype casts inside."""
+    out_features: int
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """W[ids] for an embedding lookup from the same storage, or None when this kernel cannot."""
+        return None
+
+
+class DenseKernel(LinearKernel):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.contiguous())
+        self.out_features = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype) if self.weight.dtype != x.dtype else self.weight)
+
+    def describe(self) -> str:
+        return f"dense {str(self.weight.dtype).removeprefix('torch.')}"
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(dtype)
+
+
+class ConcatKernel(LinearKernel):
+    """Fused rows whose parts could not share one kernel (e.g. a GGUF file with Q4_K q/k and Q6_K v)."""
+
+    def __init__(self, kernels: list[LinearKernel]):
+        super().__init__()
+        self.kernels = nn.ModuleList(kernels)
+        self.out_features = sum(k.out_features for k in kernels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([k(x) for k in self.kernels], dim=-1)
+
+    def describe(self) -> str:
+        return " + ".join(k.describe() for k in self.kernels)
+
+
+class QuantMethod:
+    """How one checkpoint's linear layers run. Subclasses set `name` and implement `kernel`."""
+    name: str = ""
+
+    def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
+        """One kernel computing the row-concatenation of `parts` ([out_i, in] each) for activations
+        of `dtype`."""
+        raise NotImplementedError
+
+    def source_names(self) -> tuple[str, ...]:
+        """Checkpoint tensor suffixes this method reads for one matrix ("weight", or "qweight", ...)."""
+        return ("weight",)
+
+
+class DenseMethod(QuantMethod):
+    """Every weight dequantized to the activation dtype: the transformers-exact reference path."""
+    name = "dequantize"
+
+    def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
+        return DenseKernel(torch.cat([as_float(p, dtype) for p in parts]).to(device))

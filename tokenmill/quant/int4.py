@@ -1,0 +1,105 @@
+"""Group-wise int4 weights on PyTorch's int4 CPU kernel, and "int4": round-to-nearest made at load.
+
+Every int4 format we run (GGUF Q4_0/Q4_1/Q4_K, GPTQ, AWQ, RTN) is brought to one form:
+q in [0, 15], and per group of input columns a scale s and a zero z with w = (q - 8) * s + z.
+That is what `aten._weight_int4pack_mm_for_cpu` computes; its fast path wants bfloat16
+activations (float32 activations take a path about 15x slower), so the kernel computes in
+bfloat16 and casts back.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.quant.base import DenseKernel, LinearKernel, QuantMethod, Source, as_float
+
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def regroup(scale: torch.Tensor, zero: torch.Tensor, group: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Express a group size the kernel lacks (per-channel, 512, ...) with 32-column groups by
+    repeating each scale and zero: the same weights, exactly."""
+    if group in KERNEL_GROUP_SIZES:
+        return scale, zero, group
+    if group % 32 or in_features % group:
+        raise ValueError(f"int4 kernel: group size {group} is not a multiple of 32 dividing {in_features}")
+    r = group // 32
+    return scale.repeat_interleave(r, dim=1), zero.repeat_interleave(r, dim=1), 32
+
+
+class Int4Kernel(LinearKernel):
+    """W [N, K] = (q - 8) * scale + zero, scale and zero per (row, group of `group` columns).
+
+    `perm` (GPTQ act-order) reorders input columns so that each group is contiguous: y = x[:, perm] @ W'^T.
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                 perm: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16,
+                 label: str = "int4"):
+        super().__init__()
+        n, k = q.shape
+        scale, zero, group = regroup(scale, zero, group, k)
+        if k % group:
+            raise ValueError(f"int4 kernel: in_features {k} is not a multiple of the group size {group}")
+        self.out_features, self.in_features, self.group = n, k, group
+        self.compute_dtype, self.label = compute_dtype, label
+        pad = -n % 16                                          # the kernel packs rows in sixteens
+        q = F.pad(q.to(torch.int32), (0, 0, 0, pad))
+        sz = torch.stack([F.pad(scale.float(), (0, 0, 0, pad)), F.pad(zero.float(), (0, 0, 0, pad))], dim=-1)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))   # [N', K / 2]
+        self.register_buffer("scale_zero", sz.transpose(0, 1).contiguous().to(compute_dtype))     # [K / g, N', 2]
+        self.register_buffer("perm", perm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x = x[:, self.perm]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.compute_dtype), self.packed, self.group,
+                                                        self.scale_zero)
+        return y[:, :self.out_features].to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def describe(self) -> str:
+        return f"{self.label} g{self.group}"
+
+
+def int4_kernel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, device: torch.device,
+                perm: torch.Tensor | None = None, label: str = "int4") -> LinearKernel:
+    """The int4 kernel on CPU; elsewhere (no int4 kernel of ours yet) the same weights dequantized."""
+    if device.type == "cpu":
+        return Int4Kernel(q, scale, zero, group, perm, label=label)
+    w = dequantize_int4(q, scale, zero, group)
+    if perm is not None:
+        w = torch.empty_like(w).index_copy_(1, perm, w)
+    return DenseKernel(w.to(device=device, dtype=torch.bfloat16))
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    n, k = q.shape
+    w = (q.double().view(n, k // group, group) - 8) * scale.double()[..., None] + zero.double()[..., None]
+    return w.view(n, k).float()
+
+
+def quantize_rtn(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest: per group, [min, max] onto 0..15."""
+    n, k = w.shape
+    g = w.float().view(n, k // group, group)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
+    return q, scale, lo + 8 * scale
+
+
+class Int4Method(QuantMethod):
+    """"int4": weight-only, asymmetric, group-wise round-to-nearest, made at load from any weights."""
+    name = "int4"
+
+    def __init__(self, group_size: int = 32):
+        self.group_size = group_size
+
+    def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
+        w = torch.cat([as_float(p) for p in parts])
+        group = self.group_size if w.shape[1] % self.group_size == 0 else 32
+        if w.shape[1] % group:
+            return DenseKernel(w.to(device=device, dtype=dtype))
+        return int4_kernel(*quantize_rtn(w, group), group, device, label="int4 rtn")

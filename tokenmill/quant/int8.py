@@ -1,0 +1,73 @@
+"""int8 weights: W8A8 (per-channel weights, per-token dynamic activations, int8 x int8 -> int32)
+made at load ("int8"), and int8 weight-only for GGUF types the int4 kernel cannot hold."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.quant.base import LinearKernel, QuantMethod, Source, as_float
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: w ~= q * scale[:, None]."""
+    scale = (w.float().abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8WeightKernel(LinearKernel):
+    """int8 weights with a scale per output row; activations stay floating (aten._weight_int8pack_mm).
+    Rows of the same storage serve an embedding lookup, so a tied embedding and lm_head share it."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 weight-only"):
+        super().__init__()
+        self.out_features, self.label = q.shape[0], label
+        self.register_buffer("q", q.contiguous())                 # [N, K] int8
+        self.register_buffer("scale", scale.float().contiguous())  # [N]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.q, self.scale.to(x.dtype))
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (self.q[ids].float() * self.scale[ids, None]).to(dtype)
+
+    def describe(self) -> str:
+        return self.label
+
+
+class W8A8Kernel(LinearKernel):
+    """y = (sx * sw) * (int8(x / sx) @ q^T), sx per token (absmax / 127), sw per output row."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 w8a8"):
+        super().__init__()
+        self.out_features, self.label = q.shape[0], label
+        self.register_buffer("qt", q.t().contiguous().t())         # [N, K], stored K-major for _int_mm
+        self.register_buffer("scale", scale.float().contiguous())   # [N]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1]).float()
+        sx = (xf.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)     # [M, 1]
+        xq = torch.round(xf / sx).clamp(-127, 127).to(torch.int8)
+        acc = torch._int_mm(xq, self.qt.t())                                   # [M, N] int32
+        y = acc.float() * sx * self.scale
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (self.qt[ids].float() * self.scale[ids, None]).to(dtype)
+
+    def describe(self) -> str:
+        return self.label
+
+
+class Int8Method(QuantMethod):
+    """"int8": W8A8 made at load from any weights (symmetric per-channel, dynamic per-token)."""
+    name = "int8"
+
+    def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
+        q, scale = quantize_per_channel(torch.cat([as_float(p) for p in parts]))
+        if device.type != "cpu":
+            from tokenmill.quant.base import DenseKernel
+            return DenseKernel((q.float() * scale[:, None]).to(device=device, dtype=dtype))
+        return W8A8Kernel(q, scale)
