@@ -145,6 +145,21 @@ def cmd_bench(args) -> None:
     print("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
 
 
+def cmd_perplexity(args) -> None:
+    from pathlib import Path
+
+    from tokenmill.engine import LLM
+    from tokenmill.perplexity import perplexity, reference_text
+    if args.model_path is not None:
+        args.model = args.model_path
+    text = Path(args.text).read_text() if args.text else reference_text("evaluation")
+    llm = LLM.from_config(engine_config(args))
+    ids = llm.get_tokenizer().encode(text)
+    r = perplexity(llm, ids, args.ctx, args.max_windows)
+    print(f"perplexity {r.ppl:.4f}  (mean NLL {r.nll:.4f} nats over {r.tokens} tokens, {r.windows} windows of "
+          f"{args.ctx}, second halves scored; quantization={args.quantization or 'as stored'}, dtype={args.dtype})")
+
+
 def cmd_serve(args) -> None:
     from tokenmill.server import serve
     serve(engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
@@ -176,6 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--input-len", type=int, default=128)
     b.add_argument("--output-len", type=int, default=128)
     b.set_defaults(func=cmd_bench)
+    pp = sub.add_parser("perplexity", help="sliding-window perplexity (llama-perplexity's method) of a text")
+    pp.add_argument("model_path", nargs="?", default=None, help="same as --model")
+    _engine_args(pp)
+    pp.add_argument("--text", default=None, help="a UTF-8 text file (default: the evaluation half of "
+                                                "Python's pydoc topics, disjoint from the calibration half)")
+    pp.add_argument("--ctx", type=int, default=512, help="window length in tokens; the second half of each is scored")
+    pp.add_argument("--max-windows", type=int, default=None)
+    pp.set_defaults(func=cmd_perplexity)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _engine_args(s)
     s.add_argument("--host", default="127.0.0.1")

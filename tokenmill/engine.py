@@ -439,6 +439,12 @@ class LLM:
                               device=device)
         self.engine = LLMEngine(config, progress=progress)
 
+    @classmethod
+    def from_config(cls, config: EngineConfig, progress: bool = True) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config, progress=progress)
+        return llm
+
     def get_tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
 

@@ -111,13 +111,15 @@ def test_w8a8_kernel_matches_int_math(m):
     assert ((got - x @ w.t()).abs().max() / (x @ w.t()).abs().max()) < 0.03      # and close to the float product
 
 
-@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("m", [1, 5, 32, 33, 100])
 def test_int8_weight_only_kernel_matches_dequantized_matmul(m):
     torch.manual_seed(m)
     w, x = torch.randn(80, 256), torch.randn(m, 256)
     q, s = quantize_per_channel(w)
     kernel = Int8WeightKernel(q, s)
+    kernel.SLAB = 48                                     # slabs that do not divide the rows
     ref = x.double() @ (q.double() * s.double()[:, None]).t()
-    torch.testing.assert_close(kernel(x).double(), ref, rtol=1e-4, atol=1e-4)
+    tol = 1e-4 if m > kernel.MAX_KERNEL_ROWS else 8e-3  # the few-row kernel computes in bfloat16
+    torch.testing.assert_close(kernel(x).double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
     ids = torch.tensor([0, 79, 3, 3])
     torch.testing.assert_close(kernel.rows(ids, torch.float32), (q.float() * s[:, None])[ids])

@@ -15,8 +15,14 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8WeightKernel(LinearKernel):
-    """int8 weights with a scale per output row; activations stay floating (aten._weight_int8pack_mm).
-    Rows of the same storage serve an embedding lookup, so a tied embedding and lm_head share it."""
+    """int8 weights with a scale per output row; activations stay floating. Rows of the same storage
+    serve an embedding lookup, so a tied embedding and lm_head share it.
+
+    Few rows (decode): aten._weight_int8pack_mm on bfloat16 activations (its float32 path is ~30x
+    slower). Many rows (prefill, prompt scoring): dequantize a slab of weight rows at a time and use
+    the dense product, which is faster there (benchmarks/quantization.py)."""
+    MAX_KERNEL_ROWS = 32
+    SLAB = 4096
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 weight-only"):
         super().__init__()
@@ -26,7 +32,15 @@ class Int8WeightKernel(LinearKernel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.q, self.scale.to(x.dtype))
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] <= self.MAX_KERNEL_ROWS and x.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.scale.to(torch.bfloat16))
+            y = y.to(x.dtype)
+        else:
+            y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+            for i in range(0, self.out_features, self.SLAB):
+                w = self.q[i:i + self.SLAB].to(x.dtype) * self.scale[i:i + self.SLAB, None].to(x.dtype)
+                y[:, i:i + self.SLAB] = x2 @ w.t()
         return y.reshape(*shape[:-1], self.out_features)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
