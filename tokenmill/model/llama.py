@@ -84,6 +84,7 @@ class LlamaForCausalLM(nn.Module):
         device = self.norm.weight.device
         loaded: set[str] = set()
         embed_src = None
+        packed: dict[tuple[QLinear, int], dict[str, torch.Tensor]] = {}    # GPTQ/AWQ tensors of one matrix
         for name, src in weights:
             if name == "model.embed_tokens.weight":
                 embed_src = src
@@ -95,7 +96,13 @@ class LlamaForCausalLM(nn.Module):
                 target, part = self._target(name)
                 if target is None:
                     continue
-                if isinstance(target, QLinear):
+                stem, suffix = name.rsplit(".", 1)
+                if isinstance(target, QLinear) and suffix != "weight":
+                    if suffix not in method.source_names():
+                        continue
+                    packed.setdefault((target, part), {})[suffix] = src
+                    name = stem + ".weight"
+                elif isinstance(target, QLinear):
                     target.add_part(part, src, name, method, self.dtype)
                 else:
                     dst = target if part is None else target[part[0]:part[1]]
@@ -104,6 +111,8 @@ class LlamaForCausalLM(nn.Module):
                     with torch.no_grad():
                         dst.copy_(src)
             loaded.add(name)
+        for (target, part), tensors in packed.items():
+            target.add_part(part, tensors, f"{target} part {part}", method, self.dtype)
         missing = [n for n in self.expected_weight_names() if n not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")

@@ -95,3 +95,21 @@ class DenseMethod(QuantMethod):
 
     def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
         return DenseKernel(torch.cat([as_float(p, dtype) for p in parts]).to(device))
+
+
+class SumKernel(LinearKernel):
+    """W = the sum of the kernels' weights (8-bit values as two 4-bit halves)."""
+
+    def __init__(self, kernels: list[LinearKernel]):
+        super().__init__()
+        self.kernels = nn.ModuleList(kernels)
+        self.out_features = kernels[0].out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernels[0](x)
+        for k in self.kernels[1:]:
+            y = y + k(x)
+        return y
+
+    def describe(self) -> str:
+        return " + ".join(k.describe() for k in self.kernels)
