@@ -11,13 +11,14 @@ from tokenmill import LLM, SamplingParams
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
-@pytest.mark.parametrize("name", ["gptq-sym", "gptq-asym-act"])
-def test_gptq_checkpoint_matches_gptqmodel(name):
+@pytest.mark.parametrize("name,kernel", [("gptq-sym", "gptq int4 g32"), ("gptq-asym-act", "gptq int4 g32"),
+                                         ("gptq-8bit", "gptq int8 (hi) g128 + gptq int8 (lo) g128")])
+def test_gptq_checkpoint_matches_gptqmodel(name, kernel):
     path = FIXTURES / name
     ref = torch.load(path / "reference_logits.pt")
     ids, ref_logp = ref["ids"].tolist(), torch.log_softmax(ref["logits"], -1)
     llm = LLM(str(path), quantization=None, progress=False)
-    assert llm.engine.model.layers[0].attn.qkv.kernel.describe() == "gptq int4 g32"
+    assert llm.engine.model.layers[0].attn.qkv.kernel.describe() == kernel
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
     diff = torch.tensor([out.prompt_logprobs[i][ids[i]].logprob - ref_logp[i - 1, ids[i]].item()
                          for i in range(1, len(ids))]).abs()
