@@ -52,7 +52,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(smollm2_path):
-    llm = LLM(str(smollm2_path), max_num_seqs=NUM_CONCURRENT, progress=False)
+    llm = LLM(str(smollm2_path), quantization="dequantize", max_num_seqs=NUM_CONCURRENT, progress=False)
     # the offline reference first, on the same engine the server will own; in a side thread like the
     # server's engine loop (on a busy 2-core machine, 2 OpenMP threads stepping from the main thread crawl)
     outs = []
