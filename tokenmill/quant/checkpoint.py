@@ -14,22 +14,17 @@ def checkpoint_method(qc: dict, dequantize: bool) -> QuantMethod:
             raise ValueError(f"quantization_config.checkpoint_format {fmt!r} is not supported for gptq "
                              f"(supported: 'gptq', 'gptq_v2')")
         m = PackedInt4Method("gptq", int(qc.get("bits", 4)), int(qc.get("group_size", 128)),
-                             v1_zeros=fmt == "gptq", awq=False)
+                             v1_zeros=fmt == "gptq", awq=False, dequantize=dequantize)
     elif method == "awq":
-        # the gemm unpacking below is written (quant/gptq.py) but not yet checked against a checkpoint
-        # made by the reference tool; until it is, refuse rather than risk silently wrong weights
-        raise ValueError("quantization_config.quant_method 'awq' is not supported yet (its loader awaits a "
-                         "test against gptqmodel's AWQ checkpoints); supported: 'gptq'")
-        version = str(qc.get("version", "gemm")).lower()
+        version = str(qc.get("version", qc.get("checkpoint_format", qc.get("format", "gemm")))).lower()
         if version != "gemm":
             raise ValueError(f"quantization_config.version {version!r} is not supported for awq (supported: 'gemm')")
         if qc.get("zero_point", True) is False:
             raise ValueError("quantization_config.zero_point false is not supported for awq")
         m = PackedInt4Method("awq", int(qc.get("bits", qc.get("w_bit", 4))),
-                             int(qc.get("group_size", qc.get("q_group_size", 128))), v1_zeros=False, awq=True)
+                             int(qc.get("group_size", qc.get("q_group_size", 128))), v1_zeros=False, awq=True,
+                             dequantize=dequantize)
     else:
         raise ValueError(f"quantization_config.quant_method {method!r} is not supported by tokenmill "
-                         f"(supported checkpoint formats: 'gptq'; GGUF files run as stored)")
-    if dequantize:
-        raise ValueError(f"quantization='dequantize' is not available for {method} checkpoints yet; pass None")
+                         f"(supported checkpoint formats: 'gptq', 'awq'; GGUF files run as stored)")
     return m

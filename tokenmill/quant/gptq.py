@@ -43,11 +43,12 @@ def unpack_cols(packed: torch.Tensor, bits: int, order: tuple[int, ...] | None =
 class PackedInt4Method(QuantMethod):
     """GPTQ / AWQ checkpoints: each matrix arrives as {qweight, qzeros, scales[, g_idx]}."""
 
-    def __init__(self, name: str, bits: int, group_size: int, v1_zeros: bool, awq: bool):
+    def __init__(self, name: str, bits: int, group_size: int, v1_zeros: bool, awq: bool, dequantize: bool = False):
         if bits not in (4, 8) or (awq and bits != 4):
             raise ValueError(f"quantization_config.bits {bits} is not supported for {name} (supported: "
                              f"{'4' if awq else '4 and 8'})")
         self.name, self.bits, self.group_size, self.v1_zeros, self.awq = name, bits, group_size, v1_zeros, awq
+        self.dequantize = dequantize            # the dense float reference of the same weights
 
     def source_names(self) -> tuple[str, ...]:
         return ("qweight", "qzeros", "scales", "g_idx")
@@ -78,6 +79,10 @@ class PackedInt4Method(QuantMethod):
         k = q.shape[1]
         group = k if self.group_size in (-1, 0) else self.group_size
         g_idx = unpacked[0][3]
+        if self.dequantize:
+            g = g_idx.long() if g_idx is not None else torch.arange(k) // group
+            w = scale.double()[:, g] * (q.double() - zero.double()[:, g])
+            return DenseKernel(w.to(device=device, dtype=dtype))
         perm = None
         if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group):
             perm = torch.argsort(g_idx.long(), stable=True)
