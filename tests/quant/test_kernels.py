@@ -123,3 +123,19 @@ def test_int8_weight_only_kernel_matches_dequantized_matmul(m):
     torch.testing.assert_close(kernel(x).double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
     ids = torch.tensor([0, 79, 3, 3])
     torch.testing.assert_close(kernel.rows(ids, torch.float32), (q.float() * s[:, None])[ids])
+
+
+@pytest.mark.parametrize("n,k,group", [(30, 96, 32), (192, 576, 32), (64, 256, 128)])
+def test_int4_dense_route_unpacks_the_kernels_own_bytes(n, k, group):
+    """Above DENSE_ROWS rows the kernel multiplies a float32 matrix unpacked from its packed bytes:
+    exactly the weights the int4 product uses (bf16 scales and zeros), on this CPU's packing layout."""
+    from tokenmill.quant.int4 import packed_layout
+    assert packed_layout() is not None
+    torch.manual_seed(n)
+    w = torch.randn(n, k)
+    q, s, z = quantize_rtn(w, group)
+    kernel = Int4Kernel(q, s, z, group)
+    expected = dequantize_int4(q, s.bfloat16().double(), z.bfloat16().double(), group)
+    assert torch.equal(kernel.dense_weight(), expected)
+    x = torch.randn(kernel.DENSE_ROWS + 3, k)
+    torch.testing.assert_close(kernel(x), x @ expected.t(), rtol=1e-5, atol=1e-4)

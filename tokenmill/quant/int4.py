@@ -27,11 +27,46 @@ def regroup(scale: torch.Tensor, zero: torch.Tensor, group: int, in_features: in
     return scale.repeat_interleave(r, dim=1), zero.repeat_interleave(r, dim=1), 32
 
 
+def _unpack_layout(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """The kernel's packed [N, K / 2] bytes -> q [N, K], for its layout with `block` rows per tile:
+    tiles of `block` rows, then K / 2 rows of (2 k-parities x block / 2 bytes), a byte holding row j
+    of the tile in its low nibble and row j + block / 2 in its high one."""
+    p = packed.view(n // block, k // 2, 2, block // 2)
+    q = torch.stack((p & 15, p >> 4), dim=3)                       # [tiles, K/2, parity, half, block/2]
+    return q.permute(0, 3, 4, 1, 2).reshape(n, k)
+
+
+def _probe_layout() -> int | None:
+    """Which tile height the int4 CPU kernel packs with on this CPU (it depends on the ISA), checked
+    by packing a random matrix and unpacking it; None when neither known layout matches."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for block in (32, 64, 16):
+        if torch.equal(_unpack_layout(packed, 128, 64, block).to(torch.int32), q):
+            return block
+    return None
+
+
+_LAYOUT: list[int | None] = []
+
+
+def packed_layout() -> int | None:
+    if not _LAYOUT:
+        _LAYOUT.append(_probe_layout())
+    return _LAYOUT[0]
+
+
 class Int4Kernel(LinearKernel):
     """W [N, K] = (q - 8) * scale + zero, scale and zero per (row, group of `group` columns).
 
     `perm` (GPTQ act-order) reorders input columns so that each group is contiguous: y = x[:, perm] @ W'^T.
+
+    Many rows (prefill, big batches) are compute-bound, where the int4 kernel is ~2x slower than the
+    float32 product on AVX2 (docs/benchmarks.md): above `DENSE_ROWS` rows the weights are unpacked
+    from the same packed bytes into a transient float32 matrix and multiplied densely.
     """
+    DENSE_ROWS = 128
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
                  perm: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16,
@@ -55,9 +90,21 @@ class Int4Kernel(LinearKernel):
         x = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x = x[:, self.perm]
+        if x.shape[0] > self.DENSE_ROWS and packed_layout() is not None:
+            y = F.linear(x.to(torch.float32), self.dense_weight()).to(dtype)
+            return y.reshape(*shape[:-1], self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.compute_dtype), self.packed, self.group,
                                                         self.scale_zero)
         return y[:, :self.out_features].to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """float32 [N, K] from the packed bytes, with the kernel's own (compute-dtype) scales and zeros."""
+        n = self.packed.shape[0]
+        q = _unpack_layout(self.packed, n, self.in_features, packed_layout())[:self.out_features]
+        sz = self.scale_zero[:, :self.out_features].float()            # [K / g, N, 2]
+        w = q.view(self.out_features, -1, self.group).to(torch.float32).sub_(8)
+        w.mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
+        return w.view(self.out_features, self.in_features)
 
     def describe(self) -> str:
         return f"{self.label} g{self.group}"
