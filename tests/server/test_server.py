@@ -408,7 +408,7 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(served):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
 
 
-def test_logit_bias_and_stop_token_text(served):
+def test_logit_bias_and_stop_token_text(served, smollm2_path):
     client = served.client()
     prompt = "The capital of France is"
     greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
@@ -419,7 +419,9 @@ def test_logit_bias_and_stop_token_text(served):
                                        logit_bias={str(ids[len(first)]): -100})
     assert banned.choices[0].text != greedy.choices[0].text
     # a stop token's own text is dropped unless include_stop_str_in_output
-    full = served.llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0]
+    # offline on an engine of its own: stepping the served engine from this thread races its loop
+    offline = LLM(str(smollm2_path), quantization="dequantize", num_kv_blocks=64, progress=False)
+    full = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0]
     stop = full.token_ids[2]
     cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
                                     extra_body={"stop_token_ids": [stop]})
