@@ -50,7 +50,9 @@ class QLinear(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token rows from a table that serves `rows(ids)`: dense, or int8 per row, or the tied lm_head's kernel."""
+    """Token rows from a table that serves `rows(ids)`: the tied lm_head's kernel when it can serve rows;
+    else a dense checkpoint table stays dense (unless the method quantizes at load) and a quantized
+    one (GGUF) becomes int8 per row."""
 
     def __init__(self):
         super().__init__()
@@ -63,7 +65,7 @@ class Embedding(nn.Module):
              tied_head: LinearKernel | None) -> None:
         if tied_head is not None and tied_head.rows(torch.zeros(1, dtype=torch.long, device=device), dtype) is not None:
             self.table = tied_head
-        elif isinstance(src, torch.Tensor) and method.name in ("dequantize", "dense"):
+        elif isinstance(src, torch.Tensor) and not method.quantizes_dense:
             from tokenmill.quant.base import DenseKernel
             self.table = DenseKernel(src.to(device=device, dtype=dtype))
         elif device.type == "cpu":

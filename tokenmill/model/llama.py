@@ -97,7 +97,7 @@ class LlamaForCausalLM(nn.Module):
                 if target is None:
                     continue
                 stem, suffix = name.rsplit(".", 1)
-                if isinstance(target, QLinear) and suffix != "weight":
+                if isinstance(target, QLinear) and (suffix != "weight" or method.source_names() != ("weight",)):
                     if suffix not in method.source_names():
                         continue
                     packed.setdefault((target, part), {})[suffix] = src
@@ -112,7 +112,8 @@ class LlamaForCausalLM(nn.Module):
                         dst.copy_(src)
             loaded.add(name)
         for (target, part), tensors in packed.items():
-            target.add_part(part, tensors, f"{target} part {part}", method, self.dtype)
+            src = tensors["weight"] if tensors.keys() == {"weight"} else tensors      # a layer left dense
+            target.add_part(part, src, f"{target} part {part}", method, self.dtype)
         missing = [n for n in self.expected_weight_names() if n not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")

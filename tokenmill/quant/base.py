@@ -78,6 +78,7 @@ class ConcatKernel(LinearKernel):
 class QuantMethod:
     """How one checkpoint's linear layers run. Subclasses set `name` and implement `kernel`."""
     name: str = ""
+    quantizes_dense: bool = False      # made at load: also shrink a dense embedding table (to int8 rows)
 
     def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
         """One kernel computing the row-concatenation of `parts` ([out_i, in] each) for activations

@@ -24,7 +24,10 @@ def checkpoint_method(qc: dict, dequantize: bool) -> QuantMethod:
         m = PackedInt4Method("awq", int(qc.get("bits", qc.get("w_bit", 4))),
                              int(qc.get("group_size", qc.get("q_group_size", 128))), v1_zeros=False, awq=True,
                              dequantize=dequantize)
+    elif method == "compressed-tensors":
+        from tokenmill.quant.compressed_tensors import CompressedTensorsInt8Method
+        m = CompressedTensorsInt8Method(qc, dequantize=dequantize)
     else:
         raise ValueError(f"quantization_config.quant_method {method!r} is not supported by tokenmill "
-                         f"(supported checkpoint formats: 'gptq', 'awq'; GGUF files run as stored)")
+                         f"(supported checkpoint formats: 'gptq', 'awq', 'compressed-tensors' int8; GGUF files run as stored)")
     return m

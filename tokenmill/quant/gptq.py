@@ -51,7 +51,7 @@ class PackedInt4Method(QuantMethod):
         self.dequantize = dequantize            # the dense float reference of the same weights
 
     def source_names(self) -> tuple[str, ...]:
-        return ("qweight", "qzeros", "scales", "g_idx")
+        return ("weight", "qweight", "qzeros", "scales", "g_idx")
 
     def unpack(self, src: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(q uint8 [N, K], zero [N, G], scale [N, G], g_idx [K] or None)."""

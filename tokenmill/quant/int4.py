@@ -140,6 +140,7 @@ def quantize_rtn(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
 class Int4Method(QuantMethod):
     """"int4": weight-only, asymmetric, group-wise round-to-nearest, made at load from any weights."""
     name = "int4"
+    quantizes_dense = True
 
     def __init__(self, group_size: int = 32):
         self.group_size = group_size

@@ -51,19 +51,22 @@ class Int8WeightKernel(LinearKernel):
 
 
 class W8A8Kernel(LinearKernel):
-    """y = (sx * sw) * (int8(x / sx) @ q^T), sx per token (absmax / 127), sw per output row."""
+    """y = (sx * sw) * (int8(x / sx) @ q^T), sx per token (absmax / act_range), sw per output row.
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 w8a8"):
+    act_range 127 maps absmax onto +-127 (vLLM's dynamic quantization); compressed-tensors checkpoints
+    use 127.5 with rounding clamped to [-128, 127], which is what their reference computes."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 w8a8", act_range: float = 127.0):
         super().__init__()
-        self.out_features, self.label = q.shape[0], label
+        self.out_features, self.label, self.act_range = q.shape[0], label, act_range
         self.register_buffer("qt", q.t().contiguous().t())         # [N, K], stored K-major for _int_mm
         self.register_buffer("scale", scale.float().contiguous())   # [N]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xf = x.reshape(-1, shape[-1]).float()
-        sx = (xf.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)     # [M, 1]
-        xq = torch.round(xf / sx).clamp(-127, 127).to(torch.int8)
+        sx = (xf.abs().amax(dim=1, keepdim=True) / self.act_range).clamp(min=1e-12)     # [M, 1]
+        xq = torch.round(xf / sx).clamp(-128, 127).to(torch.int8)
         acc = torch._int_mm(xq, self.qt.t())                                   # [M, N] int32
         y = acc.float() * sx * self.scale
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -78,6 +81,7 @@ class W8A8Kernel(LinearKernel):
 class Int8Method(QuantMethod):
     """"int8": W8A8 made at load from any weights (symmetric per-channel, dynamic per-token)."""
     name = "int8"
+    quantizes_dense = True
 
     def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
         q, scale = quantize_per_channel(torch.cat([as_float(p) for p in parts]))
