@@ -160,6 +160,17 @@ def cmd_perplexity(args) -> None:
           f"{args.ctx}, second halves scored; quantization={args.quantization or 'as stored'}, dtype={args.dtype})")
 
 
+def cmd_quantize(args) -> None:
+    from pathlib import Path
+
+    from tokenmill.quant.quantizer import quantize_gptq
+    text = Path(args.calibration_text).read_text() if args.calibration_text else None
+    out = quantize_gptq(args.src, args.dst, bits=args.bits, group=args.group_size, sym=not args.asym,
+                        act_order=args.act_order, calibration_text=text, num_windows=args.num_windows,
+                        window=args.window)
+    print(f"wrote {out}")
+
+
 def cmd_serve(args) -> None:
     from tokenmill.server import serve
     serve(engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
@@ -199,6 +210,19 @@ def main(argv: list[str] | None = None) -> None:
     pp.add_argument("--ctx", type=int, default=512, help="window length in tokens; the second half of each is scored")
     pp.add_argument("--max-windows", type=int, default=None)
     pp.set_defaults(func=cmd_perplexity)
+    qz = sub.add_parser("quantize", help="GPTQ-quantize a dense Hugging Face directory into a GPTQ checkpoint")
+    qz.add_argument("src")
+    qz.add_argument("dst")
+    qz.add_argument("--method", default="gptq", choices=["gptq"])
+    qz.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    qz.add_argument("--group-size", type=int, default=128, help="-1: one group per row")
+    qz.add_argument("--asym", action="store_true", help="asymmetric grid (written as gptq_v2)")
+    qz.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
+    qz.add_argument("--calibration-text", default=None,
+                    help="a UTF-8 text file (default: the calibration half of Python's pydoc topics)")
+    qz.add_argument("--num-windows", type=int, default=32)
+    qz.add_argument("--window", type=int, default=512)
+    qz.set_defaults(func=cmd_quantize)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _engine_args(s)
     s.add_argument("--host", default="127.0.0.1")

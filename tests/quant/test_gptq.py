@@ -1,4 +1,7 @@
-"""GPTQ and AWQ checkpoints made by the reference tool (gptqmodel 7.6.0, tests/fixtures/make_gptq.py: a tiny
+"""GPTQ and AWQ checkpoints made by the reference tool, and GPTQ checkpoints made by `tokenmill quantize`
+and read by the reference tool (tm-*: `tokenmill quantize tests/.../gptq-sym-dense DST --group-size 32
+--num-windows 16 --window 64 [--asym --act-order]`, logits by tests/fixtures/reference_logits_gptqmodel.py).
+Reference checkpoints made by the reference tool (gptqmodel 7.6.0, tests/fixtures/make_gptq.py: a tiny
 random Llama quantized on CPU) against the reference's own logits on the same prompt
 (GPTQModel.load(...).model(ids), saved beside each checkpoint as reference_logits.pt)."""
 from pathlib import Path
@@ -13,7 +16,9 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 @pytest.mark.parametrize("name,kernel", [("gptq-sym", "gptq int4 g32"), ("gptq-asym-act", "gptq int4 g32"),
                                          ("gptq-8bit", "gptq int8 (hi) g128 + gptq int8 (lo) g128"),
-                                         ("awq-gemm", "awq int4 g32")])
+                                         ("awq-gemm", "awq int4 g32"),
+                                         # made by `tokenmill quantize` (sym v1; asym act-order v2), read by gptqmodel
+                                         ("tm-gptq-sym", "gptq int4 g32"), ("tm-gptq-asym-act", "gptq int4 g32")])
 def test_gptq_checkpoint_matches_gptqmodel(name, kernel):
     path = FIXTURES / name
     ref = torch.load(path / "reference_logits.pt")

@@ -1,0 +1,165 @@
+"""`tokenmill quantize`: GPTQ (Frantar et al. 2022) from a dense Hugging Face directory, written as a
+GPTQ v1 checkpoint (the format gptqmodel and transformers read, and quant/gptq.py runs).
+
+GPTQ per linear: H = 2 X^T X over calibration inputs; columns are quantized one at a time and each
+one's rounding error, scaled by the inverse Hessian, is pushed onto the columns not yet quantized
+(optionally in decreasing order of H's diagonal: act-order). Hessians are collected in one pass of
+the dense model (not layer-by-layer on already quantized inputs): simpler, slightly less accurate.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def _grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale [N], integer zero [N] for the columns w [N, g] of one group."""
+    maxq = 2 ** bits - 1
+    lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+    if sym:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = -hi
+    scale = ((hi - lo) / maxq).clamp(min=1e-8)
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
+    return scale, zero
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group: int = 128, sym: bool = True,
+         act_order: bool = False, damp: float = 0.01, block: int = 128):
+    """w [N, K], h [K, K] -> (q [N, K] ints in 0..2^bits-1, scale [N, G], zero [N, G], g_idx [K]), with
+    w ~= scale[:, g_idx] * (q - zero[:, g_idx])."""
+    w, h = w.double().clone(), h.double().clone()
+    n, k = w.shape
+    group = k if group == -1 else group
+    maxq = 2 ** bits - 1
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros(n, k, dtype=torch.long)
+    scales, zeros = torch.zeros(n, k // group, dtype=h.dtype), torch.zeros(n, k // group, dtype=h.dtype)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=h.dtype), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:       # the group's grid, from its weights as already updated
+                g = col // group
+                ahead = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
+                scales[:, g], zeros[:, g] = _grid(ahead, bits, sym)
+            s, z = scales[:, col // group], zeros[:, col // group]
+            qi = torch.clamp(torch.round(w1[:, i] / s) + z, 0, maxq)
+            q[:, col] = qi.long()
+            err = (w1[:, i] - s * (qi - z)) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    g_idx = (torch.arange(k) // group)[inv]                  # group of each original column
+    return q[:, inv], scales.float(), zeros.float(), g_idx.to(torch.int32)
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint [R, C] values -> int32 [R * bits / 32, C], value j of each word at bits * j (GPTQ qweight)."""
+    per = 32 // bits
+    q = (q.to(torch.int64) & (2 ** bits - 1)).view(-1, per, q.shape[1])
+    word = sum(q[:, j] << (bits * j) for j in range(per))
+    return word.to(torch.int64).where(word < 2 ** 31, word - 2 ** 32).to(torch.int32)
+
+
+def pack_cols(q: torch.Tensor, bits: int) -> torch.Tensor:
+    return pack_rows(q.t().contiguous(), bits).t().contiguous()
+
+
+def collect_hessians(llm, windows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """H = 2 X^T X / n for the input of every linear except lm_head, from the engine's dense forward
+    over the calibration windows (prefix caching off, so every token is computed)."""
+    from tokenmill.sampling_params import SamplingParams
+    hessians: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, layer in llm.engine.model.linears().items():
+        if name == "lm_head":
+            continue
+
+        def hook(mod, inp, out, name=name):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            hessians[name] = hessians.get(name, 0) + 2 * x.t() @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        hooks.append(layer.register_forward_hook(hook))
+    try:
+        llm.generate(windows, SamplingParams(max_tokens=1, temperature=0), use_tqdm=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v / counts[k] for k, v in hessians.items()}
+
+
+HF_LINEARS = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "o": ["self_attn.o_proj"],
+              "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}
+
+
+def quantize_gptq(src: str | Path, dst: str | Path, bits: int = 4, group: int = 128, sym: bool = True,
+                  act_order: bool = False, calibration_text: str | None = None, num_windows: int = 32,
+                  window: int = 512) -> Path:
+    """A dense Hugging Face directory -> a GPTQ directory (v1 when symmetric, v2 when not, as v1
+    cannot store an asymmetric zero of 0); lm_head and embeddings stay dense."""
+    from safetensors.torch import save_file
+
+    from tokenmill.engine import LLM
+    from tokenmill.loader.safetensors import iter_safetensors
+    from tokenmill.perplexity import reference_text
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ValueError(f"quantize: {src} is not a Hugging Face directory (GGUF input is not supported yet)")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    llm = LLM(str(src), quantization="dequantize", enable_prefix_caching=False, progress=False)
+    tok = llm.get_tokenizer()
+    if tok is None:
+        raise ValueError(f"quantize: {src} has no tokenizer to encode the calibration text")
+    ids = tok.encode(calibration_text if calibration_text is not None else reference_text("calibration"))
+    windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:num_windows]
+    if not windows:
+        raise ValueError(f"calibration text: {len(ids)} tokens, fewer than one window of {window}")
+    hessians = collect_hessians(llm, windows)
+    cfg = llm.engine.model_config
+    dense = dict(iter_safetensors(src))
+    out: dict[str, torch.Tensor] = {}
+    for name, t in dense.items():
+        if not any(f".{leaf}." in name for leaves in HF_LINEARS.values() for leaf in leaves):
+            out[name] = t.contiguous()
+    for i in tqdm(range(cfg.num_hidden_layers), desc="GPTQ", unit="layer"):
+        for role, leaves in HF_LINEARS.items():
+            h = hessians[f"layers.{i}.{role}"]
+            for leaf in leaves:
+                prefix = f"model.layers.{i}.{leaf}"
+                w = dense[prefix + ".weight"].float()
+                g = w.shape[1] if group == -1 else group
+                q, scale, zero, g_idx = gptq(w, h, bits, g, sym, act_order)
+                out[prefix + ".qweight"] = pack_rows(q.t().contiguous(), bits)
+                stored = zero - 1 if sym else zero        # v1 stores zero - 1, which asym zeros of 0 cannot
+                out[prefix + ".qzeros"] = pack_cols(stored.long().t().contiguous(), bits)
+                out[prefix + ".scales"] = scale.t().contiguous().half()
+                out[prefix + ".g_idx"] = g_idx
+                if prefix + ".bias" in dense:
+                    out[prefix + ".bias"] = dense[prefix + ".bias"]
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    fmt = "gptq" if sym else "gptq_v2"
+    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
+                                     "desc_act": act_order, "checkpoint_format": fmt, "format": fmt,
+                                     "quantizer": ["tokenmill"]}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+            shutil.copy(f, dst / f.name)
+    return dst
