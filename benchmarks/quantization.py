@@ -7,6 +7,7 @@ perplexity, batch-1 decode tok/s and offline throughput, side by side in one pro
   offline:     --requests requests x (128 in, 128 out), ignore_eos
 
 python benchmarks/quantization.py [--methods gguf,dequantize,dequantize-bf16,int4,int8] [--requests 64] [--windows 4]
+                                  [--checkpoint gptq-g64=DIR ...]   (a checkpoint run as stored, e.g. from `tokenmill quantize`)
 """
 from __future__ import annotations
 
@@ -76,15 +77,18 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--checkpoint", action="append", default=[], help="NAME=PATH: also run this checkpoint as stored")
     args = ap.parse_args()
+    extra = dict(c.split("=", 1) for c in args.checkpoint)
     path = resolve_model(None)
     file_mb = sum(t.n_bytes for t in GGUFCheckpoint(path)._tensors.values()) / 1e6
     eval_text = reference_text("evaluation")
     rows = []
-    for name in args.methods.split(","):
-        quantization, dtype = METHODS[name]
+    for name in args.methods.split(",") + list(extra):
+        quantization, dtype = METHODS.get(name, (None, "float32"))
         print(f"[{name}] loading", file=sys.stderr)
-        llm = LLM.from_config(EngineConfig(model=str(path), quantization=quantization, dtype=dtype), progress=False)
+        llm = LLM.from_config(EngineConfig(model=extra.get(name, str(path)), quantization=quantization, dtype=dtype),
+                              progress=False)
         mb = weight_bytes(llm.engine.model) / 1e6
         print(f"[{name}] {describe_weights(llm.engine.model)}; perplexity", file=sys.stderr)
         ppl = perplexity(llm, llm.get_tokenizer().encode(eval_text), 512, args.windows, use_tqdm=False).ppl

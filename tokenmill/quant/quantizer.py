@@ -129,8 +129,12 @@ def quantize_gptq(src: str | Path, dst: str | Path, bits: int = 4, group: int = 
     windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:num_windows]
     if not windows:
         raise ValueError(f"calibration text: {len(ids)} tokens, fewer than one window of {window}")
-    hessians = collect_hessians(llm, windows)
     cfg = llm.engine.model_config
+    widths = {cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim}
+    if group != -1 and any(w % group for w in widths):
+        raise ValueError(f"group_size {group} must divide every linear's input width {sorted(widths)}; "
+                         f"try {[g for g in (32, 64, 128) if not any(w % g for w in widths)] or -1}")
+    hessians = collect_hessians(llm, windows)
     dense = dict(iter_safetensors(src))
     out: dict[str, torch.Tensor] = {}
     for name, t in dense.items():
