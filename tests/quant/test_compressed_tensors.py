@@ -1,5 +1,6 @@
-"""W8A8 in compressed-tensors' int-quantized format, made by llm-compressor (tests/fixtures/make_w8a8.py),
-against transformers + compressed-tensors running that checkpoint (reference_logits.pt)."""
+"""W8A8 in compressed-tensors' int-quantized format, made by llm-compressor (w8a8: tests/fixtures/make_w8a8.py)
+and by `tokenmill quantize --method w8a8` (tm-w8a8, from w8a8's dense model), against transformers +
+compressed-tensors running each checkpoint (reference_logits.pt; tests/fixtures/reference_logits_transformers.py)."""
 import json
 from pathlib import Path
 
@@ -18,12 +19,13 @@ def prompt_logprob_diff(llm, ref) -> torch.Tensor:
                          for i in range(1, len(ids))]).abs()
 
 
-def test_w8a8_checkpoint_matches_compressed_tensors_reference():
+@pytest.mark.parametrize("name", ["w8a8", "tm-w8a8"])
+def test_w8a8_checkpoint_matches_compressed_tensors_reference(name):
     """Whole model: a float difference of 1e-7 in an attention output can move one activation across
     a rounding boundary, so only a tolerance is possible here (measured 0.00075 mean / 0.0027 max
     nats; the weights alone, without activation quantization, are 0.0020 / 0.0053 away)."""
-    ref = torch.load(W8A8 / "reference_logits.pt")
-    llm = LLM(str(W8A8), progress=False)
+    ref = torch.load(W8A8.parent / name / "reference_logits.pt")
+    llm = LLM(str(W8A8.parent / name), progress=False)
     assert llm.engine.model.layers[0].attn.qkv.kernel.describe() == "compressed-tensors w8a8"
     assert llm.engine.model.lm_head.kernel.describe() == "dense float32"          # in `ignore`
     assert llm.engine.model.embed.describe() == "dense float32"

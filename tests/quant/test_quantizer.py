@@ -69,3 +69,17 @@ def test_quantize_writes_a_checkpoint_that_loads_and_runs(tiny_chat_llama, tmp_p
     diff = torch.tensor([packed_run.prompt_logprobs[i][prompt[i]].logprob - dense_run.prompt_logprobs[i][prompt[i]].logprob
                          for i in range(1, len(prompt))]).abs()
     assert diff.mean() < 0.05, diff.mean().item()       # the int4 kernel (bf16) against the same weights in float32
+
+
+def test_quantize_w8a8_writes_int8_per_channel(tiny_chat_llama, tmp_path):
+    from tokenmill.quant.quantizer import quantize_w8a8
+    src = tiny_chat_llama[0]
+    out = quantize_w8a8(src, tmp_path / "w8a8")
+    dense, packed = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    q, scale = packed[name], packed[name + "_scale"]
+    assert q.dtype == torch.int8 and scale.shape == (q.shape[0], 1)
+    assert ((q.float() * scale - dense[name]).abs() <= scale / 2 + 1e-7).all()      # within half a step
+    assert torch.equal(packed["lm_head.weight"], dense["lm_head.weight"])
+    llm = LLM(str(out), progress=False)
+    assert llm.engine.model.layers[0].mlp.down.kernel.describe() == "compressed-tensors w8a8"

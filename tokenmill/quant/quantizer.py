@@ -1,5 +1,6 @@
-"""`tokenmill quantize`: GPTQ (Frantar et al. 2022) from a dense Hugging Face directory, written as a
-GPTQ v1 checkpoint (the format gptqmodel and transformers read, and quant/gptq.py runs).
+"""`tokenmill quantize`: GPTQ (Frantar et al. 2022) and W8A8 from a dense Hugging Face directory, written
+in the formats the reference tools read (GPTQ v1/v2 as gptqmodel writes it; compressed-tensors as
+llm-compressor writes it), which quant/gptq.py and quant/compressed_tensors.py run.
 
 GPTQ per linear: H = 2 X^T X over calibration inputs; columns are quantized one at a time and each
 one's rounding error, scaled by the inverse Hessian, is pushed onto the columns not yet quantized
@@ -111,8 +112,6 @@ def quantize_gptq(src: str | Path, dst: str | Path, bits: int = 4, group: int = 
                   window: int = 512) -> Path:
     """A dense Hugging Face directory -> a GPTQ directory (v1 when symmetric, v2 when not, as v1
     cannot store an asymmetric zero of 0); lm_head and embeddings stay dense."""
-    from safetensors.torch import save_file
-
     from tokenmill.engine import LLM
     from tokenmill.loader.safetensors import iter_safetensors
     from tokenmill.perplexity import reference_text
@@ -138,7 +137,7 @@ def quantize_gptq(src: str | Path, dst: str | Path, bits: int = 4, group: int = 
     dense = dict(iter_safetensors(src))
     out: dict[str, torch.Tensor] = {}
     for name, t in dense.items():
-        if not any(f".{leaf}." in name for leaves in HF_LINEARS.values() for leaf in leaves):
+        if not _is_linear(name):
             out[name] = t.contiguous()
     for i in tqdm(range(cfg.num_hidden_layers), desc="GPTQ", unit="layer"):
         for role, leaves in HF_LINEARS.items():
@@ -155,15 +154,53 @@ def quantize_gptq(src: str | Path, dst: str | Path, bits: int = 4, group: int = 
                 out[prefix + ".g_idx"] = g_idx
                 if prefix + ".bias" in dense:
                     out[prefix + ".bias"] = dense[prefix + ".bias"]
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((src / "config.json").read_text())
     fmt = "gptq" if sym else "gptq_v2"
-    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
-                                     "desc_act": act_order, "checkpoint_format": fmt, "format": fmt,
-                                     "quantizer": ["tokenmill"]}
+    return write_checkpoint(src, dst, out, {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
+                                            "desc_act": act_order, "checkpoint_format": fmt, "format": fmt,
+                                            "quantizer": ["tokenmill"]})
+
+
+def write_checkpoint(src: Path, dst: Path, tensors: dict[str, torch.Tensor], quantization_config: dict) -> Path:
+    """dst = src's config (plus quantization_config), tokenizer and generation files, and `tensors`."""
+    from safetensors.torch import save_file
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quantization_config
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
             shutil.copy(f, dst / f.name)
     return dst
+
+
+def _is_linear(name: str) -> bool:
+    return any(f".{leaf}." in name for leaves in HF_LINEARS.values() for leaf in leaves)
+
+
+def quantize_w8a8(src: str | Path, dst: str | Path) -> Path:
+    """A dense Hugging Face directory -> compressed-tensors int-quantized W8A8 (symmetric per-channel int8
+    weights, dynamic per-token int8 activations), llm-compressor's layout; lm_head and embeddings stay dense.
+    Needs no calibration: activation scales are computed per token at run time."""
+    from tokenmill.loader.safetensors import iter_safetensors, read_hf_config
+    from tokenmill.quant.int8 import quantize_per_channel
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ValueError(f"quantize: {src} is not a Hugging Face directory (GGUF input is not supported yet)")
+    if read_hf_config(src).get("quantization_config"):
+        raise ValueError(f"quantize: {src} is already quantized")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tqdm(list(iter_safetensors(src)), desc="W8A8", unit="tensor"):
+        if _is_linear(name) and name.endswith(".weight"):
+            q, scale = quantize_per_channel(t.float())
+            out[name], out[name + "_scale"] = q, scale[:, None].contiguous()
+        else:
+            out[name] = t.contiguous()
+    int8 = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "actorder": None,
+            "block_structure": None}
+    group = {"targets": ["Linear"], "format": "int-quantized", "output_activations": None,
+             "weights": {**int8, "strategy": "channel", "dynamic": False, "observer": "minmax"},
+             "input_activations": {**int8, "strategy": "token", "dynamic": True, "observer": None}}
+    return write_checkpoint(src, dst, out, {"quant_method": "compressed-tensors", "format": "int-quantized",
+                                            "quantization_status": "compressed", "config_groups": {"group_0": group},
+                                            "ignore": ["lm_head"], "kv_cache_scheme": None})
