@@ -163,11 +163,14 @@ def cmd_perplexity(args) -> None:
 def cmd_quantize(args) -> None:
     from pathlib import Path
 
-    from tokenmill.quant.quantizer import quantize_gptq, quantize_w8a8
+    from tokenmill.quant.quantizer import quantize_awq, quantize_gptq, quantize_w8a8
     if args.method == "w8a8":
         print(f"wrote {quantize_w8a8(args.src, args.dst)}")
         return
     text = Path(args.calibration_text).read_text() if args.calibration_text else None
+    if args.method == "awq":
+        print(f"wrote {quantize_awq(args.src, args.dst, args.group_size, text, args.num_windows, args.window)}")
+        return
     out = quantize_gptq(args.src, args.dst, bits=args.bits, group=args.group_size, sym=not args.asym,
                         act_order=args.act_order, calibration_text=text, num_windows=args.num_windows,
                         window=args.window)
@@ -216,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     qz = sub.add_parser("quantize", help="quantize a dense Hugging Face directory (GPTQ or W8A8 checkpoint)")
     qz.add_argument("src")
     qz.add_argument("dst")
-    qz.add_argument("--method", default="gptq", choices=["gptq", "w8a8"],
-                    help="gptq (calibrated) or w8a8 (compressed-tensors int8, no calibration)")
+    qz.add_argument("--method", default="gptq", choices=["gptq", "awq", "w8a8"],
+                    help="gptq or awq (4-bit, calibrated), or w8a8 (compressed-tensors int8, no calibration)")
     qz.add_argument("--bits", type=int, default=4, choices=[4, 8])
     qz.add_argument("--group-size", type=int, default=128, help="-1: one group per row")
     qz.add_argument("--asym", action="store_true", help="asymmetric grid (written as gptq_v2)")

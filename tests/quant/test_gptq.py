@@ -1,6 +1,7 @@
 """GPTQ and AWQ checkpoints made by the reference tool, and GPTQ checkpoints made by `tokenmill quantize`
 and read by the reference tool (tm-*: `tokenmill quantize tests/.../gptq-sym-dense DST --group-size 32
---num-windows 16 --window 64 [--asym --act-order]`, logits by tests/fixtures/reference_logits_gptqmodel.py).
+--num-windows 16 --window 64 [--asym --act-order | --method awq]`, logits by
+tests/fixtures/reference_logits_gptqmodel.py; tm-awq loaded with backend=BACKEND.AWQ_TORCH).
 Reference checkpoints made by the reference tool (gptqmodel 7.6.0, tests/fixtures/make_gptq.py: a tiny
 random Llama quantized on CPU) against the reference's own logits on the same prompt
 (GPTQModel.load(...).model(ids), saved beside each checkpoint as reference_logits.pt)."""
@@ -18,7 +19,8 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
                                          ("gptq-8bit", "gptq int8 (hi) g128 + gptq int8 (lo) g128"),
                                          ("awq-gemm", "awq int4 g32"),
                                          # made by `tokenmill quantize` (sym v1; asym act-order v2), read by gptqmodel
-                                         ("tm-gptq-sym", "gptq int4 g32"), ("tm-gptq-asym-act", "gptq int4 g32")])
+                                         ("tm-gptq-sym", "gptq int4 g32"), ("tm-gptq-asym-act", "gptq int4 g32"),
+                                         ("tm-awq", "awq int4 g32")])
 def test_gptq_checkpoint_matches_gptqmodel(name, kernel):
     path = FIXTURES / name
     ref = torch.load(path / "reference_logits.pt")
@@ -33,7 +35,7 @@ def test_gptq_checkpoint_matches_gptqmodel(name, kernel):
     assert diff.mean() < 0.006 and diff.max() < 0.03, (diff.mean().item(), diff.max().item())
 
 
-@pytest.mark.parametrize("name", ["gptq-sym", "gptq-asym-act", "gptq-8bit", "awq-gemm"])
+@pytest.mark.parametrize("name", ["gptq-sym", "gptq-asym-act", "gptq-8bit", "awq-gemm", "tm-gptq-sym", "tm-awq"])
 def test_dequantized_checkpoint_matches_gptqmodel_closely(name):
     """quantization="dequantize": the same weights in float32. Measured 0.0014-0.0019 nats mean, the
     same as the int4 kernel's: the floor is the reference's own half-precision arithmetic."""

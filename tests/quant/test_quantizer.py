@@ -83,3 +83,29 @@ def test_quantize_w8a8_writes_int8_per_channel(tiny_chat_llama, tmp_path):
     assert torch.equal(packed["lm_head.weight"], dense["lm_head.weight"])
     llm = LLM(str(out), progress=False)
     assert llm.engine.model.layers[0].mlp.down.kernel.describe() == "compressed-tensors w8a8"
+
+
+def test_awq_scales_beat_round_to_nearest_when_some_input_channels_dominate():
+    """AWQ's premise, in dense math: with a few input channels carrying most of the activation,
+    scaling them up before quantizing (and the input down) cuts the output error."""
+    from tokenmill.quant.quantizer import _rtn_asym, awq_search
+    torch.manual_seed(0)
+    n, k, group = 64, 256, 32
+    w = torch.randn(n, k)
+    x = torch.randn(1024, k)
+    x[:, torch.randperm(k)[:8]] *= 30                        # salient channels
+    s = awq_search([w], x, 4, group)
+
+    def output_error(scale):
+        q, sc, z = _rtn_asym(w * scale, 4, group)
+        deq = sc.repeat_interleave(group, 1) * (q - z.repeat_interleave(group, 1)) / scale
+        return (x @ (w - deq).t()).pow(2).mean()
+
+    assert output_error(s) < 0.7 * output_error(torch.ones(k))
+
+
+def test_awq_pack_matches_the_loaders_unpack():
+    from tokenmill.quant.gptq import AWQ_ORDER, unpack_cols
+    from tokenmill.quant.quantizer import pack_awq
+    q = torch.randint(0, 16, (12, 64))
+    assert torch.equal(unpack_cols(pack_awq(q), 4, AWQ_ORDER).long(), q)

@@ -204,3 +204,113 @@ def quantize_w8a8(src: str | Path, dst: str | Path) -> Path:
     return write_checkpoint(src, dst, out, {"quant_method": "compressed-tensors", "format": "int-quantized",
                                             "quantization_status": "compressed", "config_groups": {"group_0": group},
                                             "ignore": ["lm_head"], "kv_cache_scheme": None})
+
+
+def collect_inputs(llm, windows: list[list[int]], max_rows: int) -> dict[str, torch.Tensor]:
+    """Up to `max_rows` input rows of every linear except lm_head, from the engine's dense forward."""
+    from tokenmill.sampling_params import SamplingParams
+    rows: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name, layer in llm.engine.model.linears().items():
+        if name == "lm_head":
+            continue
+
+        def hook(mod, inp, out, name=name):
+            have = sum(r.shape[0] for r in rows.get(name, []))
+            if have < max_rows:
+                rows.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1])[:max_rows - have].float().clone())
+        hooks.append(layer.register_forward_hook(hook))
+    try:
+        llm.generate(windows, SamplingParams(max_tokens=1, temperature=0), use_tqdm=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
+def _rtn_asym(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [N, K], scale [N, G], integer zero [N, G]: w ~= scale * (q - zero), per group of columns."""
+    n, k = w.shape
+    g = w.view(n, k // group, group)
+    scale, zero = _grid(g.reshape(-1, group), bits, sym=False)
+    scale, zero = scale.view(n, -1), zero.view(n, -1)
+    q = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, 2 ** bits - 1)
+    return q.view(n, k).long(), scale, zero
+
+
+def awq_search(ws: list[torch.Tensor], x: torch.Tensor, bits: int, group: int, grid: int = 20) -> torch.Tensor:
+    """AWQ's per-input-channel scale s = mean|x|^a (normalised), `a` chosen on a grid to minimise the
+    output error of the quantized (W * s) with inputs x / s, over every matrix sharing the input."""
+    w = torch.cat(ws).float()
+    x_mean = x.abs().mean(0).clamp(min=1e-8)
+    ref = x @ w.t()
+    best, best_s = float("inf"), torch.ones_like(x_mean)
+    for i in range(grid):
+        s = x_mean.pow(i / grid)
+        s = s / (s.max() * s.min()).sqrt()
+        q, scale, zero = _rtn_asym(w * s, bits, group)
+        deq = (scale.repeat_interleave(group, 1) * (q - zero.repeat_interleave(group, 1))) / s
+        err = (ref - x @ deq.t()).pow(2).mean().item()
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+def pack_awq(q: torch.Tensor) -> torch.Tensor:
+    """[R, C] 4-bit values -> int32 [R, C / 8], AWQ's nibble order 0, 2, 4, 6, 1, 3, 5, 7 along C."""
+    from tokenmill.quant.gptq import AWQ_ORDER
+    q = q.to(torch.int64).view(q.shape[0], -1, 8)[..., list(AWQ_ORDER)]
+    word = sum(q[..., j] << (4 * j) for j in range(8))
+    return word.where(word < 2 ** 31, word - 2 ** 32).to(torch.int32)
+
+
+def quantize_awq(src: str | Path, dst: str | Path, group: int = 128, calibration_text: str | None = None,
+                 num_windows: int = 16, window: int = 512, max_rows: int = 2048) -> Path:
+    """A dense Hugging Face directory -> AWQ (gemm, 4-bit asymmetric) directory. Scales are searched for
+    q/k/v (folded into the input norm), gate/up (into the post-attention norm) and down (into up's
+    rows); o keeps scale 1 (its input comes from v through attention, not foldable under GQA). No
+    clipping search."""
+    from tokenmill.engine import LLM
+    from tokenmill.loader.safetensors import iter_safetensors
+    from tokenmill.perplexity import reference_text
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ValueError(f"quantize: {src} is not a Hugging Face directory (GGUF input is not supported yet)")
+    llm = LLM(str(src), quantization="dequantize", enable_prefix_caching=False, progress=False)
+    cfg = llm.engine.model_config
+    widths = {cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim}
+    if any(w % group for w in widths):
+        raise ValueError(f"group_size {group} must divide every linear's input width {sorted(widths)}")
+    tok = llm.get_tokenizer()
+    ids = tok.encode(calibration_text if calibration_text is not None else reference_text("calibration"))
+    windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:num_windows]
+    inputs = collect_inputs(llm, windows, max_rows)
+    del llm
+    t = {k: v.float().clone() for k, v in iter_safetensors(src)}
+    out: dict[str, torch.Tensor] = {k: v for k, v in t.items() if not _is_linear(k)}
+    for i in tqdm(range(cfg.num_hidden_layers), desc="AWQ", unit="layer"):
+        p = f"model.layers.{i}."
+        groups = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                  "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"], "o": ["self_attn.o_proj"]}
+        folds = {"qkv": p + "input_layernorm.weight", "gate_up": p + "post_attention_layernorm.weight",
+                 "down": p + "mlp.up_proj.weight"}
+        # search every scale on the original weights, then fold them all, then quantize (AutoAWQ's order)
+        scales = {role: awq_search([t[p + leaf + ".weight"] for leaf in groups[role]], inputs[f"layers.{i}.{role}"],
+                                   4, group) for role in folds}
+        for role, s_ in scales.items():
+            prev = t[folds[role]]
+            t[folds[role]] = prev / s_ if prev.dim() == 1 else prev / s_[:, None]     # a norm, or up_proj's rows
+            for leaf in groups[role]:
+                t[p + leaf + ".weight"] = t[p + leaf + ".weight"] * s_
+        for role in ("input_layernorm", "post_attention_layernorm"):
+            out[p + role + ".weight"] = t[p + role + ".weight"]
+        for leaves in groups.values():
+            for leaf in leaves:
+                q, scale, zero = _rtn_asym(t[p + leaf + ".weight"], 4, group)
+                name = p + leaf
+                out[name + ".qweight"] = pack_awq(q.t().contiguous())          # [K, N / 8]
+                out[name + ".qzeros"] = pack_awq(zero.long().t().contiguous())  # [G, N / 8]
+                out[name + ".scales"] = scale.t().contiguous().half()           # [G, N]
+    return write_checkpoint(src, dst, out, {"quant_method": "awq", "bits": 4, "group_size": group,
+                                            "zero_point": True, "version": "gemm", "format": "gemm",
+                                            "checkpoint_format": "gemm", "quantizer": ["tokenmill"]})
