@@ -84,7 +84,7 @@ def main() -> None:
     file_mb = sum(t.n_bytes for t in GGUFCheckpoint(path)._tensors.values()) / 1e6
     eval_text = reference_text("evaluation")
     rows = []
-    for name in args.methods.split(",") + list(extra):
+    for name in [m for m in args.methods.split(",") if m] + list(extra):
         quantization, dtype = METHODS.get(name, (None, "float32"))
         print(f"[{name}] loading", file=sys.stderr)
         llm = LLM.from_config(EngineConfig(model=extra.get(name, str(path)), quantization=quantization, dtype=dtype),

@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from tokenmill.quant import QuantMethod, Source
-from tokenmill.quant.base import LinearKernel
+from tokenmill.quant.base import DenseKernel, LinearKernel, as_float
 from tokenmill.quant.int8 import Int8WeightKernel, quantize_per_channel
-from tokenmill.quant.base import as_float
 
 
 class QLinear(nn.Module):
@@ -63,15 +62,13 @@ class Embedding(nn.Module):
 
     def load(self, src: Source, method: QuantMethod, dtype: torch.dtype, device: torch.device,
              tied_head: LinearKernel | None) -> None:
-        if tied_head is not None and tied_head.rows(torch.zeros(1, dtype=torch.long, device=device), dtype) is not None:
+        if tied_head is not None and tied_head.serves_rows:
             self.table = tied_head
         elif isinstance(src, torch.Tensor) and not method.quantizes_dense:
-            from tokenmill.quant.base import DenseKernel
             self.table = DenseKernel(src.to(device=device, dtype=dtype))
         elif device.type == "cpu":
             self.table = Int8WeightKernel(*quantize_per_channel(as_float(src)), label="int8 per-row")
         else:
-            from tokenmill.quant.base import DenseKernel
             self.table = DenseKernel(as_float(src, dtype).to(device))
 
     def describe(self) -> str:

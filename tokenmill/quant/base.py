@@ -39,12 +39,14 @@ class LinearKernel(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """W[ids] for an embedding lookup from the same storage, or None when this kernel cannot."""
-        return None
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """W[ids] for an embedding lookup from the same storage (kernels with `serves_rows`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot serve embedding rows")
 
 
 class DenseKernel(LinearKernel):
+    serves_rows = True
+
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.register_buffer("weight", weight.contiguous())

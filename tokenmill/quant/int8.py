@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenmill.quant.base import LinearKernel, QuantMethod, Source, as_float
+from tokenmill.quant.base import DenseKernel, LinearKernel, QuantMethod, Source, as_float
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,6 +22,7 @@ class Int8WeightKernel(LinearKernel):
     slower). Many rows (prefill, prompt scoring): dequantize a slab of weight rows at a time and use
     the dense product, which is faster there (benchmarks/quantization.py)."""
     MAX_KERNEL_ROWS = 32
+    serves_rows = True
     SLAB = 4096
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 weight-only"):
@@ -56,6 +57,8 @@ class W8A8Kernel(LinearKernel):
     act_range 127 maps absmax onto +-127 (vLLM's dynamic quantization); compressed-tensors checkpoints
     use 127.5 with rounding clamped to [-128, 127], which is what their reference computes."""
 
+    serves_rows = True
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 w8a8", act_range: float = 127.0):
         super().__init__()
         self.out_features, self.label, self.act_range = q.shape[0], label, act_range
@@ -86,6 +89,5 @@ class Int8Method(QuantMethod):
     def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
         q, scale = quantize_per_channel(torch.cat([as_float(p) for p in parts]))
         if device.type != "cpu":
-            from tokenmill.quant.base import DenseKernel
             return DenseKernel((q.float() * scale[:, None]).to(device=device, dtype=dtype))
         return W8A8Kernel(q, scale)
