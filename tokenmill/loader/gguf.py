@@ -257,10 +257,5 @@ class GGUFCheckpoint:
 
     def iter_tensors(self, dtype: torch.dtype, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, dequantized tensor in dtype, shape [out, in]) for every tensor the model uses."""
-        for hf in tqdm(self._tensors, desc=f"loading {self.path.name}", unit="tensor", disable=not progress):
-            qtype, data, shape = self.raw_tensor(hf)
-            if qtype == T.F16:
-                values = data
-            else:
-                values = dequantize(data, qtype).reshape(shape)
-            yield hf, torch.from_numpy(np.array(values, copy=not values.flags.writeable)).to(dtype)
+        for hf, src in self.iter_sources(progress):
+            yield hf, (src.dequantize() if isinstance(src, GGUFTensor) else src).to(dtype)

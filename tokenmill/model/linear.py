@@ -26,15 +26,15 @@ class QLinear(nn.Module):
         y = self.kernel(x)
         return y if self.bias is None else y + self.bias
 
-    def add_part(self, index: int, src: Source, name: str, method: QuantMethod, dtype: torch.dtype) -> bool:
-        """Take one part; build the kernel once all parts are here. True when built."""
+    def add_part(self, index: int, src: Source, name: str, method: QuantMethod, dtype: torch.dtype) -> None:
+        """Take one part; build the kernel once all parts are here."""
         shape = tuple(src.shape) if not isinstance(src, dict) else None
         expected = (self.part_rows[index], self.in_features)
         if shape is not None and shape != expected:
             raise ValueError(f"weight {name}: expected shape {expected}, file has {shape}")
         self._pending[index] = src
         if len(self._pending) < len(self.part_rows):
-            return False
+            return
         parts = [self._pending[i] for i in range(len(self.part_rows))]
         self._pending = {}
         device = self.bias.device if self.bias is not None else torch.get_default_device()
@@ -42,10 +42,6 @@ class QLinear(nn.Module):
         if self.kernel.out_features != self.out_features:
             raise ValueError(f"weight {name}: method {method.name} made {self.kernel.out_features} rows, "
                              f"expected {self.out_features}")
-        return True
-
-    def nbytes(self) -> int:
-        return self.kernel.nbytes() + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
 
 class Embedding(nn.Module):

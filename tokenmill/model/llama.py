@@ -97,13 +97,14 @@ class LlamaForCausalLM(nn.Module):
                 if target is None:
                     continue
                 stem, suffix = name.rsplit(".", 1)
-                if isinstance(target, QLinear) and (suffix != "weight" or method.source_names() != ("weight",)):
+                if isinstance(target, QLinear):
                     if suffix not in method.source_names():
                         continue
-                    packed.setdefault((target, part), {})[suffix] = src
-                    name = stem + ".weight"
-                elif isinstance(target, QLinear):
-                    target.add_part(part, src, name, method, self.dtype)
+                    if method.source_names() == ("weight",):
+                        target.add_part(part, src, name, method, self.dtype)
+                    else:                                   # several tensors per matrix: gather them first
+                        packed.setdefault((target, part), {})[suffix] = src
+                        name = stem + ".weight"
                 else:
                     dst = target if part is None else target[part[0]:part[1]]
                     if dst.shape != src.shape:

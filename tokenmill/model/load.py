@@ -63,12 +63,12 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, max_positions: int, device
 def weight_bytes(model: nn.Module) -> int:
     """Resident bytes of every weight, each storage counted once (a tied table is one)."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or t is None:
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith("rope.") or t.data_ptr() in seen:      # rope tables are not weights
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    return total - sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.startswith("rope."))
+    return total
 
 
 def describe_weights(model: nn.Module) -> str:

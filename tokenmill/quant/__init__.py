@@ -1,7 +1,7 @@
 """Quantized execution: one QuantMethod per format, chosen once per checkpoint.
 
 A new method is one file here with a QuantMethod subclass, and one line in `METHODS` (or, for a
-checkpoint format, in `CHECKPOINT_METHODS`); nothing outside this package learns its name.
+checkpoint format, in `quant/checkpoint.py`); nothing outside this package learns its name.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tokenmill.quant.gguf import GGUFMethod
 from tokenmill.quant.int4 import Int4Method
 from tokenmill.quant.int8 import Int8Method
 
-__all__ = ["QuantMethod", "Source", "LinearKernel", "resolve_method", "QUANTIZATIONS"]
+__all__ = ["QuantMethod", "Source", "LinearKernel", "resolve_method", "check_quantization"]
 
 METHODS: dict[str, type[QuantMethod]] = {
     "dequantize": DenseMethod,
@@ -20,7 +20,6 @@ METHODS: dict[str, type[QuantMethod]] = {
     "int8": Int8Method,
     "gguf": GGUFMethod,
 }
-QUANTIZATIONS = (None, *METHODS)
 
 
 def check_quantization(value: Any) -> None:

@@ -36,9 +36,6 @@ class LinearKernel(nn.Module):
     def describe(self) -> str:
         raise NotImplementedError
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """W[ids] for an embedding lookup from the same storage (kernels with `serves_rows`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot serve embedding rows")

@@ -79,28 +79,67 @@ def pack_cols(q: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_rows(q.t().contiguous(), bits).t().contiguous()
 
 
-def collect_hessians(llm, windows: list[list[int]]) -> dict[str, torch.Tensor]:
-    """H = 2 X^T X / n for the input of every linear except lm_head, from the engine's dense forward
-    over the calibration windows (prefix caching off, so every token is computed)."""
+def _capture_inputs(llm, windows: list[list[int]], on_input) -> None:
+    """Run the calibration windows through the engine's dense forward (prefix caching off, so every
+    token is computed), calling on_input(role, x [rows, in]) for the input of every linear but lm_head."""
     from tokenmill.sampling_params import SamplingParams
-    hessians: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
     hooks = []
     for name, layer in llm.engine.model.linears().items():
-        if name == "lm_head":
-            continue
-
-        def hook(mod, inp, out, name=name):
-            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-            hessians[name] = hessians.get(name, 0) + 2 * x.t() @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        hooks.append(layer.register_forward_hook(hook))
+        if name != "lm_head":
+            hooks.append(layer.register_forward_hook(
+                lambda mod, inp, out, name=name: on_input(name, inp[0].reshape(-1, inp[0].shape[-1]))))
     try:
         llm.generate(windows, SamplingParams(max_tokens=1, temperature=0), use_tqdm=True)
     finally:
         for h in hooks:
             h.remove()
+
+
+def collect_hessians(llm, windows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """H = 2 X^T X / n for the input of every linear except lm_head."""
+    hessians: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.double()
+        hessians[name] = hessians.get(name, 0) + 2 * x.t() @ x
+        counts[name] = counts.get(name, 0) + x.shape[0]
+    _capture_inputs(llm, windows, add)
     return {k: v / counts[k] for k, v in hessians.items()}
+
+
+def collect_inputs(llm, windows: list[list[int]], max_rows: int) -> dict[str, torch.Tensor]:
+    """Up to `max_rows` input rows of every linear except lm_head."""
+    rows: dict[str, list[torch.Tensor]] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        have = sum(r.shape[0] for r in rows.get(name, []))
+        if have < max_rows:
+            rows.setdefault(name, []).append(x[:max_rows - have].float().clone())
+    _capture_inputs(llm, windows, add)
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
+def _calibrate(src: Path, group: int, calibration_text: str | None, num_windows: int, window: int):
+    """(dense engine of src, calibration windows): the checks every calibrated quantizer shares."""
+    from tokenmill.engine import LLM
+    from tokenmill.perplexity import reference_text
+    if not src.is_dir():
+        raise ValueError(f"quantize: {src} is not a Hugging Face directory (GGUF input is not supported yet)")
+    llm = LLM(str(src), quantization="dequantize", enable_prefix_caching=False, progress=False)
+    cfg = llm.engine.model_config
+    widths = {cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim}
+    if group != -1 and any(w % group for w in widths):
+        raise ValueError(f"group_size {group} must divide every linear's input width {sorted(widths)}; "
+                         f"try {[g for g in (32, 64, 128) if not any(w % g for w in widths)] or -1}")
+    tok = llm.get_tokenizer()
+    if tok is None:
+        raise ValueError(f"quantize: {src} has no tokenizer to encode the calibration text")
+    ids = tok.encode(calibration_text if calibration_text is not None else reference_text("calibration"))
+    windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:num_windows]
+    if not windows:
+        raise ValueError(f"calibration text: {len(ids)} tokens, fewer than one window of {window}")
+    return llm, windows
 
 
 HF_LINEARS = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "o": ["self_attn.o_proj"],
@@ -112,27 +151,12 @@ def quantize_gptq(src: str | Path, dst: str | Path, bits: int = 4, group: int = 
                   window: int = 512) -> Path:
     """A dense Hugging Face directory -> a GPTQ directory (v1 when symmetric, v2 when not, as v1
     cannot store an asymmetric zero of 0); lm_head and embeddings stay dense."""
-    from tokenmill.engine import LLM
     from tokenmill.loader.safetensors import iter_safetensors
-    from tokenmill.perplexity import reference_text
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ValueError(f"quantize: {src} is not a Hugging Face directory (GGUF input is not supported yet)")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    llm = LLM(str(src), quantization="dequantize", enable_prefix_caching=False, progress=False)
-    tok = llm.get_tokenizer()
-    if tok is None:
-        raise ValueError(f"quantize: {src} has no tokenizer to encode the calibration text")
-    ids = tok.encode(calibration_text if calibration_text is not None else reference_text("calibration"))
-    windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:num_windows]
-    if not windows:
-        raise ValueError(f"calibration text: {len(ids)} tokens, fewer than one window of {window}")
+    llm, windows = _calibrate(src, group, calibration_text, num_windows, window)
     cfg = llm.engine.model_config
-    widths = {cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim}
-    if group != -1 and any(w % group for w in widths):
-        raise ValueError(f"group_size {group} must divide every linear's input width {sorted(widths)}; "
-                         f"try {[g for g in (32, 64, 128) if not any(w % g for w in widths)] or -1}")
     hessians = collect_hessians(llm, windows)
     dense = dict(iter_safetensors(src))
     out: dict[str, torch.Tensor] = {}
@@ -206,28 +230,6 @@ def quantize_w8a8(src: str | Path, dst: str | Path) -> Path:
                                             "ignore": ["lm_head"], "kv_cache_scheme": None})
 
 
-def collect_inputs(llm, windows: list[list[int]], max_rows: int) -> dict[str, torch.Tensor]:
-    """Up to `max_rows` input rows of every linear except lm_head, from the engine's dense forward."""
-    from tokenmill.sampling_params import SamplingParams
-    rows: dict[str, list[torch.Tensor]] = {}
-    hooks = []
-    for name, layer in llm.engine.model.linears().items():
-        if name == "lm_head":
-            continue
-
-        def hook(mod, inp, out, name=name):
-            have = sum(r.shape[0] for r in rows.get(name, []))
-            if have < max_rows:
-                rows.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1])[:max_rows - have].float().clone())
-        hooks.append(layer.register_forward_hook(hook))
-    try:
-        llm.generate(windows, SamplingParams(max_tokens=1, temperature=0), use_tqdm=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: torch.cat(v) for k, v in rows.items()}
-
-
 def _rtn_asym(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [N, K], scale [N, G], integer zero [N, G]: w ~= scale * (q - zero), per group of columns."""
     n, k = w.shape
@@ -257,11 +259,10 @@ def awq_search(ws: list[torch.Tensor], x: torch.Tensor, bits: int, group: int, g
 
 
 def pack_awq(q: torch.Tensor) -> torch.Tensor:
-    """[R, C] 4-bit values -> int32 [R, C / 8], AWQ's nibble order 0, 2, 4, 6, 1, 3, 5, 7 along C."""
+    """[R, C] 4-bit values -> int32 [R, C / 8], AWQ's nibble order 0, 2, 4, 6, 1, 3, 5, 7 along C:
+    word slot j holds column AWQ_ORDER[j] of its eight."""
     from tokenmill.quant.gptq import AWQ_ORDER
-    q = q.to(torch.int64).view(q.shape[0], -1, 8)[..., list(AWQ_ORDER)]
-    word = sum(q[..., j] << (4 * j) for j in range(8))
-    return word.where(word < 2 ** 31, word - 2 ** 32).to(torch.int32)
+    return pack_cols(q.view(q.shape[0], -1, 8)[..., list(AWQ_ORDER)].reshape(q.shape[0], -1), 4)
 
 
 def quantize_awq(src: str | Path, dst: str | Path, group: int = 128, calibration_text: str | None = None,
@@ -270,20 +271,10 @@ def quantize_awq(src: str | Path, dst: str | Path, group: int = 128, calibration
     q/k/v (folded into the input norm), gate/up (into the post-attention norm) and down (into up's
     rows); o keeps scale 1 (its input comes from v through attention, not foldable under GQA). No
     clipping search."""
-    from tokenmill.engine import LLM
     from tokenmill.loader.safetensors import iter_safetensors
-    from tokenmill.perplexity import reference_text
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ValueError(f"quantize: {src} is not a Hugging Face directory (GGUF input is not supported yet)")
-    llm = LLM(str(src), quantization="dequantize", enable_prefix_caching=False, progress=False)
+    llm, windows = _calibrate(src, group, calibration_text, num_windows, window)
     cfg = llm.engine.model_config
-    widths = {cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim}
-    if any(w % group for w in widths):
-        raise ValueError(f"group_size {group} must divide every linear's input width {sorted(widths)}")
-    tok = llm.get_tokenizer()
-    ids = tok.encode(calibration_text if calibration_text is not None else reference_text("calibration"))
-    windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:num_windows]
     inputs = collect_inputs(llm, windows, max_rows)
     del llm
     t = {k: v.float().clone() for k, v in iter_safetensors(src)}
