@@ -130,3 +130,4 @@ def tiny_chat_llama(tmp_path_factory):
     model.generation_config.eos_token_id = eos
     model.save_pretrained(directory)
     return directory, model, eos, prompt
+

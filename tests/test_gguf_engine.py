@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from logprobs import hf_logprobs, prompt_logprob_diff
 from tokenmill import LLM, SamplingParams
 
 Q = gguf.GGMLQuantizationType
@@ -203,6 +204,13 @@ def test_streaming_deltas_never_show_a_partial_stop_string(smollm2):
     assert seen[-1] == free[:free.find(stop)]
 
 
+def smollm2_transformers_logprobs(tf, smollm2_path, ids: list[int]) -> torch.Tensor:
+    """transformers in float32 on the same GGUF file (it dequantizes it): the reference."""
+    hf = tf.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
+                                                 dtype=torch.float32).eval()
+    return hf_logprobs(hf, ids)
+
+
 def test_smollm2_bfloat16_tracks_transformers_float32(smollm2_path):
     """The dequantized bfloat16 path (the fast one on AMX CPUs) against transformers in float32 on the same file:
     prompt logprobs within bf16 rounding of the weights and matmuls, and it knows Paris.
@@ -217,13 +225,7 @@ def test_smollm2_bfloat16_tracks_transformers_float32(smollm2_path):
             "and Berlin is the capital of Germany.")
     llm = LLM(str(smollm2_path), dtype="bfloat16", quantization="dequantize", progress=False)
     ids = llm.get_tokenizer().encode(text)
-    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    hf = tf.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                                 dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
-    diff = torch.tensor([out.prompt_logprobs[i][ids[i]].logprob - ref[i - 1, ids[i]].item()
-                         for i in range(1, len(ids))]).abs()
+    diff = prompt_logprob_diff(llm, ids, smollm2_transformers_logprobs(tf, smollm2_path, ids))
     assert diff.mean() < 0.047 and diff.max() < 0.18, (diff.mean().item(), diff.max().item())
     paris = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
     assert "Paris" in paris.outputs[0].text
@@ -236,11 +238,7 @@ def test_mixed_quant_gguf_runs_packed_close_to_transformers(gguf_pair):
     llm = LLM(str(gguf_path), progress=False)
     assert llm.engine.model.layers[0].attn.qkv.kernel.describe() == "Q8_0 -> int8 per-row + Q4_0 -> int4 g32 + dense float32"
     prompt = list(range(40, 100))
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
-    diff = torch.tensor([out.prompt_logprobs[i][prompt[i]].logprob - ref[i - 1, prompt[i]].item()
-                         for i in range(1, len(prompt))]).abs()
+    diff = prompt_logprob_diff(llm, prompt, hf_logprobs(hf, prompt))
     # measured 0.0052 / 0.016 nats (bf16 in the int4 kernel, Q8_0 requantized per row)
     assert diff.mean() < 0.015 and diff.max() < 0.06, (diff.mean().item(), diff.max().item())
 
@@ -257,13 +255,7 @@ def test_smollm2_packed_tracks_transformers_and_stays_small(smollm2_path):
     text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, "
             "and Berlin is the capital of Germany.")
     ids = llm.get_tokenizer().encode(text)
-    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    hf = tf.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                                 dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
-    diff = torch.tensor([out.prompt_logprobs[i][ids[i]].logprob - ref[i - 1, ids[i]].item()
-                         for i in range(1, len(ids))]).abs()
+    diff = prompt_logprob_diff(llm, ids, smollm2_transformers_logprobs(tf, smollm2_path, ids))
     # measured 0.051 / 0.255 nats (bf16 scales and activations in the int4 kernel, int8 lm_head)
     assert diff.mean() < 0.08 and diff.max() < 0.4, (diff.mean().item(), diff.max().item())
 

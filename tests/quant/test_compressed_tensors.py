@@ -7,16 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmill import LLM, SamplingParams
+from logprobs import prompt_logprob_diff
+from tokenmill import LLM
 
 W8A8 = Path(__file__).resolve().parents[1] / "fixtures" / "w8a8"
 
 
-def prompt_logprob_diff(llm, ref) -> torch.Tensor:
-    ids, ref_logp = ref["ids"].tolist(), torch.log_softmax(ref["logits"], -1)
-    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    return torch.tensor([out.prompt_logprobs[i][ids[i]].logprob - ref_logp[i - 1, ids[i]].item()
-                         for i in range(1, len(ids))]).abs()
+def diff_to(llm, ref) -> torch.Tensor:
+    return prompt_logprob_diff(llm, ref["ids"].tolist(), torch.log_softmax(ref["logits"], -1))
 
 
 @pytest.mark.parametrize("name", ["w8a8", "tm-w8a8"])
@@ -29,7 +27,7 @@ def test_w8a8_checkpoint_matches_compressed_tensors_reference(name):
     assert llm.engine.model.layers[0].attn.qkv.kernel.describe() == "compressed-tensors w8a8"
     assert llm.engine.model.lm_head.kernel.describe() == "dense float32"          # in `ignore`
     assert llm.engine.model.embed.describe() == "dense float32"
-    diff = prompt_logprob_diff(llm, ref)
+    diff = diff_to(llm, ref)
     assert diff.mean() < 0.0015 and diff.max() < 0.006, (diff.mean().item(), diff.max().item())
 
 

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from tokenmill import LLM, SamplingParams
+from logprobs import hf_logprobs, prompt_logprob_diff
+from tokenmill import LLM
 from tokenmill.config import EngineConfig
 
 
@@ -70,13 +71,8 @@ def test_made_at_load_matches_dense_math_of_the_same_quantization(tiny_llama, qu
     path, hf = tiny_llama[0], tiny_llama[1]
     llm = LLM(str(path), quantization=quantization, progress=False)
     prompt = list(range(3, 40))
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    ref_model = fake_quantized(hf, quantization)
-    with torch.no_grad():
-        ref = torch.log_softmax(ref_model(torch.tensor([prompt])).logits[0].float(), -1)
-        dense = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
-    diff = torch.tensor([out.prompt_logprobs[i][prompt[i]].logprob - ref[i - 1, prompt[i]].item()
-                         for i in range(1, len(prompt))]).abs()
+    ref, dense = hf_logprobs(fake_quantized(hf, quantization), prompt), hf_logprobs(hf, prompt)
+    diff = prompt_logprob_diff(llm, prompt, ref)
     lost = torch.tensor([dense[i - 1, prompt[i]] - ref[i - 1, prompt[i]] for i in range(1, len(prompt))]).abs()
     assert diff.mean() < tol, diff.mean().item()
     assert lost.mean() > 2 * tol        # the quantization itself moves logprobs far more than the tolerance
