@@ -2,8 +2,8 @@
 import logging
 import os
 
-from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, RequestOutput
+from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
 
@@ -34,4 +34,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tokenmill' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"]

@@ -15,15 +15,17 @@ import torch
 
 from tokenmill.attention import get_backend
 from tokenmill.config import EngineConfig, cpu_has_amx_bf16
+from tokenmill.core.beam import BeamGroup
 from tokenmill.core.block_manager import BlockManager
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.core.sequence import Sequence, SequenceStatus
 from tokenmill.kv_cache import allocate_kv_cache, num_blocks_for_memory
 from tokenmill.model.load import build_model, describe_weights, open_checkpoint, weight_bytes
 from tokenmill.model_files import resolve_model
-from tokenmill.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
+from tokenmill.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, PromptLogprobs,
+                               RequestMetrics, RequestOutput)
 from tokenmill.runner import Runner, StepResult
-from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("tokenmill")
@@ -57,6 +59,11 @@ class _Request:
     error: str | None = None
     sent_prompt_logprobs: bool = False
     seqs_by_id: dict[int, _Sample] = field(default_factory=dict)
+    beam: BeamGroup | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.beam.done if self.beam is not None else all(s.seq.is_finished for s in self.samples)
 
     @property
     def emits_every_step(self) -> bool:
@@ -165,8 +172,10 @@ class LLMEngine:
                              f"({self.max_model_len}); shorten it to at most {self.max_model_len - 1} tokens")
         return ids
 
-    def check_params(self, params: SamplingParams) -> None:
+    def check_params(self, params: SamplingParams | BeamSearchParams) -> None:
         """The limits that depend on this engine: the vocabulary, max_num_seqs, the tokenizer."""
+        if isinstance(params, BeamSearchParams):
+            return self._check_beam_params(params)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: must be a SamplingParams, got {type(params).__name__}")
         if params.stop_strings and self.tokenizer is None:
@@ -182,7 +191,15 @@ class LLMEngine:
             raise ValueError(f"{field_name} must be <= max_num_seqs ({self.config.max_num_seqs}): the "
                              f"{group} samples of one request run side by side, got {group}")
 
-    def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None,
+    def _check_beam_params(self, params: BeamSearchParams) -> None:
+        if params.beam_width > self.config.max_num_seqs:
+            raise ValueError(f"beam_width must be <= max_num_seqs ({self.config.max_num_seqs}): the beams of one "
+                             f"request run side by side, got {params.beam_width}")
+        vocab = self.model_config.vocab_size
+        if bad := [t for t in params.stop_token_ids if t >= vocab]:
+            raise ValueError(f"stop_token_ids: token ids must be in [0, {vocab}), got {bad[:5]}")
+
+    def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | BeamSearchParams | None = None,
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> str:
         """Queue a request; everything is validated here (ValueError naming the field), so nothing
         invalid reaches a step."""
@@ -192,6 +209,8 @@ class LLMEngine:
         request_id = request_id if request_id is not None else self.new_request_id()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(params, BeamSearchParams):
+            return self._add_beam_request(request_id, prompt, ids, params, arrival_time)
         n = params.best_of or params.n
         leader = Sequence(request_id, list(ids), params)
         seqs = [leader] + [Sequence(request_id, list(ids), params, index=i) for i in range(1, n)]
@@ -207,10 +226,25 @@ class LLMEngine:
         self.requests[request_id] = req
         return request_id
 
+    def _add_beam_request(self, request_id: str, prompt: Prompt, ids: list[int], params: BeamSearchParams,
+                          arrival_time: float | None) -> str:
+        eos = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else ())
+        limit = len(ids) + params.max_tokens if params.max_tokens is not None else self.max_model_len
+        group = BeamGroup(params, len(ids), min(limit, self.max_model_len),
+                          frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos), eos)
+        group.beams = [Sequence(request_id, list(ids), params.as_sampling_params(), beam=group)]
+        self.scheduler.add(group.beams[0])
+        self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None, list(ids),
+                                             group.beams[0].params, [], RequestMetrics(arrival_time or time.time()),
+                                             beam=group)
+        return request_id
+
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        if req.beam is not None:
+            req.beam.done = True
         for seq in self.scheduler.abort(request_id):
             self.runner.release(seq)
 
@@ -230,7 +264,7 @@ class LLMEngine:
             logger.exception("a step of %d sequences failed; retrying its requests one by one", len(out.scheduled))
             self.runner.restore(snapshot)
             out, result = self._execute_alone(out)
-        finished = self.scheduler.update(out, [s.token_id for s in result.sampled])
+        finished = self.scheduler.update(out, [s.token_id for s in result.sampled], result.beam_candidates)
         return self._postprocess(out, result, finished) + self._flush_failed()
 
     def _execute_alone(self, out: SchedulerOutput) -> tuple[SchedulerOutput, StepResult]:
@@ -244,6 +278,9 @@ class LLMEngine:
             group.scheduled.append((seq, n))
         for seq, row in out.samples:
             groups[seq.request_id].samples.append((seq, rows[seq.request_id][row]))
+        for beam_group, group_rows in out.beam_groups:
+            rid = beam_group.beams[0].request_id
+            groups[rid].beam_groups.append((beam_group, [rows[rid][r] for r in group_rows]))
         kept, result = SchedulerOutput(block_copies=out.block_copies), StepResult([])
         for request_id, group in groups.items():
             group.block_copies = out.block_copies     # copying again is harmless: the sources are unchanged
@@ -256,7 +293,9 @@ class LLMEngine:
             base = len(kept.scheduled)
             kept.scheduled += group.scheduled
             kept.samples += [(seq, base + row) for seq, row in group.samples]
+            kept.beam_groups += [(g, [base + r for r in rs]) for g, rs in group.beam_groups]
             result.sampled += part.sampled
+            result.beam_candidates += part.beam_candidates
             result.prompt_logprobs.update(part.prompt_logprobs)
         kept.finished = [s for s in out.finished if s.request_id in self.requests]
         return kept, result
@@ -301,12 +340,18 @@ class LLMEngine:
             req.metrics.first_token_time = req.metrics.first_token_time or now
             req.metrics.last_token_time = now
             touched[req.request_id] = req
+        for group, _ in out.beam_groups:
+            if (req := self.requests.get(group.beams[0].request_id if group.beams else "")) is not None:
+                req.metrics.first_token_time = req.metrics.first_token_time or now
+                req.metrics.last_token_time = now
         for seq in finished:
+            if seq.beam is not None:      # a beam dropped or ended: the request goes on with the others
+                self.runner.release(seq)
             if (req := self.requests.get(seq.request_id)) is not None:
                 touched[req.request_id] = req
         outputs = []
         for req in touched.values():
-            if all(s.seq.is_finished for s in req.samples):
+            if req.done:
                 req.finished = True
                 req.metrics.finished_time = now
                 for s in req.samples:
@@ -372,6 +417,8 @@ class LLMEngine:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else None
 
     def _request_output(self, req: _Request) -> RequestOutput:
+        if req.beam is not None:
+            return self._beam_output(req)
         samples, n = req.samples, req.params.n
         if req.finished and len(samples) > n:      # best_of: keep the n most likely
             samples = sorted(samples, key=lambda s: s.seq.cumulative_logprob, reverse=True)[:n]
@@ -396,6 +443,19 @@ class LLMEngine:
             req.sent_prompt_logprobs = True
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, prompt_logprobs, outputs,
                              req.finished, req.metrics, error=req.error)
+
+    def _beam_output(self, req: _Request) -> RequestOutput:
+        """The finished hypotheses, best first (nothing while the search runs: beams are not final)."""
+        outputs = []
+        for i, h in enumerate(req.beam.finished if req.finished else []):
+            text_ids = h.token_ids[:-1] if h.finish_reason == "stop" else h.token_ids
+            outputs.append(CompletionOutput(
+                index=i, text=self.tokenizer.decode(text_ids) if self.tokenizer else "", token_ids=list(h.token_ids),
+                cumulative_logprob=h.cumulative_logprob,
+                logprobs=[{t: Logprob(lp, rank, self._decode_one(t))} for t, (lp, rank) in zip(h.token_ids, h.logprobs)],
+                finish_reason=h.finish_reason, stop_reason=h.stop_reason, score=h.score))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, None, outputs, req.finished,
+                             req.metrics, error=req.error)
 
     # ---- observability -----------------------------------------------------------------------------
     @property
@@ -451,9 +511,7 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = self._prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompts)
         else:
@@ -468,6 +526,24 @@ class LLM:
         ids = [self.engine.add_request(None, prompt, p, prompt_token_ids=t)
                for prompt, p, t in zip(prompts, params, token_ids)]
         return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams,
+                    use_tqdm: bool = True) -> list[BeamSearchOutput]:
+        """Beam search for every prompt, batched with each other (transformers' scoring, see
+        BeamSearchParams); per prompt the beams best first."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params: must be a BeamSearchParams, got {type(params).__name__}")
+        prompts = self._prompt_list(prompts)
+        token_ids = [self.engine.tokenize(p) for p in prompts]
+        self.engine.check_params(params)
+        ids = [self.engine.add_request(None, prompt, params, prompt_token_ids=t) for prompt, t in zip(prompts, token_ids)]
+        return [BeamSearchOutput.from_request_output(out) for out in self._run(ids, use_tqdm)]
+
+    @staticmethod
+    def _prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            return [prompts]
+        return list(prompts)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,

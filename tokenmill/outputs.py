@@ -24,6 +24,7 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None
     finish_reason: str | None = None     # "stop" | "length" | "abort" (also on error) | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    score: float | None = None            # beam search: cumulative_logprob / len(token_ids) ** length_penalty
 
     @property
     def finished(self) -> bool:
@@ -50,3 +51,34 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = field(default=None, repr=False)
     error: str | None = None       # set when this request failed inside a step (the others carried on)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One returned beam (vLLM's BeamSearchSequence, with the output alone in `token_ids`)."""
+    token_ids: list[int]                  # generated tokens, the stop token included
+    prompt_token_ids: list[int]
+    text: str
+    cumulative_logprob: float
+    score: float                          # what orders the beams: cumulative_logprob / len ** length_penalty
+    logprobs: SampleLogprobs
+    finish_reason: str
+    stop_reason: int | None = None
+
+    @property
+    def tokens(self) -> list[int]:        # vLLM's: prompt and output
+        return self.prompt_token_ids + self.token_ids
+
+    @property
+    def cum_logprob(self) -> float:       # vLLM's name
+        return self.cumulative_logprob
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]   # best first
+
+    @classmethod
+    def from_request_output(cls, out: RequestOutput) -> "BeamSearchOutput":
+        return cls([BeamSearchSequence(c.token_ids, out.prompt_token_ids, c.text, c.cumulative_logprob, c.score,
+                                       c.logprobs, c.finish_reason, c.stop_reason) for c in out.outputs])

@@ -12,7 +12,9 @@ import torch
 from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.core.scheduler import SchedulerOutput
 from tokenmill.core.sequence import Sequence
+from tokenmill.core.beam import BeamCandidate
 from tokenmill.kv_cache import copy_blocks
+from tokenmill.sample.beam import beam_candidates
 from tokenmill.sample.sampler import SampledToken, Sampler, SamplerRow, TokenHistory
 
 PromptLogprob = tuple[float, int, list[tuple[int, float]]] | None   # (logprob, rank, top-n) of a prompt token
@@ -23,6 +25,7 @@ SEED_MASK = 2**64 - 1
 class StepResult:
     sampled: list[SampledToken]                                           # one per SchedulerOutput.samples entry
     prompt_logprobs: dict[int, list[tuple[int, PromptLogprob]]] = field(default_factory=dict)  # seq_id -> (position, entry)
+    beam_candidates: list[list[BeamCandidate]] = field(default_factory=list)  # one per SchedulerOutput.beam_groups entry
 
 
 @dataclass
@@ -66,11 +69,14 @@ class Runner:
         last = meta.query_start_loc[1:].tolist()
         sample_rows = [last[row] - 1 for _, row in out.samples]
         plp_rows, plp_targets = self._prompt_logprob_rows(out, meta)
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows + plp_rows, dtype=torch.long)])
+        beam_rows = [last[row] - 1 for _, rows in out.beam_groups for row in rows]
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows + beam_rows + plp_rows, dtype=torch.long)])
         rows = [self._row(seq) for seq, _ in out.samples]
         self._update_history(out, rows)
         sampled = self.sampler(logits[:len(sample_rows)], rows, self.history)
-        return StepResult(sampled, self._prompt_logprobs(logits[len(sample_rows):], plp_targets))
+        beams_end = len(sample_rows) + len(beam_rows)
+        candidates = beam_candidates(logits[len(sample_rows):beams_end], [g for g, _ in out.beam_groups])
+        return StepResult(sampled, self._prompt_logprobs(logits[beams_end:], plp_targets), candidates)
 
     def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids: list[int] = []

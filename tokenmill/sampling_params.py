@@ -122,3 +122,44 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+@dataclass
+class BeamSearchParams:
+    """Beam search (vLLM's names), scored as transformers' `generate(num_beams=beam_width,
+    do_sample=False)`: finished beams rank by sum of logprobs / generated_len ** length_penalty.
+
+    `temperature` > 0 scales the logits before the log-softmax that scores them (0 or 1: unscaled).
+    `early_stopping` is transformers': True stops when `beam_width` beams are finished, False when
+    no running beam can still beat the worst finished one at its current length, "never" when none
+    can at any length. `stop_token_ids` end a beam like EOS does."""
+    beam_width: int
+    max_tokens: int | None = 16
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    stop_token_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if not _is_int(self.beam_width) or self.beam_width < 1:
+            raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 for beam search, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or self.temperature < 0 or 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (unscaled) or >= {MIN_TEMPERATURE}, got {self.temperature!r}")
+        if not _is_number(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if self.early_stopping not in (True, False, "never") or isinstance(self.early_stopping, int) and \
+                not isinstance(self.early_stopping, bool):
+            raise ValueError(f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+
+    def as_sampling_params(self) -> SamplingParams:
+        """What each beam's Sequence carries for the scheduler's generic checks."""
+        return SamplingParams(temperature=0.0, max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+                              stop_token_ids=self.stop_token_ids)

@@ -8,12 +8,18 @@ admitted in FCFS order while the budget, `max_num_seqs` and the page pool allow.
 
 Nothing waits forever: `add` refuses what could never be scheduled, and a sequence that cannot
 grow even with the whole pool to itself finishes with "length".
+
+A beam search group (core/beam.py) holds `beam_width` places from admission on. Its beams are
+scored together, so a step that cannot bring all of them to their last token holds the others
+back by one token; a preempted beam comes back one group member per step, so that it finds its
+group's pages in the prefix cache instead of recomputing beside them.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
+from tokenmill.core.beam import BeamCandidate, BeamGroup
 from tokenmill.core.block_manager import BlockManager
 from tokenmill.core.sequence import Sequence, SequenceStatus
 
@@ -37,6 +43,7 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)    # (src page, dst page) before the forward
     preempted: list[Sequence] = field(default_factory=list)
     forked: list[Sequence] = field(default_factory=list)                 # n > 1 siblings that start running now
+    beam_groups: list[tuple[BeamGroup, list[int]]] = field(default_factory=list)  # (group, rows of its beams in `scheduled`)
     finished: list[Sequence] = field(default_factory=list)               # ended while scheduling (no room to grow)
 
     @property
@@ -64,7 +71,7 @@ class Scheduler:
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"prompt of {seq.num_tokens} tokens needs {needed} KV pages but the cache has "
                              f"{self.block_manager.num_blocks}; raise num_kv_blocks / kv_cache_memory_gb")
-        group = 1 + len(seq.pending_forks)
+        group = self._places(seq)
         if group > self.config.max_num_seqs:
             raise ValueError(f"n: a request of {group} sequences (n / best_of) can never run beside "
                              f"max_num_seqs ({self.config.max_num_seqs}); ask for at most {self.config.max_num_seqs}")
@@ -78,6 +85,11 @@ class Scheduler:
         for seq in aborted:
             self.finish(seq, SequenceStatus.FINISHED_ABORTED)
         return aborted
+
+    @staticmethod
+    def _places(seq: Sequence) -> int:
+        """The running places a request takes: its n samples, or its beam width."""
+        return seq.beam.width if seq.beam is not None else 1 + len(seq.pending_forks)
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         if seq in self.running:
@@ -101,8 +113,7 @@ class Scheduler:
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running.pop()
                 if victim is seq and not self.running:     # the whole pool is not enough: it cannot grow
-                    self.finish(seq, SequenceStatus.FINISHED_LENGTH)
-                    out.finished.append(seq)
+                    self._finish_length(seq, out)
                     break
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -114,30 +125,98 @@ class Scheduler:
         if not out.preempted:
             self._admit(out, budget)
         self.running.extend(out.forked)
+        self._gather_beams(out)
+        if not out.scheduled and not out.finished and self.running:
+            self._unstick(out)
         out.block_copies = self.block_manager.take_copies()
         return out
 
+    def _finish_length(self, seq: Sequence, out: SchedulerOutput) -> None:
+        if seq.beam is None:
+            self.finish(seq, SequenceStatus.FINISHED_LENGTH)
+            out.finished.append(seq)
+        else:
+            self._end_group(seq.beam, out)
+
+    def _end_group(self, group: BeamGroup, out: SchedulerOutput) -> None:
+        """A group the pool cannot hold: what it has becomes its result (BeamGroup.truncate)."""
+        group.truncate()
+        for beam in group.beams:
+            if not beam.is_finished:
+                self.finish(beam, SequenceStatus.FINISHED_LENGTH)
+                out.finished.append(beam)
+
+    def _unstick(self, out: SchedulerOutput) -> None:
+        """Nothing ran: every running sequence is a beam held for a group member that cannot come
+        back because the group's own pages fill the pool."""
+        for group in {id(s.beam): s.beam for s in self.running if s.beam is not None}.values():
+            self._end_group(group, out)
+
+    def _gather_beams(self, out: SchedulerOutput) -> None:
+        """Score a group only when all its beams reach their last token in this step; otherwise those
+        that do compute all but it, and wait."""
+        rows: dict[BeamGroup, dict[int, int]] = {}
+        for row, (seq, n) in enumerate(out.scheduled):
+            if seq.beam is not None and seq.num_computed_tokens + n == seq.num_tokens:
+                rows.setdefault(seq.beam, {})[seq.seq_id] = row
+        held: set[int] = set()
+        for group, by_seq in rows.items():
+            if len(by_seq) == len(group.beams):
+                out.beam_groups.append((group, [by_seq[b.seq_id] for b in group.beams]))
+            else:
+                held.update(by_seq.values())
+        if held:
+            self._hold(out, held)
+
+    @staticmethod
+    def _hold(out: SchedulerOutput, held: set[int]) -> None:
+        new_row: dict[int, int] = {}
+        scheduled = []
+        for row, (seq, n) in enumerate(out.scheduled):
+            n -= row in held
+            if n:
+                new_row[row] = len(scheduled)
+                scheduled.append((seq, n))
+        out.scheduled = scheduled
+        out.samples = [(seq, new_row[row]) for seq, row in out.samples]
+        out.beam_groups = [(group, [new_row[r] for r in rows]) for group, rows in out.beam_groups]
+
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        admitted_groups: set[BeamGroup] = set()
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            taken = len(self.running) + len(out.forked) + sum(len(s.pending_forks) for s in self.running)
-            if taken + 1 + len(seq.pending_forks) > self.config.max_num_seqs:
+            if seq.beam in admitted_groups:      # one preempted beam per step: the next finds its pages cached
+                break
+            if self._places_taken(out) + self._places_needed(seq) > self.config.max_num_seqs:
                 break
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, num_new):
                 if not self.running and not out.scheduled:    # alone with the whole pool: it never fits
-                    self.finish(seq, SequenceStatus.FINISHED_LENGTH)
-                    out.finished.append(seq)
+                    self._finish_length(seq, out)
                     continue
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if seq.beam is not None:
+                admitted_groups.add(seq.beam)
             # a prefix-cache hit moved num_computed_tokens forward
             budget -= self._schedule(seq, min(seq.num_tokens - seq.num_computed_tokens, budget), out)
 
+    def _places_taken(self, out: SchedulerOutput) -> int:
+        groups = {s.beam for s in self.running if s.beam is not None}
+        return (sum(self._places(s) for s in self.running if s.beam is None) + len(out.forked)
+                + sum(g.width for g in groups))
+
+    def _places_needed(self, seq: Sequence) -> int:
+        if seq.beam is not None and any(s.beam is seq.beam for s in self.running):
+            return 0
+        return self._places(seq)
+
     def _schedule(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> int:
         out.scheduled.append((seq, num_new))
+        if seq.beam is not None:
+            return num_new
         if seq.num_computed_tokens + num_new == seq.num_tokens and seq.params.max_tokens != 0:
             row = len(out.scheduled) - 1
             out.samples.append((seq, row))
@@ -158,9 +237,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update(self, out: SchedulerOutput, sampled: list[int]) -> list[Sequence]:
-        """Advance computed counts, append the sampled tokens (one per `out.samples` entry) and
-        apply the token-level stops. Returns the sequences that finished."""
+    def update(self, out: SchedulerOutput, sampled: list[int],
+               beam_candidates: list[list[BeamCandidate]] = ()) -> list[Sequence]:
+        """Advance computed counts, append the sampled tokens (one per `out.samples` entry), apply the
+        token-level stops and advance the beam groups (one candidate list per `out.beam_groups` entry).
+        Returns the sequences that finished, dropped beams included."""
         finished = list(out.finished)
         for seq, num_new in out.scheduled:
             seq.num_computed_tokens += num_new
@@ -176,7 +257,39 @@ class Scheduler:
             if status is not None:
                 self.finish(seq, status)
                 finished.append(seq)
+        for (group, _), candidates in zip(out.beam_groups, beam_candidates):
+            if not group.done:       # not aborted meanwhile
+                finished += self._advance_beams(group, candidates)
         return finished
+
+    def _advance_beams(self, group: BeamGroup, candidates: list[BeamCandidate]) -> list[Sequence]:
+        """Continue the surviving candidates: the first continuation of a parent reuses it, the others
+        fork it (sharing its pages); parents nobody continues are freed now."""
+        parents = group.beams
+        running = group.advance(candidates)
+        records = {i: group.records.get(p.seq_id, []) for i, p in enumerate(parents)}
+        used: set[int] = set()
+        children = []
+        for c in running:
+            parent = parents[c.beam]
+            if c.beam in used:
+                child = parent.fork(parent.index)
+                self.block_manager.fork(parent, child)
+                self.running.append(child)
+            else:
+                used.add(c.beam)
+                child = parent
+            children.append(child)
+        for child, c in zip(children, running):
+            child.token_ids.append(c.token_id)
+            child.cumulative_logprob = c.score
+            group.records[child.seq_id] = records[c.beam] + [(c.logprob, c.rank)]
+        group.beams = children
+        ended = [p for i, p in enumerate(parents) if i not in used] + (children if group.done else [])
+        for seq in ended:
+            group.records.pop(seq.seq_id, None)
+            self.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        return ended
 
     def _check_stop(self, seq: Sequence, token: int) -> SequenceStatus | None:
         p = seq.params

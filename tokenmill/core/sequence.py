@@ -4,8 +4,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.core.beam import BeamGroup
 
 
 class SequenceStatus(enum.Enum):
@@ -42,6 +46,7 @@ class Sequence:
     num_preemptions: int = 0
     block_hashes: list[tuple[bytes, tuple[int, ...]]] = field(default_factory=list)  # chained hashes of full blocks
     num_hashed_blocks: int = 0                       # leading pages of block_table registered in the prefix cache
+    beam: BeamGroup | None = None                    # the beam search group this sequence is a beam of
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -76,4 +81,4 @@ class Sequence:
         return Sequence(request_id=self.request_id, token_ids=list(self.token_ids), params=self.params,
                         index=index, num_prompt_tokens=self.num_prompt_tokens,
                         num_computed_tokens=self.num_computed_tokens, num_cached_tokens=self.num_cached_tokens,
-                        status=self.status, block_hashes=list(self.block_hashes))
+                        status=self.status, block_hashes=list(self.block_hashes), beam=self.beam)
