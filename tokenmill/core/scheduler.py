@@ -147,10 +147,17 @@ class Scheduler:
                 out.finished.append(beam)
 
     def _unstick(self, out: SchedulerOutput) -> None:
-        """Nothing ran: every running sequence is a beam held for a group member that cannot come
-        back because the group's own pages fill the pool."""
-        for group in {id(s.beam): s.beam for s in self.running if s.beam is not None}.values():
-            self._end_group(group, out)
+        """Nothing ran: every running sequence is a beam held for a group member that cannot come back
+        for want of pages. The oldest group keeps its pages and the others step back whole, behind its
+        waiting members; alone, its own pages fill the pool and it ends with what it has."""
+        groups = list({id(s.beam): s.beam for s in self.running}.values())
+        if len(groups) == 1:
+            self._end_group(groups[0], out)
+            return
+        for seq in [s for s in self.running if s.beam is not groups[0]]:
+            self.running.remove(seq)
+            self._preempt(seq, to_front=False)
+            out.preempted.append(seq)
 
     def _gather_beams(self, out: SchedulerOutput) -> None:
         """Score a group only when all its beams reach their last token in this step; otherwise those
@@ -229,12 +236,15 @@ class Scheduler:
             seq.pending_forks = []
         return num_new
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, to_front: bool = True) -> None:
         self.block_manager.free_seq(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        if to_front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
         self.num_preemptions += 1
 
     def update(self, out: SchedulerOutput, sampled: list[int],
