@@ -171,3 +171,23 @@ def test_smollm2_beam_search_matches_transformers(smollm2_path):
             assert s.text == tok.decode(s.token_ids[:-1] if s.finish_reason == "stop" else s.token_ids)
             assert (s.finish_reason == "stop") == (s.token_ids[-1] in eos)
     assert stopped >= 2        # EOS reached by some beams
+
+
+def test_tokenizer_eos_ends_beams_and_the_cli_prints_them(tiny_chat_llama, capsys):
+    """With a real tokenizer: its EOS ends beams (as transformers' eos_token_id does), text leaves it
+    out, and `tokenmill generate --beam-width` prints the same beams."""
+    from tokenmill.cli import main
+    directory, model, eos, prompt = tiny_chat_llama
+    llm = LLM(str(directory), progress=False)
+    tok = llm.get_tokenizer()
+    out = llm.beam_search(prompt, BeamSearchParams(2, max_tokens=8), use_tqdm=False)[0]
+    assert [s.token_ids for s in out.sequences] == hf_beams(model, tok.encode(prompt), 2, 8, [eos])
+    assert any(s.finish_reason == "stop" and s.token_ids[-1] == eos for s in out.sequences)
+    assert all(s.stop_reason is None for s in out.sequences)      # EOS is no stop_token_ids entry
+    main(["generate", "--model", str(directory), "--beam-width", "2", "--max-tokens", "8", prompt])
+    printed = capsys.readouterr().out
+    where = [printed.index(f"[beam {i}: score {s.score:.4f}") for i, s in enumerate(out.sequences)]
+    assert where == sorted(where)
+    assert all(printed[at:].split("] ", 1)[1].startswith(prompt + s.text) for at, s in zip(where, out.sequences))
+    with pytest.raises(SystemExit, match="beam_width must be an integer >= 1"):
+        main(["generate", "--model", str(directory), "--beam-width", "0", prompt])

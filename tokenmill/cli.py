@@ -75,12 +75,37 @@ def stream(engine, prompt, params, out=sys.stdout) -> str:
 
 
 def cmd_generate(args) -> None:
+    if args.beam_width is not None:
+        return beam_search(args)
     from tokenmill.engine import LLMEngine
     engine = LLMEngine(engine_config(args))
     params = sampling_params(args)
     for prompt in args.prompt:
         sys.stdout.write(prompt)
         stream(engine, prompt, params)
+
+
+def beam_search(args) -> None:
+    """Every prompt's beams, best first, with their scores (which beams win is known only at the end)."""
+    from tokenmill.engine import LLM
+    from tokenmill.sampling_params import BeamSearchParams
+    if args.stop:
+        sys.exit("error: --stop: stop strings are not supported with --beam-width")
+    try:
+        params = BeamSearchParams(args.beam_width, max_tokens=args.max_tokens, temperature=args.temperature,
+                                  length_penalty=args.length_penalty,
+                                  early_stopping={"true": True, "false": False}.get(args.early_stopping, "never"))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    llm = LLM.from_config(engine_config(args))
+    try:
+        outputs = llm.beam_search(args.prompt, params, use_tqdm=False)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    for prompt, out in zip(args.prompt, outputs):
+        for i, beam in enumerate(out.sequences):
+            print(f"[beam {i}: score {beam.score:.4f}, logprob {beam.cum_logprob:.3f}, {beam.finish_reason}] "
+                  f"{prompt}{beam.text}")
 
 
 def cmd_chat(args) -> None:
@@ -195,6 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     g = sub.add_parser("generate", help="continue prompts, streaming the text")
     _engine_args(g)
     _sampling_args(g)
+    g.add_argument("--beam-width", type=int, default=None,
+                   help="beam search with this many beams (printed best first when done) instead of sampling")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = logprob / len ** this")
+    g.add_argument("--early-stopping", default="false", choices=["true", "false", "never"],
+                   help="beam search: transformers' early_stopping")
     g.add_argument("prompt", nargs="+")
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="interactive chat with the model's template")

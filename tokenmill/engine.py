@@ -69,6 +69,8 @@ class _Request:
     def emits_every_step(self) -> bool:
         """FINAL_ONLY emits once; so does DELTA with best_of > n (which samples stay is known at the end)."""
         kind = self.params.output_kind
+        if self.beam is not None:
+            return False
         return kind is RequestOutputKind.CUMULATIVE or (kind is RequestOutputKind.DELTA
                                                         and len(self.samples) == self.params.n)
 

@@ -140,6 +140,7 @@ class BeamSearchParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     stop_token_ids: list[int] | None = None
+    output_kind = RequestOutputKind.FINAL_ONLY     # beams are final only when the search ends
 
     def __post_init__(self) -> None:
         self.stop_token_ids = list(self.stop_token_ids or [])

@@ -19,12 +19,13 @@ import openai
 import pytest
 import uvicorn
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM, BeamSearchParams, SamplingParams
 from tokenmill.server import ServerConfig, build_app
 
 KEY = "test-key"
 MODEL = "smollm2"
 NUM_CONCURRENT = 32
+BEAM_PROMPT = "The three primary colours are"
 CONCURRENT_PROMPTS = [f"Fact number {i}: the" + " very" * (i % 5) + " best" for i in range(NUM_CONCURRENT)]
 
 
@@ -35,8 +36,8 @@ def free_port() -> int:
 
 
 class Served:
-    def __init__(self, llm: LLM, app, url: str, reference: dict[str, str]):
-        self.llm, self.app, self.url, self.reference = llm, app, url, reference
+    def __init__(self, llm: LLM, app, url: str, reference: dict[str, str], beams: list[str]):
+        self.llm, self.app, self.url, self.reference, self.beams = llm, app, url, reference, beams
         self.engine = llm.engine
 
     def client(self, **kw) -> openai.OpenAI:
@@ -57,10 +58,12 @@ def served(smollm2_path):
     # server's engine loop (on a busy 2-core machine, 2 OpenMP threads stepping from the main thread crawl)
     outs = []
     ref = threading.Thread(target=lambda: outs.extend(llm.generate(
-        CONCURRENT_PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)))
+        CONCURRENT_PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        + llm.beam_search(BEAM_PROMPT, BeamSearchParams(3, max_tokens=12, length_penalty=0.5), use_tqdm=False)))
     ref.start()
     ref.join()
     reference = {p: o.outputs[0].text for p, o in zip(CONCURRENT_PROMPTS, outs)}
+    beams = [s.text for s in outs[-1].sequences]
     app = build_app(llm.engine, ServerConfig(MODEL, api_key=KEY, max_queued_requests=64, disconnect_poll_s=0.1))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -70,7 +73,7 @@ def served(smollm2_path):
     while not server.started:
         assert thread.is_alive() and time.time() < deadline, "server did not start"
         time.sleep(0.05)
-    yield Served(llm, app, f"http://127.0.0.1:{port}", reference)
+    yield Served(llm, app, f"http://127.0.0.1:{port}", reference, beams)
     server.should_exit = True
     thread.join(30)
 
@@ -502,3 +505,36 @@ def test_serve_cli_queue_full_and_sigterm_drain(smollm2_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- beam search ---------------------------------------------------------------------------------------
+def test_beam_search_completion_and_chat(served):
+    client = served.client()
+    extra = {"use_beam_search": True, "length_penalty": 0.5}
+    r = client.completions.create(model=MODEL, prompt=BEAM_PROMPT, n=3, max_tokens=12, logprobs=0, extra_body=extra)
+    assert [c.text for c in r.choices] == served.beams            # the offline search's beams, best first
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) > 0 for c in r.choices)
+    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}], n=2,
+                                          max_tokens=24, logprobs=True, extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2 and chat.choices[0].message.content
+    assert all(c.logprobs.content for c in chat.choices)
+    wait_idle(served.engine)
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"stream": True}, "stream"),
+    ({"top_p": 0.5}, "top_p"),
+    ({"stop": ["."]}, "stop"),
+    ({"logprobs": 2}, "logprobs"),
+    ({"early_stopping": "sometimes"}, "early_stopping"),
+    ({"n": 1000}, "n"),
+    ({"n": 0}, "n"),
+])
+def test_beam_search_refusals_are_400(served, fields, param):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 2, "use_beam_search": True, **fields}
+    r = served.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    wait_idle(served.engine)

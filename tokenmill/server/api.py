@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import tokenmill
 from tokenmill.engine import LLMEngine
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 from tokenmill.server.async_engine import (AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError,
                                            RequestStream, StepObserver)
 from tokenmill.server.protocol import (
@@ -225,12 +225,14 @@ class _Handlers:
                                 f"{self.config.served_model_name!r}", param="model", code="model_not_found")
 
     # ---- validation shared by both endpoints --------------------------------------------------------
-    def _admit(self, prompts: list[str | list[int]], params: SamplingParams,
+    def _admit(self, prompts: list[str | list[int]], params: SamplingParams | BeamSearchParams,
                token_ids: list[list[int]] | None = None) -> list[list[int]]:
         try:
             ids = token_ids or [self.engine.tokenize(p) for p in prompts]
             self.engine.check_params(params)
         except ValueError as e:
+            if str(e).startswith("beam_width"):      # the request's name for it
+                e = ValueError("n" + str(e)[len("beam_width"):])
             raise bad_request(e) from None
         limit = self.engine.max_model_len
         for t in ids:
@@ -245,7 +247,7 @@ class _Handlers:
         return ids
 
     def _start(self, request_id: str, prompts: list[str | list[int]], ids: list[list[int]],
-               params: SamplingParams) -> list[RequestStream]:
+               params: SamplingParams | BeamSearchParams) -> list[RequestStream]:
         streams = []
         try:
             for i, (p, t) in enumerate(zip(prompts, ids)):
@@ -340,7 +342,7 @@ class _Handlers:
             prompts = body.prompts()
         except ValueError as e:
             raise bad_request(e) from None
-        if body.stream and params.best_of is not None and params.best_of > params.n:
+        if body.stream and isinstance(params, SamplingParams) and params.best_of is not None and params.best_of > params.n:
             raise APIError(400, "best_of: must equal n when streaming", param="best_of")
         ids = self._admit(prompts, params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -364,7 +366,7 @@ class _Handlers:
                     logprobs = self._legacy_logprobs(records, token_ids)
                 if body.echo:
                     text = prompt_texts[i] + text
-                choices.append(CompletionChoice(index=i * params.n + c.index, text=text, logprobs=logprobs,
+                choices.append(CompletionChoice(index=i * body.n + c.index, text=text, logprobs=logprobs,
                                                 finish_reason=self._finish_reason(c.finish_reason),
                                                 stop_reason=c.stop_reason))
         return CompletionResponse(id=request_id, model=self.config.served_model_name, choices=choices,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from tokenmill.engine import LLMEngine
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -56,7 +56,7 @@ class _Add:
     request_id: str
     prompt: str | list[int]
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams
     sink: asyncio.Queue
     arrival_time: float = field(default_factory=time.time)
 
@@ -163,7 +163,7 @@ class AsyncEngine:
 
     # ---- the event-loop side -----------------------------------------------------------------------
     def submit(self, request_id: str, prompt: str | list[int], prompt_token_ids: list[int],
-               params: SamplingParams) -> RequestStream:
+               params: SamplingParams | BeamSearchParams) -> RequestStream:
         """Queue one validated request; iterate the stream for its outputs and always `close()` it."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
 class ErrorInfo(BaseModel):
@@ -52,6 +52,31 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    use_beam_search: bool = False            # vLLM's extra parameters: n beams, returned best first
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+
+    def _beam(self, max_tokens: int | None, logprobs: int | None) -> BeamSearchParams:
+        """BeamSearchParams from the request, refusing what beam search cannot honour."""
+        if self.stream:
+            raise ValueError("stream: beam search cannot stream: which beams win is known only when the search "
+                             "ends; send stream=false")
+        sampling_only = dict(top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
+                             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                             repetition_penalty=self.repetition_penalty, stop=self.stop,
+                             logit_bias=self.logit_bias, min_tokens=self.min_tokens or None)
+        for name, value in sampling_only.items():
+            if value is not None:
+                raise ValueError(f"{name}: is not supported with use_beam_search (beam search does not sample"
+                                 f"{'; use stop_token_ids' if name == 'stop' else ''})")
+        if logprobs:
+            raise ValueError("logprobs: beam search returns the chosen tokens' logprobs only; ask for 0 "
+                             "top alternatives")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be >= 1 (the number of beams), got {self.n}")
+        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                temperature=self.temperature or 0.0, length_penalty=self.length_penalty,
+                                early_stopping=self.early_stopping, stop_token_ids=self.stop_token_ids)
 
     def _sampling(self, **overrides: Any) -> SamplingParams:
         """SamplingParams from the request; it raises ValueError("<field> must be ...") on bad values.
@@ -98,11 +123,15 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("prompt: must not be empty")
         return list(p)
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self) -> SamplingParams | BeamSearchParams:
         if self.suffix is not None:
             raise ValueError("suffix: is not supported")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens must be >= 1 unless echo is true (prompt scoring), got 0")
+        if self.use_beam_search:
+            if self.echo or self.best_of is not None:
+                raise ValueError(f"{'echo' if self.echo else 'best_of'}: is not supported with use_beam_search")
+            return self._beam(self.max_tokens, self.logprobs)
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
         return self._sampling(max_tokens=self.max_tokens, best_of=self.best_of, logprobs=self.logprobs,
                               prompt_logprobs=prompt_logprobs)
@@ -172,7 +201,7 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self) -> SamplingParams | BeamSearchParams:
         if not self.messages:
             raise ValueError("messages: must not be empty")
         if self.top_logprobs is not None and not self.logprobs:
@@ -182,6 +211,8 @@ class ChatCompletionRequest(_SamplingRequest):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must be >= 1, got 0")
         try:
+            if self.use_beam_search:
+                return self._beam(max_tokens, self.top_logprobs)
             return self._sampling(max_tokens=max_tokens,
                                   logprobs=(self.top_logprobs or 0) if self.logprobs else None)
         except ValueError as e:     # the engine's names are the completions API's; say the chat field
