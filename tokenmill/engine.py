@@ -523,6 +523,8 @@ class LLM:
                                  f"pass one, or one per prompt")
         token_ids = [self.engine.tokenize(p) for p in prompts]     # reject bad input before queueing any
         for p in params:
+            if isinstance(p, BeamSearchParams):
+                raise ValueError("sampling_params: BeamSearchParams go to LLM.beam_search, not generate")
             self.engine.check_params(p)
         params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         ids = [self.engine.add_request(None, prompt, p, prompt_token_ids=t)

@@ -105,12 +105,11 @@ class BeamGroup:
 
     def truncate(self) -> None:
         """End early (the page pool cannot hold the group): running beams fill the pool's empty places."""
-        penalty_of = lambda n: f32(n ** self.params.length_penalty)   # noqa: E731
         for beam in self.beams[:self.width - len(self.finished)]:
             n = beam.num_output_tokens
             if n:
+                score = f32(beam.cumulative_logprob / f32(n ** self.params.length_penalty))
                 self.finished.append(BeamHypothesis(beam.output_token_ids, self.records.get(beam.seq_id, []),
-                                                    beam.cumulative_logprob,
-                                                    f32(beam.cumulative_logprob / penalty_of(n)), "length"))
+                                                    beam.cumulative_logprob, score, "length"))
         self.finished.sort(key=lambda h: -h.score)
         self.done = True
