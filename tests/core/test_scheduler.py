@@ -150,3 +150,62 @@ def test_abort_frees_pages_at_once():
     sched.abort("a")
     assert bm.num_free_blocks == bm.num_blocks and not sched.has_unfinished()
     assert a.status is SequenceStatus.FINISHED_ABORTED
+
+
+def beam_request(rid: str, prompt_len: int, width: int, max_tokens: int):
+    from tokenmill.core.beam import BeamGroup
+    from tokenmill.sampling_params import BeamSearchParams
+    params = BeamSearchParams(width, max_tokens=max_tokens)
+    group = BeamGroup(params, prompt_len, prompt_len + max_tokens, frozenset({EOS}))
+    group.beams = [Sequence(rid, list(range(1, prompt_len + 1)), params.as_sampling_params(), beam=group)]
+    return group
+
+
+def candidates(out, token_base: int = 100):
+    """Every beam of every stepped group continues with two distinct tokens, parents in order."""
+    from tokenmill.core.beam import BeamCandidate
+    result = []
+    for group, _ in out.beam_groups:
+        cands = [BeamCandidate(b, token_base + 2 * b + j, -1.0, 1 + j, seq.cumulative_logprob - 1.0 - j - b / 10)
+                 for b, seq in enumerate(group.beams) for j in range(2)]
+        result.append(sorted(cands, key=lambda c: -c.score)[:group.num_candidates])
+    return result
+
+
+def test_beam_group_forks_share_pages_and_dropped_beams_free_theirs():
+    sched, bm = make(num_blocks=16, block_size=4, budget=64, max_seqs=4)
+    group = beam_request("b", 6, 2, 8)                    # 6 tokens: one full page and half of another
+    sched.add(group.beams[0])
+    out = sched.schedule()
+    assert [(s.request_id, n) for s, n in out.scheduled] == [("b", 6)] and len(out.beam_groups) == 1
+    sched.update(out, [], candidates(out))
+    a, b = group.beams
+    assert a.block_table == b.block_table == [0, 1] and [bm.blocks[i].ref_count for i in (0, 1)] == [2, 2]
+    assert (a.token_ids[-1], b.token_ids[-1]) == (100, 101)
+    out = sched.schedule()                                # both write into the shared half page: one copies it
+    assert out.block_copies == [(1, 2)] and a.block_table == [0, 2] and b.block_table == [0, 1]
+    sched.update(out, [], candidates(out))
+    # the best two of a's and b's continuations both extend a: b is dropped and its page 1 freed
+    assert [s.token_ids[-2:] for s in group.beams] == [[100, 100], [100, 101]]
+    assert group.beams[0] is a and b.is_finished and bm.blocks[1].ref_count == 0
+    assert bm.num_free_blocks == 16 - 2
+
+
+def test_held_beams_wait_for_a_preempted_mate_then_the_group_steps():
+    sched, bm = make(num_blocks=64, block_size=4, budget=2, max_seqs=4)
+    group = beam_request("b", 5, 2, 8)
+    sched.add(group.beams[0])
+    for _ in range(3):                                    # the prompt in chunks of 2, then the first step
+        out = sched.schedule()
+        sched.update(out, [], candidates(out))
+    a, b = group.beams
+    assert a.num_computed_tokens == b.num_computed_tokens == 5 and b.num_tokens == 6
+    sched.running.remove(b)                               # as if the pool had pushed it out
+    sched._preempt(b)
+    out = sched.schedule()                                # a could step but waits; b recomputes from the cache
+    assert out.beam_groups == [] and [(s.seq_id, n) for s, n in out.scheduled] == [(b.seq_id, 1)]
+    assert b.num_cached_tokens == 4                       # its full prompt page came from the prefix cache
+    sched.update(out, [])
+    out = sched.schedule()
+    assert {s.seq_id: n for s, n in out.scheduled} == {a.seq_id: 1, b.seq_id: 1}
+    assert [g for g, _ in out.beam_groups] == [group]

@@ -150,7 +150,15 @@ class Scheduler:
         """Nothing ran: every running sequence is a beam held for a group member that cannot come back
         for want of pages. The oldest group keeps its pages and the others step back whole, behind its
         waiting members; alone, its own pages fill the pool and it ends with what it has."""
+        if any(s.beam is None for s in self.running):
+            return
         groups = list({id(s.beam): s.beam for s in self.running}.values())
+        mates = [s for s in self.waiting if s.beam in groups]
+        if mates and self.waiting[0] not in mates:       # someone else blocks the queue: the mates go first
+            for seq in reversed(mates):
+                self.waiting.remove(seq)
+                self.waiting.appendleft(seq)
+            return
         if len(groups) == 1:
             self._end_group(groups[0], out)
             return
