@@ -84,7 +84,7 @@ class BeamGroup:
         running = [c for c, end in zip(candidates, ends) if not end][:width]
         if self.improvable and not (len(self.finished) == width and self.stops_when_full):
             penalty = f32(generated ** params.length_penalty)
-            new = [self._hypothesis(c, penalty, at_max) for c, end in zip(candidates[:width], ends) if end]
+            new = [self._hypothesis(c, penalty) for c, end in zip(candidates[:width], ends) if end]
             self.finished = sorted(self.finished + new, key=lambda h: -h.score)[:width]   # stable: old first on ties
         if len(self.finished) == width and running:
             longest = params.early_stopping == "never" and params.length_penalty > 0
@@ -95,7 +95,7 @@ class BeamGroup:
                      or (len(self.finished) == width and self.stops_when_full))
         return running
 
-    def _hypothesis(self, c: BeamCandidate, penalty: float, at_max: bool) -> BeamHypothesis:
+    def _hypothesis(self, c: BeamCandidate, penalty: float) -> BeamHypothesis:
         parent = self.beams[c.beam]
         stopped = c.token_id in self.stop_token_ids
         return BeamHypothesis(
