@@ -68,9 +68,9 @@ class _Request:
     @property
     def emits_every_step(self) -> bool:
         """FINAL_ONLY emits once; so does DELTA with best_of > n (which samples stay is known at the end)."""
-        kind = self.params.output_kind
         if self.beam is not None:
             return False
+        kind = self.params.output_kind
         return kind is RequestOutputKind.CUMULATIVE or (kind is RequestOutputKind.DELTA
                                                         and len(self.samples) == self.params.n)
 
@@ -177,29 +177,24 @@ class LLMEngine:
     def check_params(self, params: SamplingParams | BeamSearchParams) -> None:
         """The limits that depend on this engine: the vocabulary, max_num_seqs, the tokenizer."""
         if isinstance(params, BeamSearchParams):
-            return self._check_beam_params(params)
-        if not isinstance(params, SamplingParams):
+            token_ids = [("stop_token_ids", params.stop_token_ids)]
+            name, group, what = "beam_width", params.beam_width, "beams"
+        elif isinstance(params, SamplingParams):
+            if params.stop_strings and self.tokenizer is None:
+                raise ValueError("stop: stop strings need a tokenizer, and this model has none")
+            token_ids = [("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or ()))]
+            group = params.best_of or params.n
+            name, what = "best_of" if params.best_of else "n", f"{group} samples"
+        else:
             raise ValueError(f"sampling_params: must be a SamplingParams, got {type(params).__name__}")
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer, and this model has none")
         vocab = self.model_config.vocab_size
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or ()))):
+        for field_name, ids in token_ids:
             bad = [t for t in ids if t >= vocab]
             if bad:
-                raise ValueError(f"{name}: token ids must be in [0, {vocab}), got {bad[:5]}")
-        group = params.best_of or params.n
+                raise ValueError(f"{field_name}: token ids must be in [0, {vocab}), got {bad[:5]}")
         if group > self.config.max_num_seqs:
-            field_name = "best_of" if params.best_of else "n"
-            raise ValueError(f"{field_name} must be <= max_num_seqs ({self.config.max_num_seqs}): the "
-                             f"{group} samples of one request run side by side, got {group}")
-
-    def _check_beam_params(self, params: BeamSearchParams) -> None:
-        if params.beam_width > self.config.max_num_seqs:
-            raise ValueError(f"beam_width must be <= max_num_seqs ({self.config.max_num_seqs}): the beams of one "
-                             f"request run side by side, got {params.beam_width}")
-        vocab = self.model_config.vocab_size
-        if bad := [t for t in params.stop_token_ids if t >= vocab]:
-            raise ValueError(f"stop_token_ids: token ids must be in [0, {vocab}), got {bad[:5]}")
+            raise ValueError(f"{name} must be <= max_num_seqs ({self.config.max_num_seqs}): the "
+                             f"{what} of one request run side by side, got {group}")
 
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | BeamSearchParams | None = None,
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> str:
@@ -281,7 +276,7 @@ class LLMEngine:
         for seq, row in out.samples:
             groups[seq.request_id].samples.append((seq, rows[seq.request_id][row]))
         for beam_group, group_rows in out.beam_groups:
-            rid = beam_group.beams[0].request_id
+            rid = out.scheduled[group_rows[0]][0].request_id
             groups[rid].beam_groups.append((beam_group, [rows[rid][r] for r in group_rows]))
         kept, result = SchedulerOutput(block_copies=out.block_copies), StepResult([])
         for request_id, group in groups.items():
@@ -342,8 +337,8 @@ class LLMEngine:
             req.metrics.first_token_time = req.metrics.first_token_time or now
             req.metrics.last_token_time = now
             touched[req.request_id] = req
-        for group, _ in out.beam_groups:
-            if (req := self.requests.get(group.beams[0].request_id if group.beams else "")) is not None:
+        for _, rows in out.beam_groups:
+            if (req := self.requests.get(out.scheduled[rows[0]][0].request_id)) is not None:
                 req.metrics.first_token_time = req.metrics.first_token_time or now
                 req.metrics.last_token_time = now
         for seq in finished:

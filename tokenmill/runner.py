@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenmill.attention import AttentionBackend, AttentionMetadata
+from tokenmill.core.beam import BeamCandidate
 from tokenmill.core.scheduler import SchedulerOutput
 from tokenmill.core.sequence import Sequence
-from tokenmill.core.beam import BeamCandidate
 from tokenmill.kv_cache import copy_blocks
 from tokenmill.sample.beam import beam_candidates
 from tokenmill.sample.sampler import SampledToken, Sampler, SamplerRow, TokenHistory

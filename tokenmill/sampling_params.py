@@ -152,8 +152,7 @@ class BeamSearchParams:
             raise ValueError(f"temperature must be 0 (unscaled) or >= {MIN_TEMPERATURE}, got {self.temperature!r}")
         if not _is_number(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
-        if self.early_stopping not in (True, False, "never") or isinstance(self.early_stopping, int) and \
-                not isinstance(self.early_stopping, bool):
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise ValueError(f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")

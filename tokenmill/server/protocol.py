@@ -72,7 +72,7 @@ class _SamplingRequest(BaseModel):
         if logprobs:
             raise ValueError("logprobs: beam search returns the chosen tokens' logprobs only; ask for 0 "
                              "top alternatives")
-        if not isinstance(self.n, int) or self.n < 1:
+        if self.n < 1:
             raise ValueError(f"n must be >= 1 (the number of beams), got {self.n}")
         return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
                                 temperature=self.temperature or 0.0, length_penalty=self.length_penalty,
