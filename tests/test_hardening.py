@@ -126,7 +126,7 @@ def test_scheduler_finishes_a_lone_sequence_that_cannot_grow():
         out = sched.schedule()
         if seq.is_finished:
             break
-        sched.update(out, [7] * len(out.samples))
+        sched.update(out, [[7]] * len(out.samples))
     assert seq.status is SequenceStatus.FINISHED_LENGTH and seq.num_tokens == 9 and step < 6   # 8 in the pages + the last sampled
     assert out.finished == [seq] and not sched.has_unfinished() and bm.num_free_blocks == 2
 
@@ -181,13 +181,13 @@ def test_a_request_that_breaks_sampling_midway_fails_alone(engine, monkeypatch):
     clean_id = engine.add_request(None, None, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
                                   prompt_token_ids=ids(11, seed=1))
     clean = run(engine)[clean_id].outputs[0].token_ids
-    row = engine.runner._row
+    row = engine.runner.row
 
-    def faulty(seq):
+    def faulty(seq, pending=()):
         if seq.request_id == "bad" and seq.num_output_tokens == 3:
             raise IndexError("injected sampler fault")
-        return row(seq)
-    monkeypatch.setattr(engine.runner, "_row", faulty)
+        return row(seq, pending)
+    monkeypatch.setattr(engine.runner, "row", faulty)
     engine.add_request("good", None, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
                        prompt_token_ids=ids(11, seed=1))
     engine.add_request("bad", None, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),

@@ -1,7 +1,8 @@
 """EngineConfig: every knob of the engine in one frozen, validated dataclass."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -12,6 +13,70 @@ def cpu_has_amx_bf16() -> bool:
     """AMX tiles make bfloat16 matrix products ~3.5x faster than float32 ones on this CPU
     (benchmarks/engine.py, docs/benchmarks.md); without them bf16 products are slower than fp32."""
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+SPEC_METHODS = ("draft_model", "ngram")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, with vLLM's names. `ngram`: copy what followed the longest earlier match
+    (prompt_lookup_max down to prompt_lookup_min tokens) of the context's tail. `draft_model`: a small
+    model with the target's vocabulary (or the target itself, run quantized) proposes."""
+    method: str = "ngram"
+    num_speculative_tokens: int = 3           # k: drafts verified per step
+    model: str | None = None                  # draft_model: path or short name of the draft
+    quantization: str | None = None           # draft_model: how the draft runs (None: as stored)
+    dtype: str | None = None                  # draft_model: its activation dtype (None: the target's)
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+    disable_by_batch_size: int | None = 8     # no drafts while more sequences than this run
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {list(SPEC_METHODS)}, got {self.method!r}")
+        for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_min", 1), ("prompt_lookup_max", 1),
+                          ("disable_by_batch_size", 1)):
+            value = getattr(self, name)
+            if value is None and name == "disable_by_batch_size":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"speculative_config.{name} must be an integer >= {low}, got {value!r}")
+        if self.num_speculative_tokens > 16:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be <= 16, got {self.num_speculative_tokens}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+        if self.method == "draft_model":
+            if not isinstance(self.model, str) or not self.model:
+                raise ValueError("speculative_config.model: method 'draft_model' needs the draft's path or short name")
+            from tokenmill.quant import check_quantization
+            try:
+                check_quantization(self.quantization)
+            except ValueError as e:
+                raise ValueError(f"speculative_config.{e}") from None
+            if self.dtype is not None and self.dtype not in DTYPES and self.dtype != "auto":
+                raise ValueError(f"speculative_config.dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}")
+        elif self.model is not None or self.quantization is not None:
+            raise ValueError("speculative_config.model / quantization: only for method 'draft_model'")
+
+    @classmethod
+    def parse(cls, value: "SpeculativeConfig | dict | str | None") -> "SpeculativeConfig | None":
+        """From a SpeculativeConfig, a dict or a JSON object string (the CLI's --speculative-config)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config: must be a JSON object, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -29,6 +94,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str | None = None  # None: "triton" on CUDA, "cpu" (ATen flash over pages) on CPU
     device: str | None = None             # None: CUDA when available, else CPU
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, optional: bool = False) -> None:
@@ -52,6 +118,12 @@ class EngineConfig:
         gb = self.kv_cache_memory_gb
         if not isinstance(gb, (int, float)) or isinstance(gb, bool) or not 0 < gb < float("inf"):
             raise ValueError(f"kv_cache_memory_gb must be a finite number > 0, got {gb!r}")
+        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
+        spec = self.speculative_config
+        if spec is not None and spec.num_speculative_tokens + 1 > self.max_num_batched_tokens:
+            raise ValueError(f"speculative_config.num_speculative_tokens ({spec.num_speculative_tokens}) + 1 must "
+                             f"fit max_num_batched_tokens ({self.max_num_batched_tokens})")
         if self.device is not None:
             try:
                 torch.device(self.device)

@@ -14,7 +14,7 @@ from typing import Sequence as Seq
 import torch
 
 from tokenmill.attention import get_backend
-from tokenmill.config import EngineConfig, cpu_has_amx_bf16
+from tokenmill.config import EngineConfig, SpeculativeConfig, cpu_has_amx_bf16
 from tokenmill.core.beam import BeamGroup
 from tokenmill.core.block_manager import BlockManager
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -23,9 +23,11 @@ from tokenmill.kv_cache import allocate_kv_cache, num_blocks_for_memory
 from tokenmill.model.load import build_model, describe_weights, open_checkpoint, weight_bytes
 from tokenmill.model_files import resolve_model
 from tokenmill.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, PromptLogprobs,
-                               RequestMetrics, RequestOutput)
+                               RequestMetrics, RequestOutput, SpecDecodeStats)
 from tokenmill.runner import Runner, StepResult
 from tokenmill.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from tokenmill.spec.draft import DraftModelProposer
+from tokenmill.spec.ngram import NgramProposer
 from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("tokenmill")
@@ -44,6 +46,7 @@ class _Sample:
     stop_floor: int = 0      # stop strings may only start here: the text before came within min_tokens
     sent_text: int = 0       # what DELTA outputs have handed out so far: characters,
     sent_tokens: int = 0     # and tokens (and logprob records)
+    num_tokens: int = 0      # output tokens taken in so far
 
 
 @dataclass(eq=False)
@@ -98,11 +101,18 @@ class LLMEngine:
                     num_blocks, config.block_size, num_blocks * config.block_size, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else set()
+        self.spec = spec = config.speculative_config
+        drafting = spec is not None and spec.method == "draft_model"
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len), self.block_manager, eos)
+                                                   self.max_model_len, spec.num_speculative_tokens if drafting else 0),
+                                   self.block_manager, eos)
         kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, dtype, device)
         self.runner = Runner(self.model, kv_caches, get_backend(config.backend_name), config.block_size, eos,
                              config.seed, device, cfg.vocab_size)
+        self.ngram = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec and not drafting else None
+        if drafting:
+            self.runner.drafter = self._load_draft(spec, num_blocks, progress)
+        self.spec_stats = SpecDecodeStats()
         self.requests: dict[str, _Request] = {}
         self._failed: list[_Request] = []
         self._next_id = 0
@@ -132,6 +142,35 @@ class LLMEngine:
                            "kv_cache_memory_gb for longer contexts)", length, cache_tokens)
             length = cache_tokens
         return length
+
+    def _load_draft(self, spec: SpeculativeConfig, num_blocks: int, progress: bool) -> DraftModelProposer:
+        """The draft model with its own KV cache over the target's pages; refused unless its vocabulary
+        is the target's and its positions reach max_model_len."""
+        config, cfg = self.config, self.model_config
+        path = resolve_model(spec.model)
+        ckpt = open_checkpoint(path)
+        dcfg = ckpt.config
+        if dcfg.vocab_size != cfg.vocab_size:
+            raise ValueError(f"speculative_config.model: the draft's vocabulary ({dcfg.vocab_size} tokens, {path.name}) "
+                             f"differs from the target's ({cfg.vocab_size}); a draft must share the tokenizer")
+        tokenizer = self._load_tokenizer(ckpt)
+        if (tokenizer is None) != (self.tokenizer is None) or (
+                tokenizer is not None and tokenizer.vocab() != self.tokenizer.vocab()):
+            raise ValueError(f"speculative_config.model: the draft's tokenizer ({path.name}) differs from the "
+                             f"target's; a draft must map the same text to the same token ids")
+        if dcfg.max_position_embeddings < self.max_model_len:
+            raise ValueError(f"speculative_config.model: the draft has {dcfg.max_position_embeddings} positions, "
+                             f"fewer than max_model_len ({self.max_model_len}); lower max_model_len")
+        dtype = dataclasses.replace(config, dtype=spec.dtype or config.dtype).torch_dtype
+        device = config.torch_device
+        t0 = time.perf_counter()
+        model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(spec.quantization), progress)
+        kv_caches = allocate_kv_cache(dcfg, num_blocks, config.block_size, dtype, device)
+        logger.info("draft %s (%d layers) in %.1f s: %s; weights %.1f MB, KV %.1f MB; %d tokens proposed per step",
+                    path.name, dcfg.num_hidden_layers, time.perf_counter() - t0, describe_weights(model),
+                    weight_bytes(model) / 1e6, sum(k.numel() * k.element_size() * 2 for k, _ in kv_caches) / 1e6,
+                    spec.num_speculative_tokens)
+        return DraftModelProposer(model, kv_caches, get_backend(config.backend_name), config.block_size, device)
 
     @staticmethod
     def _load_tokenizer(ckpt) -> Tokenizer | None:
@@ -261,8 +300,48 @@ class LLMEngine:
             logger.exception("a step of %d sequences failed; retrying its requests one by one", len(out.scheduled))
             self.runner.restore(snapshot)
             out, result = self._execute_alone(out)
-        finished = self.scheduler.update(out, [s.token_id for s in result.sampled], result.beam_candidates)
-        return self._postprocess(out, result, finished) + self._flush_failed()
+        num_drafts = [len(seq.spec_token_ids) for seq, _ in out.samples]
+        finished = self.scheduler.update(out, [[t.token_id for t in toks] for toks in result.sampled],
+                                         result.beam_candidates)
+        outputs = self._postprocess(out, result, finished, num_drafts)
+        self._propose()
+        return outputs + self._flush_failed()
+
+    # ---- speculative decoding ----------------------------------------------------------------------
+    def _propose(self) -> None:
+        """Drafts for the running sequences that decode next, unless more than disable_by_batch_size run."""
+        spec = self.spec
+        running = self.scheduler.running
+        if spec is None or (spec.disable_by_batch_size is not None and len(running) > spec.disable_by_batch_size):
+            return
+        seqs, limits = [], []
+        for seq in running:
+            if (seq.beam is None and not seq.spec_token_ids and not seq.pending_forks
+                    and seq.num_computed_tokens == seq.num_tokens - 1 and (limit := self._draft_limit(seq)) > 0):
+                seqs.append(seq)
+                limits.append(limit)
+        if not seqs:
+            return
+        if self.ngram is not None:
+            drafts = [self.ngram.propose(seq.token_ids, limit) for seq, limit in zip(seqs, limits)]
+        else:
+            try:
+                drafts = self.runner.propose(seqs, limits)
+            except Exception:     # noqa: BLE001 -- drafts are an optimisation: decode without them this step
+                logger.exception("the draft model failed; this step runs without drafts")
+                return
+        for seq, d in zip(seqs, drafts):
+            seq.spec_token_ids = d
+
+    def _draft_limit(self, seq: Sequence) -> int:
+        """Drafts that fit: the step emits one token past them, within max_tokens and max_model_len;
+        a draft model writes them into the sequence's own pages only."""
+        limit = min(self.spec.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
+        if seq.params.max_tokens is not None:
+            limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
+        if self.runner.drafter is not None:
+            limit = min(limit, self.block_manager.writable_slots(seq, seq.num_tokens - 1))
+        return limit
 
     def _execute_alone(self, out: SchedulerOutput) -> tuple[SchedulerOutput, StepResult]:
         """Run each request of a failed step by itself; fail those that fail alone. Returns the step
@@ -311,7 +390,8 @@ class LLMEngine:
         failed, self._failed = self._failed, []
         return [self._request_output(req) for req in failed]
 
-    def _postprocess(self, out: SchedulerOutput, result: StepResult, finished: list[Sequence]) -> list[RequestOutput]:
+    def _postprocess(self, out: SchedulerOutput, result: StepResult, finished: list[Sequence],
+                     num_drafts: list[int]) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, _Request] = {}
         for seq, _ in out.scheduled:
@@ -324,12 +404,16 @@ class LLMEngine:
             for pos, entry in entries:      # after a preemption the prompt is recomputed: keep the first copy
                 if pos + 1 == len(req.prompt_logprobs):
                     req.prompt_logprobs.append(self._prompt_logprob_record(req, pos + 1, entry))
-        for (seq, _), tok in zip(out.samples, result.sampled):
+        for (seq, _), toks, drafts in zip(out.samples, result.sampled, num_drafts):
             req = self.requests.get(seq.request_id)
             if req is None or seq.status is SequenceStatus.FINISHED_ABORTED:
                 continue
+            if drafts:
+                self.spec_stats.observe(drafts, len(toks) - 1)
+                req.metrics.spec_decode = req.metrics.spec_decode or SpecDecodeStats()
+                req.metrics.spec_decode.observe(drafts, len(toks) - 1)
             try:
-                self._add_token(req, req.seqs_by_id[seq.seq_id], tok)
+                self._add_tokens(req, req.seqs_by_id[seq.seq_id], toks)
             except Exception as e:      # noqa: BLE001 -- e.g. a detokenizer error: this request alone fails
                 logger.exception("request %s failed after sampling: failing it", req.request_id)
                 self._fail(req.request_id, e)
@@ -358,17 +442,26 @@ class LLMEngine:
                 outputs.append(self._request_output(req))
         return outputs
 
-    def _add_token(self, req: _Request, sample: _Sample, tok) -> None:
+    def _add_tokens(self, req: _Request, sample: _Sample, toks: list) -> None:
+        """Take in the tokens the scheduler appended (a stop may have cut the step's list short); a stop
+        string inside them ends the sequence there, and what followed is dropped."""
         seq = sample.seq
-        seq.cumulative_logprob += tok.logprob
-        if sample.logprobs is not None:
-            sample.logprobs.append(self._logprob_record(tok, req.params.logprobs))
-        if sample.detokenizer is not None:
-            delta = sample.detokenizer.add(tok.token_id)
-            # an EOS or stop token ends the text without its own (vLLM's rule), unless asked for
-            if seq.status is SequenceStatus.FINISHED_STOPPED and not req.params.include_stop_str_in_output:
-                delta = ""
-            self._append_text(sample, delta)
+        appended = seq.num_output_tokens - sample.num_tokens
+        for i, tok in enumerate(toks[:appended]):
+            sample.num_tokens += 1
+            seq.cumulative_logprob += tok.logprob
+            if sample.logprobs is not None:
+                sample.logprobs.append(self._logprob_record(tok, req.params.logprobs))
+            if sample.detokenizer is not None:
+                delta = sample.detokenizer.add(tok.token_id)
+                # an EOS or stop token ends the text without its own (vLLM's rule), unless asked for
+                if (i == appended - 1 and seq.status is SequenceStatus.FINISHED_STOPPED
+                        and not req.params.include_stop_str_in_output):
+                    delta = ""
+                self._append_text(sample, delta)
+                if isinstance(seq.stop_reason, str):
+                    del seq.token_ids[seq.num_prompt_tokens + sample.num_tokens:]
+                    break
 
     def _append_text(self, sample: _Sample, delta: str) -> None:
         seq, params = sample.seq, sample.seq.params
@@ -487,13 +580,14 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, num_kv_blocks: int | None = None,
                  kv_cache_memory_gb: float = 2.0, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, seed: int = 0, attention_backend: str | None = None,
-                 device: str | None = None, progress: bool = True):
+                 device: str | None = None, speculative_config: SpeculativeConfig | dict | str | None = None,
+                 progress: bool = True):
         config = EngineConfig(model=model, dtype=dtype, quantization=quantization, block_size=block_size,
                               max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
                               kv_cache_memory_gb=kv_cache_memory_gb, enable_prefix_caching=enable_prefix_caching,
                               max_model_len=max_model_len, seed=seed, attention_backend=attention_backend,
-                              device=device)
+                              device=device, speculative_config=SpeculativeConfig.parse(speculative_config))
         self.engine = LLMEngine(config, progress=progress)
 
     @classmethod

@@ -32,6 +32,46 @@ class CompletionOutput:
 
 
 @dataclass
+class SpecDecodeStats:
+    """Speculative decoding counts: per request (RequestMetrics.spec_decode) and engine-wide."""
+    num_drafts: int = 0                   # verification steps that carried drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)    # drafts at position 1, 2, ... of a step
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
+        if not num_draft_tokens:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        for counts, n in ((self.drafted_per_position, num_draft_tokens), (self.accepted_per_position, num_accepted)):
+            counts.extend([0] * (n - len(counts)))
+            for i in range(n):
+                counts[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a verification step emits on average: the accepted drafts and one more."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
+    def summary(self) -> str:
+        per_position = ", ".join(f"{r:.2f}" for r in self.acceptance_per_position)
+        return (f"speculative decoding: {self.num_accepted_tokens}/{self.num_draft_tokens} drafts accepted "
+                f"({self.acceptance_rate:.1%}), mean acceptance length {self.mean_acceptance_length:.2f}, "
+                f"per position [{per_position}]")
+
+
+@dataclass
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None
@@ -39,6 +79,7 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0
+    spec_decode: SpecDecodeStats | None = None     # set when the engine speculates
 
 
 @dataclass

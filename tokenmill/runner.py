@@ -6,6 +6,7 @@ date from the sequence by its new part only, so a step's bookkeeping does not gr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,10 @@ from tokenmill.core.sequence import Sequence
 from tokenmill.kv_cache import copy_blocks
 from tokenmill.sample.beam import beam_candidates
 from tokenmill.sample.sampler import SampledToken, Sampler, SamplerRow, TokenHistory
+from tokenmill.spec.rejection import DraftSpan, verify
+
+if TYPE_CHECKING:
+    from tokenmill.spec.draft import DraftModelProposer
 
 PromptLogprob = tuple[float, int, list[tuple[int, float]]] | None   # (logprob, rank, top-n) of a prompt token
 SEED_MASK = 2**64 - 1
@@ -23,7 +28,7 @@ SEED_MASK = 2**64 - 1
 
 @dataclass
 class StepResult:
-    sampled: list[SampledToken]                                           # one per SchedulerOutput.samples entry
+    sampled: list[list[SampledToken]]       # per SchedulerOutput.samples entry: accepted drafts, then one sampled token
     prompt_logprobs: dict[int, list[tuple[int, PromptLogprob]]] = field(default_factory=dict)  # seq_id -> (position, entry)
     beam_candidates: list[list[BeamCandidate]] = field(default_factory=list)  # one per SchedulerOutput.beam_groups entry
 
@@ -60,23 +65,56 @@ class Runner:
         self.history: TokenHistory | None = None
         self.history_rows: dict[int, _HistoryRow] = {}
         self.free_slots: list[int] = []
+        self.drafter: DraftModelProposer | None = None     # set by the engine for speculative decoding with a draft model
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         copy_blocks(self.kv_caches, out.block_copies)
+        if self.drafter is not None:
+            self.drafter.copy_blocks(out.block_copies)
         input_ids, positions, meta = self._prepare(out)
         hidden = self.model(input_ids, positions, self.kv_caches, self.backend, meta)   # [T, hidden]
         last = meta.query_start_loc[1:].tolist()
-        sample_rows = [last[row] - 1 for _, row in out.samples]
+        plain = [i for i, (seq, _) in enumerate(out.samples) if not seq.spec_token_ids]
+        spec = [i for i, (seq, _) in enumerate(out.samples) if seq.spec_token_ids]
+        sample_rows = [last[out.samples[i][1]] - 1 for i in plain]
+        spec_rows = [r for i in spec for r in self._spec_rows(out.samples[i][0], last[out.samples[i][1]])]
         plp_rows, plp_targets = self._prompt_logprob_rows(out, meta)
         beam_rows = [last[row] - 1 for _, rows in out.beam_groups for row in rows]
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows + beam_rows + plp_rows, dtype=torch.long)])
-        rows = [self._row(seq) for seq, _ in out.samples]
-        self._update_history(out, rows)
-        sampled = self.sampler(logits[:len(sample_rows)], rows, self.history)
-        beams_end = len(sample_rows) + len(beam_rows)
-        candidates = beam_candidates(logits[len(sample_rows):beams_end], [g for g, _ in out.beam_groups])
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows + spec_rows + beam_rows + plp_rows,
+                                                               dtype=torch.long)])
+        self._update_history([seq for seq, _ in out.samples])
+        sampled: list[list[SampledToken]] = [[] for _ in out.samples]
+        tokens = self.sampler(logits[:len(sample_rows)], [self.row(out.samples[i][0]) for i in plain], self.history)
+        for i, tok in zip(plain, tokens):
+            sampled[i] = [tok]
+        spec_end = len(sample_rows) + len(spec_rows)
+        if spec:
+            for i, toks in zip(spec, self._verify([out.samples[i][0] for i in spec], logits[len(sample_rows):spec_end])):
+                sampled[i] = toks
+        beams_end = spec_end + len(beam_rows)
+        candidates = beam_candidates(logits[spec_end:beams_end], [g for g, _ in out.beam_groups])
         return StepResult(sampled, self._prompt_logprobs(logits[beams_end:], plp_targets), candidates)
+
+    @staticmethod
+    def _spec_rows(seq: Sequence, end: int) -> range:
+        """The hidden rows of a sequence's last token and its drafts (its query chunk ends at `end`)."""
+        return range(end - 1 - len(seq.spec_token_ids), end)
+
+    def _verify(self, seqs: list[Sequence], logits: torch.Tensor) -> list[list[SampledToken]]:
+        rows, spans = [], []
+        for seq in seqs:
+            drafts = seq.spec_token_ids
+            q = self.drafter.take_probs(seq, drafts) if self.drafter is not None else None
+            spans.append(DraftSpan(len(rows), drafts, q))
+            rows += [self.row(seq, drafts[:j]) for j in range(len(drafts) + 1)]
+        return verify(self.sampler, logits, rows, spans, self.history)
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
+        """Draft tokens from the draft model, at most limits[i] for seqs[i] (see spec/draft.py)."""
+        self._update_history(seqs)
+        return self.drafter.propose(self, seqs, limits)
 
     def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
@@ -84,7 +122,7 @@ class Runner:
         qlens, slens = [], []
         for seq, n in out.scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids += seq.token_ids[start:end]
+            ids += (seq.token_ids + seq.spec_token_ids)[start:end] if seq.spec_token_ids else seq.token_ids[start:end]
             pos += range(start, end)
             qlens.append(n)
             slens.append(end)
@@ -111,14 +149,16 @@ class Runner:
             copy.length, copy.last = n, table[-1] if table else -1
         return copy.buffer[:n]
 
-    def _row(self, seq: Sequence) -> SamplerRow:
+    def row(self, seq: Sequence, pending: list[int] = ()) -> SamplerRow:
+        """How the next token of `seq` is sampled, after the `pending` tokens that its history lacks yet."""
         p = seq.params
         suppress = []
-        if seq.num_output_tokens < p.min_tokens:
+        if seq.num_output_tokens + len(pending) < p.min_tokens:
             suppress = sorted(set(self.eos_token_ids) | set(p.stop_token_ids))
         uses_history = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
         return SamplerRow(params=p, generator=self._generator(seq), suppress_token_ids=suppress,
-                          history_slot=self._history_slot(seq) if uses_history else None)
+                          history_slot=self._history_slot(seq) if uses_history else None,
+                          pending_token_ids=tuple(pending) if uses_history else ())
 
     def _history_slot(self, seq: Sequence) -> int:
         entry = self.history_rows.get(seq.seq_id)
@@ -133,15 +173,16 @@ class Runner:
             self.history = grown
         slot = self.free_slots.pop()
         self.history.reset(slot, seq.prompt_token_ids)
-        self.history_rows[seq.seq_id] = _HistoryRow(slot, seq.num_prompt_tokens)
+        self.history.add([slot], [seq.output_token_ids])
+        self.history_rows[seq.seq_id] = _HistoryRow(slot, seq.num_tokens)
         return slot
 
-    def _update_history(self, out: SchedulerOutput, rows: list[SamplerRow]) -> None:
+    def _update_history(self, seqs: list[Sequence]) -> None:
         """Count the output tokens each penalised sequence gained since it was last counted."""
         slots, new = [], []
-        for (seq, _), row in zip(out.samples, rows):
+        for seq in seqs:
             entry = self.history_rows.get(seq.seq_id)
-            if row.history_slot is None or entry is None or entry.num_tokens == seq.num_tokens:
+            if entry is None or entry.num_tokens == seq.num_tokens:
                 continue
             slots.append(entry.slot)
             new.append(seq.token_ids[entry.num_tokens:])
@@ -159,6 +200,8 @@ class Runner:
         return gen
 
     def release(self, seq: Sequence) -> None:
+        if self.drafter is not None:
+            self.drafter.release(seq)
         self.generators.pop(seq.seq_id, None)
         self.tables.pop(seq.seq_id, None)
         entry = self.history_rows.pop(seq.seq_id, None)

@@ -236,6 +236,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def token_text(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 

@@ -20,7 +20,7 @@ def seq(rid, length, **kw):
 
 def step(sched, token=7):
     out = sched.schedule()
-    sched.update(out, [token] * len(out.samples))
+    sched.update(out, [[token]] * len(out.samples))
     return out
 
 
@@ -70,13 +70,13 @@ def test_stops_eos_min_tokens_max_tokens_stop_ids():
     for s in (a, b, c, d):
         sched.add(s)
     out = sched.schedule()
-    sched.update(out, [EOS, EOS, 5, EOS])
+    sched.update(out, [[EOS], [EOS], [5], [EOS]])
     assert a.status is SequenceStatus.FINISHED_STOPPED
     assert b.status is SequenceStatus.RUNNING          # min_tokens not reached: EOS does not stop
     assert c.status is SequenceStatus.FINISHED_STOPPED and c.stop_reason == 5
     assert d.status is SequenceStatus.RUNNING
     out = sched.schedule()
-    sched.update(out, [EOS, 9])
+    sched.update(out, [[EOS], [9]])
     assert b.status is SequenceStatus.FINISHED_STOPPED
     step(sched, 9)
     assert d.status is SequenceStatus.RUNNING and d.num_output_tokens == 3
@@ -130,7 +130,7 @@ def test_n_siblings_fork_when_the_prompt_completes_and_share_pages():
     out = sched.schedule()            # the last 2 prompt tokens: siblings fork and sample from the same row
     assert len(sched.running) == 3
     assert [(s.index, row) for s, row in out.samples] == [(0, 0), (1, 0), (2, 0)]
-    sched.update(out, [11, 12, 13])
+    sched.update(out, [[11], [12], [13]])
     s1, s2 = sched.running[1], sched.running[2]
     assert s1.block_table == leader.block_table == s2.block_table
     assert bm.blocks[leader.block_table[0]].ref_count == 3
@@ -209,3 +209,81 @@ def test_held_beams_wait_for_a_preempted_mate_then_the_group_steps():
     out = sched.schedule()
     assert {s.seq_id: n for s, n in out.scheduled} == {a.seq_id: 1, b.seq_id: 1}
     assert [g for g, _ in out.beam_groups] == [group]
+
+
+# ---- speculative decoding: drafts ride with the last token, rejected ones roll back -----------------
+
+def test_drafts_are_verified_with_the_last_token_and_rejected_ones_roll_back():
+    sched, bm = make(num_blocks=8, block_size=4, budget=16)
+    a = seq("a", 6, max_tokens=20)
+    sched.add(a)
+    step(sched)                                   # prompt of 6 + its first token
+    assert (a.num_tokens, a.num_computed_tokens) == (7, 6)
+    a.spec_token_ids = [8, 9, 10]
+    out = sched.schedule()
+    assert [(s.request_id, n) for s, n in out.scheduled] == [("a", 4)]    # last token + 3 drafts
+    assert [(s.request_id, row) for s, row in out.samples] == [("a", 0)]
+    assert len(a.block_table) == 3                # positions 0..9
+    sched.update(out, [[8, 11]])                  # the first draft accepted, then 11
+    assert a.token_ids[-2:] == [8, 11] and a.spec_token_ids == []
+    assert (a.num_tokens, a.num_computed_tokens) == (9, 8)
+    assert a.num_hashed_blocks == 2               # positions 0..7; page 3 holds rejected drafts' KV
+    a.spec_token_ids = [12, 13]
+    out = sched.schedule()
+    assert out.scheduled == [(a, 3)]
+    sched.update(out, [[12, 13, 14]])             # all accepted, then a bonus token
+    assert (a.num_tokens, a.num_computed_tokens) == (12, 11)
+    assert a.token_ids[-3:] == [12, 13, 14]
+
+
+def test_drafts_are_never_trimmed_by_the_budget():
+    sched, _ = make(budget=3)
+    a = seq("a", 2, max_tokens=20)
+    sched.add(a)
+    step(sched)
+    a.spec_token_ids = [5, 6, 7]                  # needs 4 > budget 3: waits rather than losing drafts
+    assert sched.schedule().scheduled == []
+    a.spec_token_ids = [5, 6]
+    assert sched.schedule().scheduled == [(a, 3)]
+
+
+def test_a_stop_inside_the_accepted_drafts_drops_what_follows():
+    sched, bm = make()
+    a, b = seq("a", 3, max_tokens=20), seq("b", 3, max_tokens=4)
+    sched.add(a)
+    sched.add(b)
+    step(sched)
+    a.spec_token_ids, b.spec_token_ids = [5, EOS, 6], [5, 6, 8]
+    out = sched.schedule()
+    finished = sched.update(out, [[5, EOS, 6, 9], [5, 6, 8, 9]])
+    assert set(finished) == {a, b}
+    assert a.output_token_ids == [7, 5, EOS] and a.status is SequenceStatus.FINISHED_STOPPED
+    assert b.output_token_ids == [7, 5, 6, 8] and b.status is SequenceStatus.FINISHED_LENGTH   # max_tokens 4
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_lookahead_slots_for_a_draft_model_stop_at_max_model_len():
+    bm = BlockManager(16, 2, True)
+    sched = Scheduler(SchedulerConfig(4, 16, 10, num_lookahead_tokens=3), bm, {EOS})
+    a = seq("a", 3, max_tokens=20)
+    sched.add(a)
+    step(sched)
+    assert len(a.block_table) == 3                # 3 prompt tokens + 3 slots
+    a.spec_token_ids = [5, 6]
+    step(sched)
+    assert len(a.block_table) == 5                # 4 tokens + 2 drafts + 3 slots
+    a.spec_token_ids = [5, 6, 7]
+    sched.schedule()
+    assert len(a.block_table) == 5                # 5 + 3 + 3 = 11, but max_model_len is 10
+
+
+def test_preemption_drops_the_drafts():
+    sched, bm = make(num_blocks=3, block_size=4, budget=16)
+    a, b = seq("a", 4, max_tokens=20), seq("b", 4, max_tokens=20)
+    sched.add(a)
+    sched.add(b)
+    step(sched)                                   # both prompts: 2 pages of 3 ... a has 2, b 1
+    a.spec_token_ids, b.spec_token_ids = [1, 2, 3], [1, 2, 3]
+    out = sched.schedule()
+    assert b in out.preempted and b.spec_token_ids == [] and b.num_computed_tokens == 0
+    assert out.scheduled == [(a, 4)]

@@ -76,6 +76,14 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - len(self.free) / len(self.blocks)
 
+    def writable_slots(self, seq: Sequence, position: int) -> int:
+        """How many positions from `position` on `seq` may write into its own pages (0 when the page
+        of `position` is shared, or missing)."""
+        idx = position // self.block_size
+        if idx >= len(seq.block_table) or self.blocks[seq.block_table[idx]].ref_count > 1:
+            return 0
+        return len(seq.block_table) * self.block_size - position
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -106,14 +114,17 @@ class BlockManager:
         return hits
 
     # ---- allocation --------------------------------------------------------------------------------
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Make `seq.block_table` cover its next `num_new_tokens` tokens; False (and no change) if
-        the pool cannot. A sequence without pages first takes what the prefix cache holds, which
-        advances `seq.num_computed_tokens` (the caller re-reads it)."""
+    def allocate(self, seq: Sequence, num_new_tokens: int, num_lookahead: int = 0) -> bool:
+        """Make `seq.block_table` cover its next `num_new_tokens` tokens, and `num_lookahead` slots past
+        its last token when they reach it (draft tokens: verified, or written by a draft model); False
+        (and no change) if the pool cannot. A sequence without pages first takes what the prefix cache
+        holds, which advances `seq.num_computed_tokens` (the caller re-reads it)."""
         fresh = not seq.block_table and seq.num_computed_tokens == 0
         hits = self.cached_prefix(seq) if fresh else []
         start = seq.num_computed_tokens + len(hits) * self.block_size
         end = min(start + num_new_tokens, seq.num_tokens)
+        if end == seq.num_tokens:
+            end += num_lookahead
         need_new = max(0, self.blocks_needed(end) - len(seq.block_table) - len(hits))
         cow = not fresh and self._needs_copy(seq, start)
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)

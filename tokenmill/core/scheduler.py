@@ -6,6 +6,12 @@ preempts the newest running one (recompute: its pages are freed, it goes back to
 of the queue and later recomputes, mostly from the prefix cache). Waiting sequences are
 admitted in FCFS order while the budget, `max_num_seqs` and the page pool allow.
 
+A sequence with draft tokens (`spec_token_ids`, speculative decoding) asks for 1 + drafts tokens:
+its last token and the drafts, verified in one step, all of them or none. `update` takes the
+tokens the verifier emitted (the accepted drafts and one more) and rolls `num_computed_tokens`
+back past the rejected ones, whose KV slots are simply overwritten later; only pages made entirely
+of accepted tokens enter the prefix cache.
+
 Nothing waits forever: `add` refuses what could never be scheduled, and a sequence that cannot
 grow even with the whole pool to itself finishes with "length".
 
@@ -29,11 +35,14 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    num_lookahead_tokens: int = 0     # KV slots past a sequence's drafts that a draft model writes into
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_lookahead_tokens < 0:
+            raise ValueError(f"num_lookahead_tokens must be >= 0, got {self.num_lookahead_tokens}")
 
 
 @dataclass
@@ -109,8 +118,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, num_new):
+            num_new = min(seq.num_tokens + len(seq.spec_token_ids) - seq.num_computed_tokens, budget)
+            if seq.spec_token_ids and num_new <= len(seq.spec_token_ids):
+                break       # drafts are verified whole: trimming them would change a seeded request's draws
+            while not self.block_manager.allocate(seq, num_new, self._lookahead(seq)):
                 victim = self.running.pop()
                 if victim is seq and not self.running:     # the whole pool is not enough: it cannot grow
                     self._finish_length(seq, out)
@@ -205,7 +216,7 @@ class Scheduler:
             if self._places_taken(out) + self._places_needed(seq) > self.config.max_num_seqs:
                 break
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.allocate(seq, num_new):
+            if not self.block_manager.allocate(seq, num_new, self._lookahead(seq)):
                 if not self.running and not out.scheduled:    # alone with the whole pool: it never fits
                     self._finish_length(seq, out)
                     continue
@@ -217,6 +228,13 @@ class Scheduler:
                 admitted_groups.add(seq.beam)
             # a prefix-cache hit moved num_computed_tokens forward
             budget -= self._schedule(seq, min(seq.num_tokens - seq.num_computed_tokens, budget), out)
+
+    def _lookahead(self, seq: Sequence) -> int:
+        """Slots past the last token: the drafts and what a draft model writes after them, within max_model_len."""
+        # forks share every page of the prompt: none past it, so their first writes copy only the last one
+        draft_slots = self.config.num_lookahead_tokens if seq.beam is None and not seq.pending_forks else 0
+        wanted = len(seq.spec_token_ids) + draft_slots
+        return max(0, min(wanted, self.config.max_model_len - seq.num_tokens))
 
     def _places_taken(self, out: SchedulerOutput) -> int:
         groups = {s.beam for s in self.running if s.beam is not None}
@@ -232,7 +250,7 @@ class Scheduler:
         out.scheduled.append((seq, num_new))
         if seq.beam is not None:
             return num_new
-        if seq.num_computed_tokens + num_new == seq.num_tokens and seq.params.max_tokens != 0:
+        if seq.num_computed_tokens + num_new == seq.num_tokens + len(seq.spec_token_ids) and seq.params.max_tokens != 0:
             row = len(out.scheduled) - 1
             out.samples.append((seq, row))
             for sibling in seq.pending_forks:     # n > 1: siblings share the prompt's pages and its logits
@@ -247,6 +265,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, to_front: bool = True) -> None:
         self.block_manager.free_seq(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         if to_front:
@@ -255,26 +274,35 @@ class Scheduler:
             self.waiting.append(seq)
         self.num_preemptions += 1
 
-    def update(self, out: SchedulerOutput, sampled: list[int],
+    def update(self, out: SchedulerOutput, sampled: list[list[int]],
                beam_candidates: list[list[BeamCandidate]] = ()) -> list[Sequence]:
-        """Advance computed counts, append the sampled tokens (one per `out.samples` entry), apply the
-        token-level stops and advance the beam groups (one candidate list per `out.beam_groups` entry).
-        Returns the sequences that finished, dropped beams included."""
+        """Advance computed counts, append the sampled tokens (per `out.samples` entry a list: the
+        accepted drafts, then one sampled token), apply the token-level stops after each, and advance
+        the beam groups (one candidate list per `out.beam_groups` entry). Returns the sequences that
+        finished, dropped beams included."""
         finished = list(out.finished)
         for seq, num_new in out.scheduled:
-            seq.num_computed_tokens += num_new
+            seq.num_computed_tokens += num_new - len(seq.spec_token_ids)    # drafts count once accepted
+            seq.spec_token_ids = []
             self.block_manager.cache_full_blocks(seq)
             if seq.params.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens and not seq.is_finished:
                 self.finish(seq, SequenceStatus.FINISHED_LENGTH)     # prompt scoring: nothing to generate
                 finished.append(seq)
-        for (seq, _), token in zip(out.samples, sampled):
+        for (seq, _), tokens in zip(out.samples, sampled):
             if seq.is_finished:       # aborted meanwhile
                 continue
-            seq.token_ids.append(token)
-            status = self._check_stop(seq, token)
-            if status is not None:
-                self.finish(seq, status)
-                finished.append(seq)
+            for i, token in enumerate(tokens):
+                seq.token_ids.append(token)
+                if i:       # the token before was an accepted draft: its KV is computed
+                    seq.num_computed_tokens += 1
+                status = self._check_stop(seq, token)
+                if status is not None:
+                    self.finish(seq, status)
+                    finished.append(seq)
+                    break
+            else:
+                if len(tokens) > 1:
+                    self.block_manager.cache_full_blocks(seq)
         for (group, _), candidates in zip(out.beam_groups, beam_candidates):
             if not group.done:       # not aborted meanwhile
                 finished += self._advance_beams(group, candidates)

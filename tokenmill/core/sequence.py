@@ -47,6 +47,7 @@ class Sequence:
     block_hashes: list[tuple[bytes, tuple[int, ...]]] = field(default_factory=list)  # chained hashes of full blocks
     num_hashed_blocks: int = 0                       # leading pages of block_table registered in the prefix cache
     beam: BeamGroup | None = None                    # the beam search group this sequence is a beam of
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify in its next step
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:

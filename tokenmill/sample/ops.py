@@ -71,7 +71,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplerRow], history: Token
     """Suppressed tokens to -inf, then the logit biases, then the repetition penalty over prompt +
     output (a positive logit divided by it, a negative one multiplied, as transformers does), then
     the OpenAI frequency and presence penalties over the output: logit - f * count - p * (count > 0).
-    Penalties read the rows of `history` named by each row's `history_slot`."""
+    Penalties read the rows of `history` named by each row's `history_slot`, plus the row's
+    `pending_token_ids` (drafts that precede its position)."""
     logits = logits.clone()
     device = logits.device
     if any(r.suppress_token_ids for r in rows):
@@ -89,6 +90,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplerRow], history: Token
         idx = _index(rep, device)
         sub = logits[idx]
         seen = _history(history, rows, rep).seen[_index([rows[i].history_slot for i in rep], device)]
+        if any(rows[i].pending_token_ids for i in rep):
+            seen[_pairs([list(rows[i].pending_token_ids) for i in rep], list(range(len(rep))), device)] = True
         penalty = _per_row([rows[i].params.repetition_penalty for i in rep], sub)
         logits[idx] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
 
@@ -96,6 +99,9 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplerRow], history: Token
     if freq:
         idx = _index(freq, device)
         counts = _history(history, rows, freq).counts[_index([rows[i].history_slot for i in freq], device)]
+        if any(rows[i].pending_token_ids for i in freq):
+            where = _pairs([list(rows[i].pending_token_ids) for i in freq], list(range(len(freq))), device)
+            counts.index_put_(where, torch.ones(len(where[0]), device=device), accumulate=True)
         f = _per_row([rows[i].params.frequency_penalty for i in freq], logits)
         p = _per_row([rows[i].params.presence_penalty for i in freq], logits)
         logits[idx] -= f * counts + p * (counts > 0)

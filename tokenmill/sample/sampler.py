@@ -22,6 +22,7 @@ class SamplerRow:
     generator: torch.Generator | None = None      # the request's own when params.seed is set
     suppress_token_ids: list[int] | None = None   # forbidden this step (EOS / stop ids before min_tokens)
     history_slot: int | None = None               # its row in the TokenHistory, when it has penalties
+    pending_token_ids: tuple[int, ...] = ()       # output tokens the history lacks yet (drafts before this position)
 
 
 @dataclass
@@ -51,12 +52,22 @@ class Sampler:
             if drawn:
                 idx = torch.tensor(drawn, device=logits.device)
                 tokens[idx] = self._draw(processed[idx], [rows[i] for i in drawn])
-        return _with_logprobs(logits, tokens, rows)
+        return with_logprobs(logits, tokens, rows)
 
     def _draw(self, logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+        return self.draw(apply_filters(logits, rows).softmax(dim=-1), rows)
+
+    def draw(self, probs: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+        """One token per row of `probs` [n, vocab] (written over)."""
         # argmax(p / q), q ~ Exp(1), picks token i with probability p_i, one row at a time
-        probs = apply_filters(logits, rows).softmax(dim=-1)
         return probs.div_(self._exponentials(probs, rows)).argmax(dim=-1)
+
+    def uniforms(self, counts: list[int], rows: list[SamplerRow], device: torch.device) -> list[torch.Tensor]:
+        """counts[i] draws from U[0, 1) for rows[i], from its own generator when it has one."""
+        shared = [n for n, r in zip(counts, rows) if r.generator is None]
+        pool = iter(torch.rand(sum(shared), generator=self.generator, device=device).split(shared)) if shared else None
+        return [torch.rand(n, generator=r.generator, device=device) if r.generator is not None else next(pool)
+                for n, r in zip(counts, rows)]
 
     def _exponentials(self, probs: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
         shared = [i for i, r in enumerate(rows) if r.generator is None]
@@ -86,7 +97,8 @@ class Sampler:
                 for i in range(raw.shape[0])]
 
 
-def _with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplerRow]) -> list[SampledToken]:
+def with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplerRow]) -> list[SampledToken]:
+    """SampledTokens for `tokens` drawn from raw `logits` (one per row), with the logprobs the rows ask for."""
     # log p = logit - logsumexp: ranks and the full top-n only for the rows that ask
     lse = logits.logsumexp(dim=-1, keepdim=True)
     chosen = logits.gather(1, tokens.unsqueeze(1))
