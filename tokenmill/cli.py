@@ -26,6 +26,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="default: triton on CUDA, cpu (ATen flash over pages) on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' or '
+                        '\'{"method": "draft_model", "model": "smollm2-135m", "quantization": "int4"}\'')
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -42,12 +45,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
-    from tokenmill.config import EngineConfig
+    from tokenmill.config import EngineConfig, SpeculativeConfig
     return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization, block_size=args.block_size,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
                         enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
-                        seed=args.seed, attention_backend=args.attention_backend, device=args.device)
+                        seed=args.seed, attention_backend=args.attention_backend, device=args.device,
+                        speculative_config=SpeculativeConfig.parse(args.speculative_config))
 
 
 def sampling_params(args: argparse.Namespace):
@@ -83,6 +87,8 @@ def cmd_generate(args) -> None:
     for prompt in args.prompt:
         sys.stdout.write(prompt)
         stream(engine, prompt, params)
+    if engine.spec is not None:
+        print(engine.spec_stats.summary(), file=sys.stderr)
 
 
 def beam_search(args) -> None:
@@ -151,13 +157,15 @@ def run_offline_bench(engine, num_requests: int, input_len: int, output_len: int
             if o.finished:
                 finished[o.request_id] = o
     elapsed = time.time() - start
+    spec = engine.spec_stats
     ttft = [finished[r].metrics.first_token_time - finished[r].metrics.arrival_time for r in ids]
     tpot = [(finished[r].metrics.finished_time - finished[r].metrics.first_token_time) / max(1, output_len - 1)
             for r in ids]
     return {"requests": num_requests, "input_len": input_len, "output_len": output_len, "seconds": elapsed,
             "output_tok_s": num_requests * output_len / elapsed,
             "ttft_p50_ms": 1000 * statistics.median(ttft), "ttft_p99_ms": 1000 * percentile(ttft, 99),
-            "tpot_p50_ms": 1000 * statistics.median(tpot), "tpot_p99_ms": 1000 * percentile(tpot, 99)}
+            "tpot_p50_ms": 1000 * statistics.median(tpot), "tpot_p99_ms": 1000 * percentile(tpot, 99),
+            "acceptance_rate": spec.acceptance_rate, "mean_acceptance_length": spec.mean_acceptance_length}
 
 
 def cmd_bench(args) -> None:
@@ -168,6 +176,8 @@ def cmd_bench(args) -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     print("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    if engine.spec is not None:
+        print(engine.spec_stats.summary())
 
 
 def cmd_perplexity(args) -> None:

@@ -669,4 +669,6 @@ class LLM:
             for rid in request_ids:
                 self.engine.abort_request(rid)
             raise
+        if self.engine.spec is not None and use_tqdm:
+            logger.info("%s (since start)", self.engine.spec_stats.summary())
         return [done[rid] for rid in request_ids]

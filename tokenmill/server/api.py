@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tokenmill
 from tokenmill.engine import LLMEngine
-from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput, SpecDecodeStats
 from tokenmill.sampling_params import BeamSearchParams, SamplingParams
 from tokenmill.server.async_engine import (AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError,
                                            RequestStream, StepObserver)
@@ -68,7 +68,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class Metrics(StepObserver):
     """Prometheus series in a registry of their own (no global state); fed by the engine thread."""
 
-    def __init__(self, async_engine_stats, model_name: str):
+    def __init__(self, async_engine_stats, model_name: str, num_speculative_tokens: int = 0):
         self.registry = r = CollectorRegistry()
         labels = {"model_name": model_name}
         self.ttft = Histogram("tokenmill_time_to_first_token_seconds", "Arrival to first token", ["model_name"],
@@ -92,6 +92,27 @@ class Metrics(StepObserver):
                  lambda s: s.prefix_cache_hit_rate)]:
             g = Gauge(name, doc, ["model_name"], registry=r).labels(**labels)
             g.set_function(lambda read=read: float(read(async_engine_stats())))
+        if num_speculative_tokens:
+            self._spec_series(async_engine_stats, labels, num_speculative_tokens)
+
+    def _spec_series(self, stats, labels: dict[str, str], k: int) -> None:
+        """Speculative decoding totals (engine-wide, since start) and acceptance per draft position."""
+        def read(attr):
+            return lambda: float(getattr(stats().spec_decode or SpecDecodeStats(), attr))
+        for name, doc, attr in [
+                ("tokenmill_spec_decode_num_drafts", "Verification steps that carried drafts", "num_drafts"),
+                ("tokenmill_spec_decode_num_draft_tokens", "Draft tokens proposed and verified", "num_draft_tokens"),
+                ("tokenmill_spec_decode_num_accepted_tokens", "Draft tokens accepted", "num_accepted_tokens"),
+                ("tokenmill_spec_decode_acceptance_rate", "Accepted / draft tokens (0-1)", "acceptance_rate"),
+                ("tokenmill_spec_decode_mean_acceptance_length", "Tokens emitted per verification step",
+                 "mean_acceptance_length")]:
+            Gauge(name, doc, ["model_name"], registry=self.registry).labels(**labels).set_function(read(attr))
+        per_position = Gauge("tokenmill_spec_decode_acceptance_per_position", "Acceptance rate of the i-th draft",
+                             ["model_name", "position"], registry=self.registry)
+        for i in range(k):
+            per_position.labels(position=str(i + 1), **labels).set_function(
+                lambda i=i: (rates[i] if i < len(rates := (stats().spec_decode or SpecDecodeStats())
+                                                 .acceptance_per_position) else 0.0))
 
     def on_prompt(self, num_tokens: int) -> None:
         self.prompt_tokens.inc(num_tokens)
@@ -121,7 +142,8 @@ class ServerConfig:
 
 def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     async_engine = AsyncEngine(engine, config.max_queued_requests)
-    metrics = Metrics(lambda: async_engine.stats, config.served_model_name)
+    metrics = Metrics(lambda: async_engine.stats, config.served_model_name,
+                      engine.spec.num_speculative_tokens if engine.spec is not None else 0)
     async_engine.observer = metrics
     handlers = _Handlers(engine, async_engine, config)
 

@@ -10,6 +10,7 @@ server reads `stats`, a snapshot the thread refreshes after each step.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import queue
 import threading
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from tokenmill.engine import LLMEngine
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import RequestOutput, SpecDecodeStats
 from tokenmill.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("tokenmill.server")
@@ -41,6 +42,7 @@ class EngineStats:
     num_waiting: int = 0
     kv_usage: float = 0.0
     prefix_cache_hit_rate: float = 0.0
+    spec_decode: SpecDecodeStats | None = None     # a copy of the engine's totals, when it speculates
 
 
 class StepObserver:
@@ -259,4 +261,5 @@ class AsyncEngine:
 
     def _refresh_stats(self) -> None:
         bm = self.engine.block_manager
-        self.stats = EngineStats(self.engine.num_running, self.engine.num_waiting, bm.usage, bm.stats.hit_rate)
+        spec = copy.deepcopy(self.engine.spec_stats) if self.engine.spec is not None else None
+        self.stats = EngineStats(self.engine.num_running, self.engine.num_waiting, bm.usage, bm.stats.hit_rate, spec)
