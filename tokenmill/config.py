@@ -28,7 +28,7 @@ class SpeculativeConfig:
     model: str | None = None                  # draft_model: path or short name of the draft
     quantization: str | None = None           # draft_model: how the draft runs (None: as stored)
     dtype: str | None = None                  # draft_model: its activation dtype (None: the target's)
-    prompt_lookup_min: int = 1
+    prompt_lookup_min: int = 2                # 1 finds more matches, but too many wrong ones (docs/benchmarks.md)
     prompt_lookup_max: int = 4
     disable_by_batch_size: int | None = 8     # no drafts while more sequences than this run
 

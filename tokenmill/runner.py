@@ -105,7 +105,7 @@ class Runner:
         rows, spans = [], []
         for seq in seqs:
             drafts = seq.spec_token_ids
-            q = self.drafter.take_probs(seq, drafts) if self.drafter is not None else None
+            q = self.drafter.draft_probs(seq, drafts) if self.drafter is not None else None
             spans.append(DraftSpan(len(rows), drafts, q))
             rows += [self.row(seq, drafts[:j]) for j in range(len(drafts) + 1)]
         return verify(self.sampler, logits, rows, spans, self.history)

@@ -136,9 +136,11 @@ def test_stops_and_max_tokens_inside_the_drafts(tiny_llama, plain):
     cases = [greedy(max_tokens=m) for m in (2, 5, 7)] + [greedy(stop_token_ids=[stop]),
                                                          greedy(stop_token_ids=[stop], min_tokens=12)]
     spec = {"method": "ngram", "num_speculative_tokens": 5, "disable_by_batch_size": None, "prompt_lookup_min": 1}
+    kw = dict(max_num_seqs=8, max_model_len=256, progress=False)
+    plain_llm, spec_llm = LLM(str(directory), **kw), LLM(str(directory), speculative_config=spec, **kw)
     for params in cases:
-        want = run(directory, params=params)[0]
-        outs, _ = run(directory, spec, params=params)
+        want = plain_llm.generate(PROMPTS[:3], params, use_tqdm=False)
+        outs = spec_llm.generate(PROMPTS[:3], params, use_tqdm=False)
         assert_same(outs, want)
         for o, w in zip(outs, want):
             assert o.outputs[0].finish_reason == w.outputs[0].finish_reason

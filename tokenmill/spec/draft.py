@@ -52,11 +52,14 @@ class DraftModelProposer:
         self.states.pop(seq.seq_id, None)
         self.probs.pop(seq.seq_id, None)
 
-    def take_probs(self, seq: Sequence, drafts: list[int]) -> torch.Tensor | None:
-        """q of the drafts being verified; None for greedy rows (the verifier needs only the tokens)."""
-        entry = self.probs.pop(seq.seq_id, None)
-        if entry is None or entry[0] != drafts:
+    def draft_probs(self, seq: Sequence, drafts: list[int]) -> torch.Tensor | None:
+        """q of the drafts being verified (kept until the next proposal: a failed step is retried);
+        None for greedy rows, whose verification needs only the tokens."""
+        entry = self.probs.get(seq.seq_id)
+        if seq.params.greedy:
             return None
+        if entry is None or entry[0] != drafts:
+            raise RuntimeError(f"no draft probabilities for the drafts of sequence {seq.seq_id}")
         return entry[1]
 
     def _valid(self, seq: Sequence) -> int:
