@@ -73,6 +73,15 @@ def smollm2_path():
     return SMOLLM2_GGUF
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path):
+    """transformers in float32 on the default GGUF file (it dequantizes it): the reference, loaded once."""
+    tf = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    return tf.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
+                                                   dtype=torch.float32).eval()
+
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TINY_EOS_PROMPTS = ["The river flows past the market", "hello world", "one two three", "Paris is the capital of",

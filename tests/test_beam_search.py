@@ -147,14 +147,12 @@ def test_beam_search_rejects_bad_parameters(tiny_llama):
         llm.beam_search([[1, 2, 3]], BeamSearchParams(2, stop_token_ids=[999]))
 
 
-def test_smollm2_beam_search_matches_transformers(smollm2_path):
+def test_smollm2_beam_search_matches_transformers(smollm2_path, smollm2_hf):
     """Dequantized, as transformers reads the same GGUF file: a chat prompt that ends in EOS and a
     plain one that runs to the length limit."""
-    import transformers as tf
     llm = LLM(str(smollm2_path), quantization="dequantize", progress=False)
     tok = llm.get_tokenizer()
-    hf = tf.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                                 dtype=torch.float32).eval()
+    hf = smollm2_hf
     eos = sorted(tok.eos_token_ids)
     chat = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Say hello."}]),
                       add_special_tokens=False)

@@ -1,5 +1,6 @@
 """GGUF end to end: a tiny model written with gguf-py in mixed quantizations runs exactly like the
 same (reference-dequantized) weights from safetensors; the real SmolLM2 file knows Paris."""
+import itertools
 from pathlib import Path
 
 import gguf
@@ -204,14 +205,7 @@ def test_streaming_deltas_never_show_a_partial_stop_string(smollm2):
     assert seen[-1] == free[:free.find(stop)]
 
 
-def smollm2_transformers_logprobs(tf, smollm2_path, ids: list[int]) -> torch.Tensor:
-    """transformers in float32 on the same GGUF file (it dequantizes it): the reference."""
-    hf = tf.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                                 dtype=torch.float32).eval()
-    return hf_logprobs(hf, ids)
-
-
-def test_smollm2_bfloat16_tracks_transformers_float32(smollm2_path):
+def test_smollm2_bfloat16_tracks_transformers_float32(smollm2_path, smollm2_hf):
     """The dequantized bfloat16 path (the fast one on AMX CPUs) against transformers in float32 on the same file:
     prompt logprobs within bf16 rounding of the weights and matmuls, and it knows Paris.
 
@@ -219,13 +213,12 @@ def test_smollm2_bfloat16_tracks_transformers_float32(smollm2_path):
     0.027 / 0.13 on a Xeon with AMX. The limits catch the precision slips this test exists for
     (measured by patching them in): RMSNorm computed in bfloat16 0.055 / 0.243, rope in bfloat16
     0.051 / 0.215, both 0.057 / 0.414."""
-    tf = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, "
             "and Berlin is the capital of Germany.")
     llm = LLM(str(smollm2_path), dtype="bfloat16", quantization="dequantize", progress=False)
     ids = llm.get_tokenizer().encode(text)
-    diff = prompt_logprob_diff(llm, ids, smollm2_transformers_logprobs(tf, smollm2_path, ids))
+    diff = prompt_logprob_diff(llm, ids, hf_logprobs(smollm2_hf, ids))
     assert diff.mean() < 0.047 and diff.max() < 0.18, (diff.mean().item(), diff.max().item())
     paris = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
     assert "Paris" in paris.outputs[0].text
@@ -243,10 +236,9 @@ def test_mixed_quant_gguf_runs_packed_close_to_transformers(gguf_pair):
     assert diff.mean() < 0.015 and diff.max() < 0.06, (diff.mean().item(), diff.max().item())
 
 
-def test_smollm2_packed_tracks_transformers_and_stays_small(smollm2_path):
+def test_smollm2_packed_tracks_transformers_and_stays_small(smollm2_path, smollm2_hf):
     """The default model as stored (Q4_1 on the int4 kernel, the tied Q8_0 table as int8 per row):
     weights within 1.3x the file's tensor bytes, prompt logprobs close to transformers float32."""
-    tf = pytest.importorskip("transformers")
     from tokenmill.loader.gguf import GGUFCheckpoint
     from tokenmill.model.load import weight_bytes
     llm = LLM(str(smollm2_path), progress=False)
@@ -255,7 +247,7 @@ def test_smollm2_packed_tracks_transformers_and_stays_small(smollm2_path):
     text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, "
             "and Berlin is the capital of Germany.")
     ids = llm.get_tokenizer().encode(text)
-    diff = prompt_logprob_diff(llm, ids, smollm2_transformers_logprobs(tf, smollm2_path, ids))
+    diff = prompt_logprob_diff(llm, ids, hf_logprobs(smollm2_hf, ids))
     # measured 0.051 / 0.255 nats (bf16 scales and activations in the int4 kernel, int8 lm_head)
     assert diff.mean() < 0.08 and diff.max() < 0.4, (diff.mean().item(), diff.max().item())
 
@@ -269,20 +261,18 @@ def test_smollm2_packed_agrees_with_llama_cpp_as_far_as_dequantized(smollm2_path
                "In 1969, the first humans", "Water boils at", "The best way to learn a language is"]
     n = 48
     ref = llama_cpp.Llama(str(smollm2_path), n_ctx=256, n_threads=2, verbose=False)
-    agree = {}
+    agree, theirs = {}, []
     for q in ("dequantize", None):
         llm = LLM(str(smollm2_path), quantization=q, progress=False)
-        total = 0
-        for p in prompts:
-            ids = llm.get_tokenizer().encode(p)
-            ours = llm.generate([ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
-                                use_tqdm=False)[0].outputs[0].token_ids
-            theirs = []
-            for t in ref.generate(ids, temp=0.0, top_k=1, reset=True):
-                theirs.append(t)
-                if len(theirs) == n:
-                    break
-            total += next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), n)
-        agree[q] = total
+        ids = [llm.get_tokenizer().encode(p) for p in prompts]
+        while len(theirs) < len(ids):
+            theirs.append(list(itertools.islice(ref.generate(ids[len(theirs)], temp=0.0, top_k=1, reset=True), n)))
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        # float32 is batch-invariant: one batch; the packed path rounds differently per batch shape:
+        # one prompt at a time, as llama.cpp runs them
+        batches = [ids] if q == "dequantize" else [[i] for i in ids]
+        outs = [o for b in batches for o in llm.generate(b, params, use_tqdm=False)]
+        agree[q] = sum(next((i for i, (a, b) in enumerate(zip(o.outputs[0].token_ids, t)) if a != b), n)
+                       for o, t in zip(outs, theirs))
     # measured on an AVX2 EPYC: dequantized 257, packed 262 of 384
     assert agree[None] >= 0.9 * agree["dequantize"], agree

@@ -19,8 +19,8 @@ from tokenmill.core.beam import BeamGroup
 from tokenmill.core.block_manager import BlockManager
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.core.sequence import Sequence, SequenceStatus
-from tokenmill.kv_cache import allocate_kv_cache, num_blocks_for_memory
-from tokenmill.model.load import build_model, describe_weights, open_checkpoint, weight_bytes
+from tokenmill.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for_memory
+from tokenmill.model.load import Checkpoint, build_model, describe_weights, open_checkpoint, weight_bytes
 from tokenmill.model_files import resolve_model
 from tokenmill.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, PromptLogprobs,
                                RequestMetrics, RequestOutput, SpecDecodeStats)
@@ -86,8 +86,12 @@ class LLMEngine:
         t0 = time.perf_counter()
         ckpt = open_checkpoint(path)
         self.model_config = cfg = ckpt.config
+        self.spec = spec = config.speculative_config
+        drafting = spec is not None and spec.method == "draft_model"
+        draft = self._open_draft(spec) if drafting else None        # (checkpoint, activation dtype)
+        draft_bytes = bytes_per_block(draft[0].config, config.block_size, draft[1]) if draft else 0
         num_blocks = config.num_kv_blocks or num_blocks_for_memory(cfg, config.block_size, dtype,
-                                                                   config.kv_cache_memory_gb)
+                                                                   config.kv_cache_memory_gb, draft_bytes)
         self.max_model_len = self._context_length(cfg, num_blocks * config.block_size)
         self.model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(config.quantization), progress)
         self.tokenizer = self._load_tokenizer(ckpt)
@@ -101,8 +105,6 @@ class LLMEngine:
                     num_blocks, config.block_size, num_blocks * config.block_size, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else set()
-        self.spec = spec = config.speculative_config
-        drafting = spec is not None and spec.method == "draft_model"
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, spec.num_speculative_tokens if drafting else 0),
                                    self.block_manager, eos)
@@ -110,8 +112,8 @@ class LLMEngine:
         self.runner = Runner(self.model, kv_caches, get_backend(config.backend_name), config.block_size, eos,
                              config.seed, device, cfg.vocab_size)
         self.ngram = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec and not drafting else None
-        if drafting:
-            self.runner.drafter = self._load_draft(spec, num_blocks, progress)
+        if draft is not None:
+            self.runner.drafter = self._load_draft(spec, *draft, num_blocks, progress)
         self.spec_stats = SpecDecodeStats()
         self.requests: dict[str, _Request] = {}
         self._failed: list[_Request] = []
@@ -143,31 +145,34 @@ class LLMEngine:
             length = cache_tokens
         return length
 
-    def _load_draft(self, spec: SpeculativeConfig, num_blocks: int, progress: bool) -> DraftModelProposer:
-        """The draft model with its own KV cache over the target's pages; refused unless its vocabulary
+    def _open_draft(self, spec: SpeculativeConfig) -> tuple[Checkpoint, torch.dtype]:
+        """The draft's checkpoint and activation dtype; refused unless its vocabulary is the target's."""
+        ckpt = open_checkpoint(resolve_model(spec.model))
+        vocab = self.model_config.vocab_size
+        if ckpt.config.vocab_size != vocab:
+            raise ValueError(f"speculative_config.model: the draft's vocabulary ({ckpt.config.vocab_size} tokens, "
+                             f"{ckpt.path.name}) differs from the target's ({vocab}); a draft must share the tokenizer")
+        return ckpt, dataclasses.replace(self.config, dtype=spec.dtype or self.config.dtype).torch_dtype
+
+    def _load_draft(self, spec: SpeculativeConfig, ckpt: Checkpoint, dtype: torch.dtype, num_blocks: int,
+                    progress: bool) -> DraftModelProposer:
+        """The draft model with its own KV cache over the target's pages; refused unless its tokenizer
         is the target's and its positions reach max_model_len."""
-        config, cfg = self.config, self.model_config
-        path = resolve_model(spec.model)
-        ckpt = open_checkpoint(path)
-        dcfg = ckpt.config
-        if dcfg.vocab_size != cfg.vocab_size:
-            raise ValueError(f"speculative_config.model: the draft's vocabulary ({dcfg.vocab_size} tokens, {path.name}) "
-                             f"differs from the target's ({cfg.vocab_size}); a draft must share the tokenizer")
+        config, dcfg = self.config, ckpt.config
         tokenizer = self._load_tokenizer(ckpt)
         if (tokenizer is None) != (self.tokenizer is None) or (
                 tokenizer is not None and tokenizer.vocab() != self.tokenizer.vocab()):
-            raise ValueError(f"speculative_config.model: the draft's tokenizer ({path.name}) differs from the "
+            raise ValueError(f"speculative_config.model: the draft's tokenizer ({ckpt.path.name}) differs from the "
                              f"target's; a draft must map the same text to the same token ids")
         if dcfg.max_position_embeddings < self.max_model_len:
             raise ValueError(f"speculative_config.model: the draft has {dcfg.max_position_embeddings} positions, "
                              f"fewer than max_model_len ({self.max_model_len}); lower max_model_len")
-        dtype = dataclasses.replace(config, dtype=spec.dtype or config.dtype).torch_dtype
         device = config.torch_device
         t0 = time.perf_counter()
         model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(spec.quantization), progress)
         kv_caches = allocate_kv_cache(dcfg, num_blocks, config.block_size, dtype, device)
         logger.info("draft %s (%d layers) in %.1f s: %s; weights %.1f MB, KV %.1f MB; %d tokens proposed per step",
-                    path.name, dcfg.num_hidden_layers, time.perf_counter() - t0, describe_weights(model),
+                    ckpt.path.name, dcfg.num_hidden_layers, time.perf_counter() - t0, describe_weights(model),
                     weight_bytes(model) / 1e6, sum(k.numel() * k.element_size() * 2 for k, _ in kv_caches) / 1e6,
                     spec.num_speculative_tokens)
         return DraftModelProposer(model, kv_caches, get_backend(config.backend_name), config.block_size, device)

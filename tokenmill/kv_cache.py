@@ -12,8 +12,10 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> in
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
-def num_blocks_for_memory(cfg: ModelConfig, block_size: int, dtype: torch.dtype, memory_gb: float) -> int:
-    return int(memory_gb * (1 << 30)) // bytes_per_block(cfg, block_size, dtype)
+def num_blocks_for_memory(cfg: ModelConfig, block_size: int, dtype: torch.dtype, memory_gb: float,
+                          extra_bytes_per_block: int = 0) -> int:
+    """Pages the budget buys; `extra_bytes_per_block`: another cache over the same pages (a draft model's)."""
+    return int(memory_gb * (1 << 30)) // (bytes_per_block(cfg, block_size, dtype) + extra_bytes_per_block)
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,

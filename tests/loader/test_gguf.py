@@ -239,11 +239,8 @@ def test_smollm2_metadata_is_fast_and_complete(smollm2):
     assert "lm_head.weight" not in ckpt.tensor_names()      # tied embeddings
 
 
-def test_smollm2_equals_transformers(smollm2):
-    tf = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    ref = tf.AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name,
-                                                  dtype=torch.float32).state_dict()
+def test_smollm2_equals_transformers(smollm2, smollm2_hf):
+    ref = smollm2_hf.state_dict()
     got = dict(GGUFCheckpoint(smollm2).iter_tensors(torch.float32))
     assert set(got) == set(ref) - {"lm_head.weight"}
     for name, tensor in got.items():

@@ -56,7 +56,7 @@ def greedy(max_tokens=32, **kw):
 
 
 def run(directory, spec=None, params=None, prompts=PROMPTS, **engine_kw):
-    kw = dict(max_num_seqs=8, max_model_len=256, progress=False) | engine_kw
+    kw = dict(max_num_seqs=8, max_model_len=256, num_kv_blocks=256, progress=False) | engine_kw
     llm = LLM(str(directory), speculative_config=spec, **kw)
     outs = llm.generate(prompts, params or greedy(), use_tqdm=False)
     return outs, llm.engine
@@ -136,7 +136,7 @@ def test_stops_and_max_tokens_inside_the_drafts(tiny_llama, plain):
     cases = [greedy(max_tokens=m) for m in (2, 5, 7)] + [greedy(stop_token_ids=[stop]),
                                                          greedy(stop_token_ids=[stop], min_tokens=12)]
     spec = {"method": "ngram", "num_speculative_tokens": 5, "disable_by_batch_size": None, "prompt_lookup_min": 1}
-    kw = dict(max_num_seqs=8, max_model_len=256, progress=False)
+    kw = dict(max_num_seqs=8, max_model_len=256, num_kv_blocks=256, progress=False)
     plain_llm, spec_llm = LLM(str(directory), **kw), LLM(str(directory), speculative_config=spec, **kw)
     for params in cases:
         want = plain_llm.generate(PROMPTS[:3], params, use_tqdm=False)
@@ -150,7 +150,8 @@ def test_seeded_sampling_with_drafts_is_the_same_whatever_the_batch(tiny_llama, 
     directory, _ = tiny_llama
     spec = {"method": "draft_model", "model": str(tiny_draft), "num_speculative_tokens": 3,
             "disable_by_batch_size": None}
-    llm = LLM(str(directory), speculative_config=spec, max_num_seqs=8, max_model_len=256, progress=False)
+    llm = LLM(str(directory), speculative_config=spec, max_num_seqs=8, max_model_len=256, num_kv_blocks=256,
+              progress=False)
     params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, presence_penalty=0.5, max_tokens=24,
                             ignore_eos=True, seed=99)
     alone = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids
@@ -226,7 +227,8 @@ def pooled_pvalue(observed: dict, law: dict, n: int) -> float:
 
 def sample_first_three(directory, draft, n: int):
     spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2, "disable_by_batch_size": None}
-    llm = LLM(str(directory), speculative_config=spec, max_num_seqs=256, max_model_len=64, seed=3, progress=False)
+    llm = LLM(str(directory), speculative_config=spec, max_num_seqs=256, max_model_len=64, num_kv_blocks=512, seed=3,
+              progress=False)
     outs = llm.generate([PROMPTS[3][:12]] * n, SamplingParams(**DIST_PARAMS), use_tqdm=False)
     counts: dict[tuple[int, ...], int] = {}
     for o in outs:
@@ -251,3 +253,20 @@ def test_the_distribution_test_catches_an_always_accepting_rule(tiny_llama, near
     directory, hf_model = tiny_llama
     law = target_law(hf_model, PROMPTS[3][:12])
     assert pooled_pvalue(sample_first_three(directory, near_draft, N_DIST)[0], law, N_DIST) < 1e-6
+
+
+def test_n_samples_speculate_each_and_free_every_page(tiny_llama, tiny_draft, plain):
+    """n > 1: siblings share the prompt's pages, then draft and verify each on their own."""
+    directory, _ = tiny_llama
+    for method in ("ngram", "draft_model"):
+        spec = {"method": method, "num_speculative_tokens": 3, "disable_by_batch_size": None, "prompt_lookup_min": 1}
+        if method == "draft_model":
+            spec["model"] = str(tiny_draft)
+        outs, engine = run(directory, spec, params=greedy(n=2), prompts=PROMPTS[:3])
+        for o, p in zip(outs, plain):
+            assert [c.token_ids for c in o.outputs] == [p.outputs[0].token_ids] * 2
+        sampled, _ = run(directory, spec, params=SamplingParams(n=3, temperature=1.0, seed=4, max_tokens=20,
+                                                                 ignore_eos=True), prompts=PROMPTS[:3])
+        assert all(len(c.token_ids) == 20 for o in sampled for c in o.outputs)
+        assert engine.spec_stats.num_accepted_tokens > 0
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

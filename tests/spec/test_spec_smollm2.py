@@ -28,13 +28,14 @@ def params(**kw) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def plain(smollm2_path):
-    llm = LLM(str(smollm2_path), quantization="dequantize", max_model_len=512, progress=False)
+    llm = LLM(str(smollm2_path), quantization="dequantize", max_model_len=512, num_kv_blocks=160, progress=False)
     prompts = chat_ids(llm)
     return prompts, llm.generate(prompts, params(), use_tqdm=False), llm
 
 
 def speculative(path, spec) -> LLM:
-    return LLM(str(path), quantization="dequantize", max_model_len=512, speculative_config=spec, progress=False)
+    return LLM(str(path), quantization="dequantize", max_model_len=512, num_kv_blocks=160, speculative_config=spec,
+               progress=False)
 
 
 def assert_same(outs, want):
