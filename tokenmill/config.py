@@ -30,7 +30,7 @@ class SpeculativeConfig:
     dtype: str | None = None                  # draft_model: its activation dtype (None: the target's)
     prompt_lookup_min: int = 2                # 1 finds more matches, but too many wrong ones (docs/benchmarks.md)
     prompt_lookup_max: int = 4
-    disable_by_batch_size: int | None = 8     # no drafts while more sequences than this run
+    disable_by_batch_size: int | None = 4     # no drafts while more sequences run (the crossover measured here)
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:

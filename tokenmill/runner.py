@@ -77,24 +77,27 @@ class Runner:
         last = meta.query_start_loc[1:].tolist()
         plain = [i for i, (seq, _) in enumerate(out.samples) if not seq.spec_token_ids]
         spec = [i for i, (seq, _) in enumerate(out.samples) if seq.spec_token_ids]
-        sample_rows = [last[out.samples[i][1]] - 1 for i in plain]
-        spec_rows = [r for i in spec for r in self._spec_rows(out.samples[i][0], last[out.samples[i][1]])]
         plp_rows, plp_targets = self._prompt_logprob_rows(out, meta)
-        beam_rows = [last[row] - 1 for _, rows in out.beam_groups for row in rows]
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows + spec_rows + beam_rows + plp_rows,
-                                                               dtype=torch.long)])
+        plain_logits, spec_logits, beam_logits, plp_logits = self._logits(hidden, [
+            [last[out.samples[i][1]] - 1 for i in plain],
+            [r for i in spec for r in self._spec_rows(out.samples[i][0], last[out.samples[i][1]])],
+            [last[row] - 1 for _, rows in out.beam_groups for row in rows],
+            plp_rows])
         self._update_history([seq for seq, _ in out.samples])
         sampled: list[list[SampledToken]] = [[] for _ in out.samples]
-        tokens = self.sampler(logits[:len(sample_rows)], [self.row(out.samples[i][0]) for i in plain], self.history)
-        for i, tok in zip(plain, tokens):
+        for i, tok in zip(plain, self.sampler(plain_logits, [self.row(out.samples[i][0]) for i in plain], self.history)):
             sampled[i] = [tok]
-        spec_end = len(sample_rows) + len(spec_rows)
         if spec:
-            for i, toks in zip(spec, self._verify([out.samples[i][0] for i in spec], logits[len(sample_rows):spec_end])):
+            for i, toks in zip(spec, self._verify([out.samples[i][0] for i in spec], spec_logits)):
                 sampled[i] = toks
-        beams_end = spec_end + len(beam_rows)
-        candidates = beam_candidates(logits[spec_end:beams_end], [g for g, _ in out.beam_groups])
-        return StepResult(sampled, self._prompt_logprobs(logits[beams_end:], plp_targets), candidates)
+        candidates = beam_candidates(beam_logits, [g for g, _ in out.beam_groups])
+        return StepResult(sampled, self._prompt_logprobs(plp_logits, plp_targets), candidates)
+
+    def _logits(self, hidden: torch.Tensor, row_groups: list[list[int]]) -> list[torch.Tensor]:
+        """Logits of the hidden rows each consumer needs, in one lm_head call, split back per consumer."""
+        rows = [r for group in row_groups for r in group]
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long)])
+        return list(logits.split([len(group) for group in row_groups]))
 
     @staticmethod
     def _spec_rows(seq: Sequence, end: int) -> range:
