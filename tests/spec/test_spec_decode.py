@@ -270,3 +270,49 @@ def test_n_samples_speculate_each_and_free_every_page(tiny_llama, tiny_draft, pl
         assert all(len(c.token_ids) == 20 for o in sampled for c in o.outputs)
         assert engine.spec_stats.num_accepted_tokens > 0
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_request_that_fails_while_verifying_drafts_fails_alone(tiny_llama, near_draft, monkeypatch):
+    """A fault inside a speculative step: the step is retried request by request (seeded draws and the
+    draft's q restored), the faulty request fails alone and the other's output is unchanged."""
+    directory, _ = tiny_llama
+    spec = {"method": "draft_model", "model": str(near_draft), "num_speculative_tokens": 3,
+            "disable_by_batch_size": None}
+    llm = LLM(str(directory), speculative_config=spec, max_num_seqs=8, max_model_len=256, num_kv_blocks=256,
+              progress=False)
+    good = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, ignore_eos=True, seed=11)
+    clean = llm.generate([PROMPTS[0]], good, use_tqdm=False)[0].outputs[0].token_ids
+    engine, verify = llm.engine, llm.engine.runner._verify
+
+    def faulty(seqs, logits):
+        if any(seq.request_id == "bad" and seq.num_output_tokens >= 4 for seq in seqs):
+            raise IndexError("injected verifier fault")
+        return verify(seqs, logits)
+    monkeypatch.setattr(engine.runner, "_verify", faulty)
+    engine.add_request("good", PROMPTS[0], good)
+    engine.add_request("bad", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert done["good"].error is None and done["good"].outputs[0].token_ids == clean
+    assert done["bad"].error == "IndexError: injected verifier fault"
+
+
+def test_a_failing_draft_model_costs_only_its_drafts(tiny_llama, near_draft, plain, monkeypatch):
+    directory, _ = tiny_llama
+    spec = {"method": "draft_model", "model": str(near_draft), "num_speculative_tokens": 3,
+            "disable_by_batch_size": None}
+    llm = LLM(str(directory), speculative_config=spec, max_num_seqs=8, max_model_len=256, num_kv_blocks=256,
+              progress=False)
+    propose, calls = llm.engine.runner.drafter.propose, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) % 3 == 0:
+            raise RuntimeError("injected draft fault")
+        return propose(*args)
+    monkeypatch.setattr(llm.engine.runner.drafter, "propose", flaky)
+    assert_same(llm.generate(PROMPTS, greedy(), use_tqdm=False), plain)
+    assert len(calls) >= 6 and llm.engine.spec_stats.num_accepted_tokens > 0
