@@ -42,18 +42,33 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplerRow], spans
     logits = logits.float()
     processed = apply_penalties(logits, rows, history) if any(map(penalised, rows)) else logits
     greedy = [rows[s.first_row].params.greedy for s in spans]
-    drawn_rows = [r for s, g in zip(spans, greedy) if not g for r in range(s.first_row, s.first_row + len(s.draft_token_ids) + 1)]
-    probs = torch.empty(0)
-    if drawn_rows:
-        probs = torch.zeros_like(processed)
-        idx = torch.tensor(drawn_rows, device=logits.device)
-        probs[idx] = apply_filters(processed[idx], [rows[r] for r in drawn_rows]).softmax(dim=-1)
+    accepted, last = _accept(sampler, processed, rows, spans, greedy)
+    emitted_rows, emitted_tokens = [], []
+    for span, m, token in zip(spans, accepted, last):
+        emitted_rows += range(span.first_row, span.first_row + m + 1)
+        emitted_tokens += span.draft_token_ids[:m] + [token]
+    tokens = with_logprobs(logits[emitted_rows], torch.tensor(emitted_tokens, device=logits.device),
+                           [rows[r] for r in emitted_rows])
+    out, start = [], 0
+    for m in accepted:
+        out.append(tokens[start:start + m + 1])
+        start += m + 1
+    return out
+
+
+def _accept(sampler: Sampler, processed: torch.Tensor, rows: list[SamplerRow], spans: list[DraftSpan],
+            greedy: list[bool]) -> tuple[list[int], list[int]]:
+    """Per span: how many drafts are accepted, and the token drawn after them."""
     argmax = processed.argmax(dim=-1).tolist() if any(greedy) else []
-    uniforms = sampler.uniforms([len(s.draft_token_ids) for s, g in zip(spans, greedy) if not g],
-                                [rows[s.first_row] for s, g in zip(spans, greedy) if not g], logits.device)
-    uniforms = iter(uniforms)
-    accepted: list[int] = []
-    residual_rows, residual_dists = [], []
+    drawn_rows = [r for s, g in zip(spans, greedy) if not g
+                  for r in range(s.first_row, s.first_row + len(s.draft_token_ids) + 1)]
+    probs = torch.zeros_like(processed) if drawn_rows else torch.empty(0)
+    if drawn_rows:
+        idx = torch.tensor(drawn_rows, device=processed.device)
+        probs[idx] = apply_filters(processed[idx], [rows[r] for r in drawn_rows]).softmax(dim=-1)
+    uniforms = iter(sampler.uniforms([len(s.draft_token_ids) for s, g in zip(spans, greedy) if not g],
+                                     [rows[s.first_row] for s, g in zip(spans, greedy) if not g], processed.device))
+    accepted, final_rows, finals = [], [], []
     for span, is_greedy in zip(spans, greedy):
         drafts, first = span.draft_token_ids, span.first_row
         if is_greedy:
@@ -69,21 +84,11 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplerRow], spans
             q = span.draft_probs[m] if span.draft_probs is not None else _one_hot(drafts[m], p)
             residual = (p - q).clamp_(min=0.0)
             p = residual if float(residual.sum()) > 0 else p   # p == q to rounding: it could not be rejected
-        residual_rows.append(rows[first + m])
-        residual_dists.append(p)
-    drawn = iter(sampler.draw(torch.stack(residual_dists), residual_rows).tolist() if residual_dists else [])
-    emitted_rows, emitted_tokens = [], []
-    for span, is_greedy, m in zip(spans, greedy, accepted):
-        last = argmax[span.first_row + m] if is_greedy else next(drawn)
-        emitted_rows += range(span.first_row, span.first_row + m + 1)
-        emitted_tokens += span.draft_token_ids[:m] + [last]
-    tokens = with_logprobs(logits[emitted_rows], torch.tensor(emitted_tokens, device=logits.device),
-                           [rows[r] for r in emitted_rows])
-    out, start = [], 0
-    for m in accepted:
-        out.append(tokens[start:start + m + 1])
-        start += m + 1
-    return out
+        final_rows.append(rows[first + m])
+        finals.append(p)
+    drawn = iter(sampler.draw(torch.stack(finals), final_rows).tolist() if finals else [])
+    last = [argmax[s.first_row + m] if g else next(drawn) for s, g, m in zip(spans, greedy, accepted)]
+    return accepted, last
 
 
 def _num_accepted(probs: torch.Tensor, span: DraftSpan, u: torch.Tensor) -> int:
