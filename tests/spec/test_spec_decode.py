@@ -316,3 +316,22 @@ def test_a_failing_draft_model_costs_only_its_drafts(tiny_llama, near_draft, pla
     monkeypatch.setattr(llm.engine.runner.drafter, "propose", flaky)
     assert_same(llm.generate(PROMPTS, greedy(), use_tqdm=False), plain)
     assert len(calls) >= 6 and llm.engine.spec_stats.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculation_switching_on_as_the_batch_drains(tiny_llama, near_draft, method):
+    """disable_by_batch_size 3 with 6 requests of different lengths: no drafts while the batch is full,
+    then drafts (the draft model catching up over what it skipped) as requests finish."""
+    directory, _ = tiny_llama
+    spec = {"method": method, "num_speculative_tokens": 3, "disable_by_batch_size": 3, "prompt_lookup_min": 1}
+    if method == "draft_model":
+        spec["model"] = str(near_draft)
+    params = [greedy(max_tokens=m) for m in (6, 10, 14, 20, 30, 40)]
+    kw = dict(max_num_seqs=8, max_model_len=256, num_kv_blocks=256, progress=False)
+    want = LLM(str(directory), **kw).generate(PROMPTS, params, use_tqdm=False)
+    llm = LLM(str(directory), speculative_config=spec, **kw)
+    assert_same(llm.generate(PROMPTS, params, use_tqdm=False), want)
+    stats = llm.engine.spec_stats
+    assert 0 < stats.num_drafts < sum(p.max_tokens for p in params) - 20       # some steps, not all
+    if method == "draft_model":
+        assert stats.num_accepted_tokens > 0
