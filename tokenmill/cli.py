@@ -45,13 +45,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
-    from tokenmill.config import EngineConfig, SpeculativeConfig
+    from tokenmill.config import EngineConfig
     return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization, block_size=args.block_size,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
                         enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
                         seed=args.seed, attention_backend=args.attention_backend, device=args.device,
-                        speculative_config=SpeculativeConfig.parse(args.speculative_config))
+                        speculative_config=args.speculative_config)
 
 
 def sampling_params(args: argparse.Namespace):

@@ -94,7 +94,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str | None = None  # None: "triton" on CUDA, "cpu" (ATen flash over pages) on CPU
     device: str | None = None             # None: CUDA when available, else CPU
-    speculative_config: SpeculativeConfig | None = None
+    speculative_config: SpeculativeConfig | None = None   # also a dict or a JSON string, parsed here
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, optional: bool = False) -> None:

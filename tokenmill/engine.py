@@ -592,7 +592,7 @@ class LLM:
                               max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
                               kv_cache_memory_gb=kv_cache_memory_gb, enable_prefix_caching=enable_prefix_caching,
                               max_model_len=max_model_len, seed=seed, attention_backend=attention_backend,
-                              device=device, speculative_config=SpeculativeConfig.parse(speculative_config))
+                              device=device, speculative_config=speculative_config)
         self.engine = LLMEngine(config, progress=progress)
 
     @classmethod

@@ -125,16 +125,18 @@ class Runner:
         qlens, slens = [], []
         for seq, n in out.scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids += (seq.token_ids + seq.spec_token_ids)[start:end] if seq.spec_token_ids else seq.token_ids[start:end]
+            ids += seq.token_ids[start:end]
+            if end > seq.num_tokens:          # the drafts follow the last token
+                ids += seq.spec_token_ids[:end - seq.num_tokens]
             pos += range(start, end)
             qlens.append(n)
             slens.append(end)
         dev = self.device
         meta = AttentionMetadata.build([seq.block_table for seq, _ in out.scheduled], qlens, slens,
-                                       self.block_size, dev, [self._table(seq) for seq, _ in out.scheduled])
+                                       self.block_size, dev, [self.table(seq) for seq, _ in out.scheduled])
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev), meta)
 
-    def _table(self, seq: Sequence) -> torch.Tensor:
+    def table(self, seq: Sequence) -> torch.Tensor:
         """seq.block_table as int32, re-copying only its tail: the block manager appends pages and
         copies-on-write only the last one; a new list (preemption, prefix hit) is copied whole."""
         table, n = seq.block_table, len(seq.block_table)

@@ -1,7 +1,8 @@
 """The sampler's tensor ops, vectorised over rows that each carry their own parameters.
 
-Each op takes logits [num_rows, vocab] and one SamplerRow per row, returns new logits (the
-input is never written) with removed tokens at -inf, and skips any step that no row uses.
+Each op takes logits [num_rows, vocab] and one SamplerRow per row, returns logits with removed
+tokens at -inf (the input is never written; it comes back as is when no row uses the op), and
+skips any step that no row uses.
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplerRow], history: Token
     the OpenAI frequency and presence penalties over the output: logit - f * count - p * (count > 0).
     Penalties read the rows of `history` named by each row's `history_slot`, plus the row's
     `pending_token_ids` (drafts that precede its position)."""
+    if not any(map(penalised, rows)):
+        return logits
     logits = logits.clone()
     device = logits.device
     if any(r.suppress_token_ids for r in rows):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.sample.ops import TokenHistory, apply_filters, apply_penalties, penalised
+from tokenmill.sample.ops import TokenHistory, apply_filters, apply_penalties
 from tokenmill.sampling_params import SamplingParams
 
 __all__ = ["SampledToken", "Sampler", "SamplerRow", "TokenHistory", "apply_filters", "apply_penalties"]
@@ -43,7 +43,7 @@ class Sampler:
         if not rows:
             return []
         logits = logits.float()                                         # [num_rows, vocab]
-        processed = apply_penalties(logits, rows, history) if any(map(penalised, rows)) else logits
+        processed = apply_penalties(logits, rows, history)
         drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(drawn) == len(rows):
             tokens = self._draw(processed, rows)

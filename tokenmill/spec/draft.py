@@ -21,7 +21,7 @@ import torch
 from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.core.sequence import Sequence
 from tokenmill.kv_cache import copy_blocks
-from tokenmill.sample.ops import apply_filters, apply_penalties, penalised
+from tokenmill.sample.ops import apply_filters, apply_penalties
 
 if TYPE_CHECKING:
     from tokenmill.runner import Runner
@@ -89,7 +89,7 @@ class DraftModelProposer:
             else:
                 starts = [seqs[i].num_tokens + step - 1 for i in active]
                 chunks = [[drafts[i][-1]] for i in active]
-            logits = self._forward([seqs[i] for i in active], starts, chunks)
+            logits = self._forward(runner, [seqs[i] for i in active], starts, chunks)
             rows = [runner.row(seqs[i], drafts[i]) for i in active]
             tokens, q = self._sample(runner, logits, rows)
             for j, i in enumerate(active):
@@ -105,7 +105,7 @@ class DraftModelProposer:
                 self.probs.pop(seq.seq_id, None)
         return drafts
 
-    def _forward(self, seqs: list[Sequence], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
+    def _forward(self, runner: Runner, seqs: list[Sequence], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
         """Draft logits [len(seqs), vocab] after each chunk, written at positions starts[i] onwards."""
         ids, pos, qlens, slens = [], [], [], []
         for start, chunk in zip(starts, chunks):
@@ -113,7 +113,8 @@ class DraftModelProposer:
             pos += range(start, start + len(chunk))
             qlens.append(len(chunk))
             slens.append(start + len(chunk))
-        meta = AttentionMetadata.build([s.block_table for s in seqs], qlens, slens, self.block_size, self.device)
+        meta = AttentionMetadata.build([s.block_table for s in seqs], qlens, slens, self.block_size, self.device,
+                                       [runner.table(s) for s in seqs])
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
                             torch.tensor(pos, dtype=torch.long, device=self.device), self.kv_caches, self.backend, meta)
         last = meta.query_start_loc[1:].long() - 1
@@ -122,7 +123,7 @@ class DraftModelProposer:
     @staticmethod
     def _sample(runner: Runner, logits: torch.Tensor, rows) -> tuple[list[int], torch.Tensor | None]:
         """Draft tokens with the target's processing; q rows (zeros for greedy rows) when any row samples."""
-        processed = apply_penalties(logits, rows, runner.history) if any(map(penalised, rows)) else logits
+        processed = apply_penalties(logits, rows, runner.history)
         tokens = processed.argmax(dim=-1)
         drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not drawn:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.sample.ops import TokenHistory, apply_filters, apply_penalties, penalised
+from tokenmill.sample.ops import TokenHistory, apply_filters, apply_penalties
 from tokenmill.sample.sampler import SampledToken, Sampler, SamplerRow, with_logprobs
 
 
@@ -40,7 +40,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplerRow], spans
     generator; row j carries the drafts before it as pending tokens). Per span: the accepted drafts
     and one more token, with the target's raw logprobs."""
     logits = logits.float()
-    processed = apply_penalties(logits, rows, history) if any(map(penalised, rows)) else logits
+    processed = apply_penalties(logits, rows, history)
     greedy = [rows[s.first_row].params.greedy for s in spans]
     accepted, last = _accept(sampler, processed, rows, spans, greedy)
     emitted_rows, emitted_tokens = [], []
