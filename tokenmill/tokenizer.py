@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
@@ -83,6 +84,52 @@ _UNICODE_TO_BYTE = _gpt2_unicode_to_byte()
 # tokens llama.cpp treats as end of generation by their text alone
 _EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
               "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>"}
+# Gemma 3's chat template (google/gemma-3-*-it, tokenizer_config.json), verbatim: llama.cpp's converter
+# writes none into the GGUF when the source has none, as for gemma-3-270m. A system message becomes
+# the first user turn's prefix; "assistant" is rendered as "model".
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+# general.architecture -> the template to use when the GGUF metadata has no tokenizer.chat_template
+DEFAULT_CHAT_TEMPLATES = {"gemma3": GEMMA3_CHAT_TEMPLATE}
 # fill-in-the-middle tokens llama.cpp finds by text when the metadata has no id; they end generation too
 _FIM_TEXTS = {"fim_pad": {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"},
               "fim_rep": {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"},
@@ -106,9 +153,8 @@ def _bpe_from_gguf(md: dict[str, Any], tokens: list[str], types: list[int]) -> t
     return tok, add_bos
 
 
-def _spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """BPE merges that reproduce llama.cpp's SPM tokenizer, which repeatedly joins the adjacent pair
-    whose concatenation is the highest-scoring vocabulary entry (leftmost on ties)."""
+def _spm_merges_exact(scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """_spm_merges as a plain loop over every split of every piece (~1.4 s for Gemma 3's 262k pieces)."""
     found = []
     for piece, pid in vocab.items():
         for i in range(1, len(piece)):
@@ -119,12 +165,94 @@ def _spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int]) -
     return [(left, right) for *_, left, right in found]
 
 
+class _PieceTable:
+    """Every piece's code points end to end, with a polynomial hash (mod 2**64, uint64 arithmetic
+    wraps) of every prefix, so that any substring's hash is a few array operations. The base is odd,
+    hence invertible: a substring's hash is normalised to start at power 0, as a whole piece's is."""
+
+    BASE = 0x9E3779B97F4A7C15
+    INVERSE = pow(BASE, -1, 1 << 64)
+
+    def __init__(self, pieces: list[str]):
+        self.lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
+        self.starts = np.cumsum(self.lengths) - self.lengths
+        codes = np.frombuffer("".join(pieces).encode("utf-32-le", "surrogatepass"), np.uint32)
+        self.codes = codes.astype(np.uint64) + np.uint64(1)      # + 1: a NUL must still count
+        n = len(self.codes)
+        with np.errstate(over="ignore"):
+            self.prefix = np.zeros(n + 1, np.uint64)
+            np.cumsum(self.codes * self._powers(self.BASE, n), out=self.prefix[1:])
+            self.unshift = self._powers(self.INVERSE, n + 1)
+        self.whole = self.hash(self.starts, self.starts + self.lengths)
+        self.order = np.argsort(self.whole)
+        self.sorted = self.whole[self.order]
+
+    @staticmethod
+    def _powers(base: int, n: int) -> np.ndarray:
+        steps = np.full(n, base, np.uint64)
+        steps[:1] = 1
+        with np.errstate(over="ignore"):
+            return np.cumprod(steps, dtype=np.uint64)
+
+    def hash(self, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+        """Hashes of the substrings [start, stop) of the joined code points."""
+        with np.errstate(over="ignore"):
+            return (self.prefix[stop] - self.prefix[start]) * self.unshift[start]
+
+    def unique(self) -> bool:
+        return not np.any(self.sorted[1:] == self.sorted[:-1])
+
+    def find(self, hashes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The index of the piece with each hash and length, or -1."""
+        queries = np.argsort(hashes)        # searching sorted queries is ~10x faster than shuffled
+        at = np.empty(len(hashes), np.int64)
+        at[queries] = np.searchsorted(self.sorted, hashes[queries])
+        at = np.minimum(at, len(self.sorted) - 1)
+        found = self.order[at]
+        return np.where((self.sorted[at] == hashes) & (self.lengths[found] == lengths), found, -1)
+
+    def same_text(self, a: np.ndarray, b: np.ndarray, n: np.ndarray) -> bool:
+        """Whether the substrings of n code points at a and at b are equal, for every triple."""
+        offsets = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        return np.array_equal(self.codes[np.repeat(a, n) + offsets], self.codes[np.repeat(b, n) + offsets])
+
+
+def _spm_merges(scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce llama.cpp's SPM tokenizer, which repeatedly joins the adjacent pair
+    whose concatenation is the highest-scoring vocabulary entry (leftmost on ties): every split of a
+    piece into two pieces, by the piece's score (highest first), then its id, then the split point.
+
+    Vectorised (~0.75 s instead of _spm_merges_exact's ~1.4 s for Gemma 3): substrings are matched to
+    pieces by hash, then every match is compared code point by code point, so a hash collision can
+    cost speed (the plain loop takes over), never correctness."""
+    pieces = list(vocab)            # unique texts; vocab maps each to its id
+    table = _PieceTable(pieces)
+    n_cuts = np.maximum(table.lengths - 1, 0)
+    piece = np.repeat(np.arange(len(pieces)), n_cuts)
+    cut = np.arange(len(piece)) - np.repeat(np.cumsum(n_cuts) - n_cuts, n_cuts) + 1
+    start, stop = table.starts[piece], table.starts[piece] + table.lengths[piece]
+    left = table.find(table.hash(start, start + cut), cut)
+    keep = left >= 0                # most splits fail here, so the right halves are looked up for fewer
+    piece, cut, left, start, stop = piece[keep], cut[keep], left[keep], start[keep], stop[keep]
+    right = table.find(table.hash(start + cut, stop), stop - start - cut)
+    keep = right >= 0
+    piece, cut, left, right, start = piece[keep], cut[keep], left[keep], right[keep], start[keep]
+    exact = table.unique() and table.same_text(table.starts[left], start, cut) and \
+        table.same_text(table.starts[right], start + cut, table.lengths[right])
+    if not exact:                   # two strings share a hash (never seen on a real vocabulary)
+        return _spm_merges_exact(scores, vocab)
+    ids = np.fromiter(vocab.values(), np.int64, len(pieces))[piece]
+    rank = np.lexsort((cut, ids, -np.asarray(scores, np.float64)[ids]))
+    text = pieces.__getitem__
+    return list(zip(map(text, left[rank].tolist()), map(text, right[rank].tolist())))
+
+
 def _spm_from_gguf(md: dict[str, Any], tokens: list[str], types: list[int]) -> tuple[tokenizers.Tokenizer, bool]:
     """SentencePiece-style BPE (tokenizer.ggml.model == "llama"): merges by score, byte fallback."""
     scores = md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     unk_id = md.get("tokenizer.ggml.unknown_token_id", types.index(UNKNOWN) if UNKNOWN in types else None)
-    model = models.BPE(vocab, _spm_merges(tokens, scores, vocab), byte_fallback=True, fuse_unk=True,
+    model = models.BPE(vocab, _spm_merges(scores, vocab), byte_fallback=True, fuse_unk=True,
                        unk_token=tokens[unk_id] if unk_id is not None else None)
     tok = tokenizers.Tokenizer(model)
     # Prepend runs on each stretch of text between special tokens, as llama.cpp adds its space
@@ -133,8 +261,10 @@ def _spm_from_gguf(md: dict[str, Any], tokens: list[str], types: list[int]) -> t
     if md.get("tokenizer.ggml.add_space_prefix", True):
         steps.insert(0, normalizers.Prepend("▁"))
     tok.normalizer = normalizers.Sequence(steps)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if md.get("tokenizer.ggml.add_space_prefix", True):      # drop the space the encoder added, not a real one
+        decode.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(decode)
     return tok, True
 
 
@@ -195,7 +325,8 @@ class Tokenizer:
         bos = metadata.get("tokenizer.ggml.bos_token_id")
         eos = metadata.get("tokenizer.ggml.eos_token_id")
         return cls(tok, bos_token_id=bos, eos_token_id=eos, eos_token_ids=eog,
-                   chat_template=metadata.get("tokenizer.chat_template"),
+                   chat_template=metadata.get("tokenizer.chat_template")
+                   or DEFAULT_CHAT_TEMPLATES.get(metadata.get("general.architecture", "")),
                    add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos)) and bos is not None,
                    add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None)
 
@@ -301,7 +432,8 @@ def _is_byte_level(tok: tokenizers.Tokenizer) -> bool:
         if isinstance(node, dict):
             return node.get("type") == "ByteLevel" or any(walk(d) for d in node.get("decoders") or [])
         return False
-    return walk(json.loads(tok.to_str()).get("decoder"))
+    # the decoder's own JSON: the whole tokenizer's (tok.to_str()) takes ~1 s for a 262k vocabulary
+    return tok.decoder is not None and walk(json.loads(tok.decoder.__getstate__()))
 
 
 def _compile_template(source: str):

@@ -70,6 +70,9 @@ def start_writer(path: Path, arch: str = "llama") -> gguf.GGUFWriter:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(VOCAB)
+    if arch == "gemma3":        # transformers reads the head size from these
+        writer.add_key_length(HIDDEN // HEADS)
+        writer.add_value_length(HIDDEN // HEADS)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list([f"t{i}" for i in range(VOCAB)])
@@ -85,10 +88,25 @@ def finish(writer: gguf.GGUFWriter) -> None:
     writer.close()
 
 
+# per-block norms: (gguf leaf, hf leaf, size). ffn_norm is Llama's post_attention_layernorm but Gemma 3's
+# pre_feedforward_layernorm; Gemma 3 has four norms per block and per-head Q/K norms
+NORMS = {
+    "llama": [("attn_norm", "input_layernorm", HIDDEN), ("ffn_norm", "post_attention_layernorm", HIDDEN)],
+    "gemma3": [("attn_norm", "input_layernorm", HIDDEN),
+               ("post_attention_norm", "post_attention_layernorm", HIDDEN),
+               ("ffn_norm", "pre_feedforward_layernorm", HIDDEN),
+               ("post_ffw_norm", "post_feedforward_layernorm", HIDDEN),
+               ("attn_q_norm", "self_attn.q_norm", HIDDEN // HEADS),
+               ("attn_k_norm", "self_attn.k_norm", HIDDEN // HEADS)],
+}
+NORMS["qwen2"] = NORMS["llama"]
+
+
 def write_tiny(path: Path, arch: str = "llama") -> dict[str, np.ndarray]:
     """Write a 2-layer GGUF in every supported type; return the expected HF state dict, computed
     from gguf-py's dequantization of the very bytes written, in HF row order. qwen2 gets Q/K/V
-    biases and, unlike llama, no Q/K row permutation."""
+    biases and, unlike llama, no Q/K row permutation. gemma3 stores each norm weight w as 1 + w,
+    as llama.cpp's converter does, and has tied embeddings."""
     rng = np.random.default_rng(0)
     writer = start_writer(path, arch)
     expected: dict[str, np.ndarray] = {}
@@ -100,15 +118,22 @@ def write_tiny(path: Path, arch: str = "llama") -> dict[str, np.ndarray]:
             raw = permute(raw, n_head)
         writer.add_tensor(gname, raw, raw_dtype=qtype)
 
+    def add_norm(gname: str, hfname: str, size: int):
+        w = rng.normal(0, 0.1, size).astype(np.float32)
+        if arch == "gemma3":
+            writer.add_tensor(gname, w + np.float32(1), raw_dtype=Q.F32)
+            expected[hfname] = (w + np.float32(1)) - np.float32(1)     # not always w itself, in float32
+        else:
+            add(gname, hfname, w + 1, Q.F32)
+
     add("token_embd.weight", "model.embed_tokens.weight", rng.normal(0, 0.1, (VOCAB, HIDDEN)), Q.F16)
-    add("output_norm.weight", "model.norm.weight", rng.normal(1, 0.1, HIDDEN), Q.F32)
-    add("output.weight", "lm_head.weight", rng.normal(0, 0.1, (VOCAB, HIDDEN)), Q.Q8_0)
+    add_norm("output_norm.weight", "model.norm.weight", HIDDEN)
+    if arch != "gemma3":
+        add("output.weight", "lm_head.weight", rng.normal(0, 0.1, (VOCAB, HIDDEN)), Q.Q8_0)
     writer.add_tensor("rope_freqs.weight", np.ones(HIDDEN // HEADS // 2, np.float32))   # unknown: skipped
     for layer, types in enumerate(LAYER_TYPES):
-        add(f"blk.{layer}.attn_norm.weight", f"model.layers.{layer}.input_layernorm.weight",
-            rng.normal(1, 0.1, HIDDEN), Q.F32)
-        add(f"blk.{layer}.ffn_norm.weight", f"model.layers.{layer}.post_attention_layernorm.weight",
-            rng.normal(1, 0.1, HIDDEN), Q.F32)
+        for gleaf, hfleaf, size in NORMS[arch]:
+            add_norm(f"blk.{layer}.{gleaf}.weight", f"model.layers.{layer}.{hfleaf}.weight", size)
         for gleaf, hfleaf, shape in LEAVES:
             n_head = {"attn_q": HEADS, "attn_k": KV_HEADS}.get(gleaf) if arch == "llama" else None
             if arch == "qwen2" and gleaf in ("attn_q", "attn_k", "attn_v"):
@@ -126,7 +151,7 @@ def tiny(tmp_path_factory):
     return path, write_tiny(path)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
 def tiny_any(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"gguf-{request.param}") / "tiny.gguf"
     return path, write_tiny(path, request.param)
@@ -170,9 +195,10 @@ def test_matches_transformers_gguf_loader(tiny_any):
     tf = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     path, _ = tiny_any
-    ref = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
+    model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ref = model.state_dict()
     got = dict(GGUFCheckpoint(path).iter_tensors(torch.float32))
-    assert set(got) == set(ref)
+    assert set(got) == set(ref) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
     for name, tensor in got.items():
         assert torch.equal(tensor, ref[name]), name
 
@@ -245,3 +271,31 @@ def test_smollm2_equals_transformers(smollm2, smollm2_hf):
     assert set(got) == set(ref) - {"lm_head.weight"}
     for name, tensor in got.items():
         assert torch.equal(tensor, ref[name]), name
+
+
+def test_gemma3_names_and_norms(gemma3_path):
+    ckpt = GGUFCheckpoint(gemma3_path)
+    assert ckpt.architecture == "gemma3"
+    names = ckpt.tensor_names()
+    leaves = {n.split(".", 3)[3] for n in names if n.startswith("model.layers.0.")}
+    assert leaves == {"input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
+                      "post_feedforward_layernorm.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+                      *(f"{leaf}.weight" for _, leaf, _ in LEAVES)}
+    assert len(names) == 18 * 13 + 2 and "lm_head.weight" not in names      # tied embeddings
+    # every norm is stored as 1 + w; raw_tensor and iter_sources both give Hugging Face's w
+    sources = dict(ckpt.iter_sources())
+    for name in (n for n in names if n.endswith("norm.weight")):
+        info = ckpt._tensors[name]
+        stored = np.asarray(ckpt._data[info.offset:info.offset + info.n_bytes]).view(np.float32)
+        qtype, w, _ = ckpt.raw_tensor(name)
+        assert qtype == Q.F32 and np.array_equal(w, stored - np.float32(1)), name
+        assert torch.equal(sources[name], torch.from_numpy(w)), name
+
+
+def test_gemma3_equals_transformers(gemma3_path, gemma3_hf):
+    """Every tensor, dequantized by us, bit-equal to what transformers builds from the same file."""
+    ref = gemma3_hf.state_dict()
+    got = dict(GGUFCheckpoint(gemma3_path).iter_tensors(torch.float32))
+    assert set(got) == set(ref) - {"lm_head.weight"}
+    for name, tensor in got.items():
+        assert tensor.dtype == ref[name].dtype and torch.equal(tensor, ref[name]), name

@@ -19,11 +19,14 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
 T = GGMLQuantizationType
 SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
 # architectures whose Q/K rows llama.cpp's converter reorders for interleaved (GPT-J) rope
 PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
+# architectures whose converter stores every RMSNorm weight w as 1 + w (Gemma3Model.norm_shift in
+# llama.cpp's convert_hf_to_gguf.py), while Hugging Face stores w and computes x * (1 + w)
+SHIFTED_NORM_ARCHITECTURES = ("gemma3",)
 
 _SCALARS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
@@ -43,9 +46,8 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK_NAMES = {
+_COMMON_BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -53,6 +55,20 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# ffn_norm is the norm before the MLP: Llama's post_attention_layernorm, but Gemma 3 has four norms
+# per block and its post_attention_layernorm is a different tensor (post_attention_norm)
+_LLAMA_BLOCK_NAMES = {**_COMMON_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"}
+_BLOCK_NAMES: dict[str, dict[str, str]] = {
+    "llama": _LLAMA_BLOCK_NAMES,
+    "mistral": _LLAMA_BLOCK_NAMES,
+    "qwen2": _LLAMA_BLOCK_NAMES,
+    "gemma3": {**_COMMON_BLOCK_NAMES,
+               "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm",
+               "attn_q_norm": "self_attn.q_norm",
+               "attn_k_norm": "self_attn.k_norm"},
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -70,17 +86,18 @@ class GGUFTensor:
         return torch.from_numpy(np.ascontiguousarray(dequantize(self.data, self.qtype)).reshape(self.shape))
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None for tensors the model does not use."""
+def hf_name(gguf_name: str, architecture: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor of `architecture`, or None for tensors the model does not use."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK_RE.fullmatch(gguf_name)
-    if m is None or m.group(2) not in _BLOCK_NAMES:
+    names = _BLOCK_NAMES[architecture]
+    if m is None or m.group(2) not in names:
         return None
     layer, part, kind = m.groups()
-    if part in ("attn_norm", "ffn_norm") and kind == "bias":
+    if part.endswith("norm") and kind == "bias":
         return None
-    return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    return f"model.layers.{layer}.{names[part]}.{kind}"
 
 
 def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
@@ -164,18 +181,20 @@ class GGUFCheckpoint:
         if magic != GGUF_MAGIC:
             raise ValueError(f"{self.path}: not a GGUF file (magic bytes {magic!r}, expected {GGUF_MAGIC!r})")
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
-        self.metadata, self._tensors = self._parse(memoryview(self._data))
+        header = _Header(self.path, memoryview(self._data))
+        self.metadata, infos = self._read_header(header)
         self.architecture: str = self.metadata.get("general.architecture", "")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"{self.path}: unsupported architecture {self.architecture!r} "
                              f"(general.architecture); supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        self._tensors = self._locate(infos, header)
         for name, info in self._tensors.items():
             if info.qtype not in SUPPORTED_TYPES:
                 raise ValueError(f"{self.path}: tensor {info.gguf_name} has unsupported type {info.qtype.name}; "
                                  f"supported: {', '.join(t.name for t in SUPPORTED_TYPES)}")
 
-    def _parse(self, buf: memoryview) -> tuple[dict[str, Any], dict[str, _TensorInfo]]:
-        h = _Header(self.path, buf)
+    def _read_header(self, h: _Header) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]]]:
+        """Metadata, and (name, dims, type id, offset) of every tensor; leaves `h` at the header's end."""
         h.pos = 4
         version = h.scalar("<I")
         if version not in (2, 3):
@@ -191,11 +210,15 @@ class GGUFCheckpoint:
             dims = [h.scalar("<Q") for _ in range(h.scalar("<I"))]
             raw_type, offset = h.scalar("<I"), h.scalar("<Q")
             infos.append((name, dims, raw_type, offset))
-        alignment = int(metadata.get("general.alignment", 32))
+        return metadata, infos
+
+    def _locate(self, infos: list[tuple[str, list[int], int, int]], h: _Header) -> dict[str, _TensorInfo]:
+        """The tensors the model uses, by Hugging Face name, with their bytes checked to be in the file."""
+        alignment = int(self.metadata.get("general.alignment", 32))
         data_start = -(-h.pos // alignment) * alignment
         tensors: dict[str, _TensorInfo] = {}
         for name, dims, raw_type, offset in infos:
-            hf = hf_name(name)
+            hf = hf_name(name, self.architecture)
             if hf is None:
                 continue
             try:
@@ -205,11 +228,11 @@ class GGUFCheckpoint:
             block, type_size = GGML_QUANT_SIZES[qtype]
             n_bytes = int(np.prod(dims, dtype=np.int64)) // block * type_size
             start = data_start + offset
-            if start + n_bytes > len(buf):
+            if start + n_bytes > len(h.buf):
                 raise ValueError(f"{self.path}: truncated GGUF file: tensor {name} needs bytes "
-                                 f"{start}..{start + n_bytes} but the file has {len(buf)}; re-download it")
+                                 f"{start}..{start + n_bytes} but the file has {len(h.buf)}; re-download it")
             tensors[hf] = _TensorInfo(name, qtype, tuple(int(d) for d in reversed(dims)), start, n_bytes)
-        return metadata, tensors
+        return tensors
 
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
@@ -225,15 +248,22 @@ class GGUFCheckpoint:
             return self.metadata.get(f"{self.architecture}.attention.head_count_kv") or heads
         return None
 
+    def _norm_shifted(self, hf: str) -> bool:
+        return self.architecture in SHIFTED_NORM_ARCHITECTURES and hf.endswith("norm.weight")
+
     def raw_tensor(self, hf: str) -> tuple[GGMLQuantizationType, np.ndarray, tuple[int, ...]]:
         """(type, data as stored, logical shape [out, in]) for running a quantized weight as is.
 
         Quantized data is uint8 [rows, bytes per row]; F32/F16 data is typed. Rows are already in
-        Hugging Face order (the Q/K rope permutation is undone; blocks never cross rows)."""
+        Hugging Face order (the Q/K rope permutation is undone; blocks never cross rows). Norm
+        weights stored as 1 + w come back as F32 holding Hugging Face's w."""
         if hf not in self._tensors:
             raise KeyError(f"{self.path}: no tensor {hf!r}; it has {len(self._tensors)} tensors")
         info = self._tensors[hf]
         raw = self._data[info.offset:info.offset + info.n_bytes]
+        if self._norm_shifted(hf):
+            # transformers' Gemma GGUF processor: dequantize to float32, then subtract 1 in float32
+            return T.F32, dequantize(raw, info.qtype).reshape(info.shape) - np.float32(1), info.shape
         if info.qtype == T.F32:
             data = raw.view(np.float32).reshape(info.shape)
         elif info.qtype == T.F16:
