@@ -4,6 +4,7 @@
   prefill   one prompt of N tokens, nothing cached
   chunked   a 512-token chunk after N - 512 cached tokens (an earlier chunk or a prefix-cache hit)
   decode    B sequences, one new token each, contexts drawn from [ctx / 2, ctx]
+  window W  the same under a sliding window of W tokens (Gemma 3, Mistral)
 Time: the fastest of --repeats calls (the machine is shared; the minimum is the least disturbed).
 
   python benchmarks/attention_cpu.py [--threads 2] [--backends torch cpu] [--quick]
@@ -11,6 +12,7 @@ Time: the fastest of --repeats calls (the machine is shared; the minimum is the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -26,8 +28,9 @@ from tokenmill.attention.testing import random_paged_case  # noqa: E402
 HQ, HKV, D, PAGE = 9, 3, 64, 16
 
 
-def paged_case(query_lens: list[int], seq_lens: list[int], seed: int = 0):
-    return random_paged_case(query_lens, seq_lens, HQ, HKV, D, block_size=PAGE, seed=seed)
+def paged_case(query_lens: list[int], seq_lens: list[int], seed: int = 0, window: int | None = None):
+    *tensors, meta = random_paged_case(query_lens, seq_lens, HQ, HKV, D, block_size=PAGE, seed=seed)
+    return (*tensors, dataclasses.replace(meta, sliding_window=window))
 
 
 def best_ms(backends: list, case, repeats: int) -> list[float]:
@@ -56,6 +59,9 @@ def cases(quick: bool):
             yield f"decode B={batch} ctx<={ctx}", [1] * batch, lens
     yield "mixed: chunk 256 after 768 + 16 decodes ctx<=1024", [256] + [1] * 16, [1024] + [
         rng.randint(512, 1024) for _ in range(16)]
+    n, ctx, window = (512, 1024, 128) if quick else (2048, 4096, 512)
+    yield f"prefill N={n}, window {window}", [n], [n], window
+    yield f"decode B=8 ctx<={ctx}, window {window}", [1] * 8, [rng.randint(ctx // 2, ctx) for _ in range(8)], window
 
 
 def main() -> None:
@@ -70,8 +76,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s); ms per call (best of {args.repeats})\n")
     print("| case | " + " | ".join(args.backends) + f" | {args.backends[-1]} vs {args.backends[0]} |")
     print("|---|" + "---|" * (len(args.backends) + 1))
-    for name, query_lens, seq_lens in cases(args.quick):
-        case = paged_case(query_lens, seq_lens)
+    for name, query_lens, seq_lens, *window in cases(args.quick):
+        case = paged_case(query_lens, seq_lens, window=window[0] if window else None)
         ms = best_ms(list(backends.values()), case, args.repeats)
         print(f"| {name} | " + " | ".join(f"{t:.2f}" for t in ms) + f" | {ms[0] / ms[-1]:.2f}x |", flush=True)
 

@@ -15,14 +15,21 @@ Pages are copied into a reused workspace: a fresh multi-MiB tensor per call cost
 faults than the copy itself (measured: 25 ms against 8 ms for 50 MiB on this machine). The workspace
 holds at most one layer's gathered context (x 1.25 for padding), a small part of the whole KV cache.
 Chosen as the CPU default by benchmarks/attention_cpu.py; the numbers are in docs/attention.md.
+Under a sliding window that binds (context longer than the window) only pages from the window of the
+first query on are gathered (earlier table entries may be released); a chunk runs in query tiles of
+WINDOW_TILE, each over just the keys it sees with an additive banded bias (rows x (rows + window), never
+N x N); decode rows see their last `window` keys: the head of their first page is masked when padded,
+sliced off when attended one by one.
 """
 from __future__ import annotations
 
 import torch
 
-from tokenmill.attention.base import AttentionBackend, AttentionMetadata, store_kv
+from tokenmill.attention.base import (AttentionBackend, AttentionMetadata, decode_window_tables, first_page,
+                                      store_kv, window_mask, window_tiles)
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+WINDOW_TILE = 256       # queries per masked call under a sliding window: the flash kernel's own query tile
 
 
 class Workspace:
@@ -78,19 +85,25 @@ class CPUTiledBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        window = meta.sliding_window
         if meta.is_pure_decode:
-            return self._decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_list, scale)
+            return self._decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_list, scale, window)
         out = torch.empty_like(q)
         starts = meta.query_start_loc.tolist()
         decode_seqs = [b for b, qlen in enumerate(meta.query_lens_list) if qlen == 1]
         if len(decode_seqs) > 1:
             rows = torch.tensor([starts[b] for b in decode_seqs])
             out[rows] = self._decode(q[rows], k_cache, v_cache, meta.block_tables[torch.tensor(decode_seqs)],
-                                     [meta.seq_lens_list[b] for b in decode_seqs], scale)
+                                     [meta.seq_lens_list[b] for b in decode_seqs], scale, window)
         for b, (qlen, slen) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
             if qlen > 1 or (qlen == 1 and len(decode_seqs) == 1):
                 s = starts[b]
-                out[s:s + qlen] = self._prefill(q[s:s + qlen], k_cache, v_cache, meta.block_tables[b], slen, scale)
+                if window is not None and slen > window:
+                    out[s:s + qlen] = self._windowed(q[s:s + qlen], k_cache, v_cache, meta.block_tables[b], slen,
+                                                     window, scale)
+                else:
+                    out[s:s + qlen] = self._prefill(q[s:s + qlen], k_cache, v_cache, meta.block_tables[b], slen,
+                                                    scale)
         return out
 
     def _prefill(self, q, k_cache, v_cache, block_table, seq_len: int, scale: float) -> torch.Tensor:
@@ -110,32 +123,69 @@ class CPUTiledBackend(AttentionBackend):
                                 is_causal=True, scale=scale)
         return merge_by_lse(o_old, lse_old, o_new, lse_new)[0].transpose(0, 1)
 
-    def _decode(self, q, k_cache, v_cache, block_tables, seq_lens: list[int], scale: float) -> torch.Tensor:
+    def _windowed(self, q, k_cache, v_cache, block_table, seq_len: int, window: int, scale: float) -> torch.Tensor:
+        """As _prefill, each query seeing only its last `window` positions; never reads released pages."""
+        qlen, block_size = q.shape[0], k_cache.shape[1]
+        page = first_page(seq_len, qlen, window, block_size)
+        base = page * block_size                                            # position of the first gathered key
+        kp, vp = self.workspace.gather(k_cache, v_cache, block_table[page:-(-seq_len // block_size)].long())
+        keys = kp.flatten(0, 1)[:seq_len - base].transpose(0, 1)[None]      # [1, Hkv, seq_len - base, D]
+        values = vp.flatten(0, 1)[:seq_len - base].transpose(0, 1)[None]
+        queries = q.transpose(0, 1)[None]                                   # [1, Hq, Lq, D]
+        out = torch.empty_like(q)
+        for i0, i1, k0, k1 in window_tiles(seq_len, qlen, window, WINDOW_TILE):
+            bias = None
+            if i1 - i0 > 1:     # a single query sees every key of its tile
+                hidden = ~window_mask(seq_len - qlen + i0, i1 - i0, k0, k1 - k0, window)
+                bias = torch.zeros(hidden.shape, dtype=q.dtype).masked_fill_(hidden, float("-inf"))[None, None]
+            o, _ = _flash(queries[:, :, i0:i1], keys[:, :, k0 - base:k1 - base], values[:, :, k0 - base:k1 - base],
+                          attn_mask=bias, scale=scale)                      # [1, Hq, i1 - i0, D]
+            out[i0:i1] = o[0].transpose(0, 1)
+        return out
+
+    def _decode(self, q, k_cache, v_cache, block_tables, seq_lens: list[int], scale: float,
+                window: int | None = None) -> torch.Tensor:
         """q [B, Hq, D], one query per sequence at its last position -> [B, Hq, D]."""
         num_seqs, block_size, hkv, d = q.shape[0], k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-        pages = [-(-n // block_size) for n in seq_lens]
+        if window is None:
+            pages = [-(-n // block_size) for n in seq_lens]
+            tables = block_tables[:, :max(pages)]                           # [B, width]
+            heads, lengths = [0] * num_seqs, seq_lens
+        else:   # each row's entries from its first page in the window on; `heads`: keys before the window
+            tables, first, pages = decode_window_tables(block_tables, seq_lens, window, block_size)
+            lengths = [n - f * block_size for n, f in zip(seq_lens, first)]
+            heads = [max(0, n - window) for n in lengths]
         width = max(pages)
         folded = q.view(num_seqs, hkv, -1, d)                                # [B, Hkv, group, D]
         if num_seqs * width <= (1 + self.max_padding) * sum(pages):
-            kp, vp = self.workspace.gather(k_cache, v_cache, block_tables[:, :width].reshape(-1).long())
-            length = max(seq_lens)
+            kp, vp = self.workspace.gather(k_cache, v_cache, tables.reshape(-1).long())
+            length = max(lengths)
             keys = kp.view(num_seqs, width * block_size, hkv, d)[:, :length].transpose(1, 2)   # [B, Hkv, L, D]
             values = vp.view(num_seqs, width * block_size, hkv, d)[:, :length].transpose(1, 2)
-            bias = None
-            if min(seq_lens) < length:
-                tail = torch.arange(length).unsqueeze(0) >= torch.tensor(seq_lens).unsqueeze(1)    # [B, L]
-                bias = torch.zeros(num_seqs, 1, 1, length, dtype=q.dtype).masked_fill_(tail[:, None, None],
-                                                                                       float("-inf"))
-            o, _ = _flash(folded, keys, values, attn_mask=bias, scale=scale)  # [B, Hkv, group, D]
+            o, _ = _flash(folded, keys, values, attn_mask=self._decode_bias(heads, lengths, q.dtype),
+                          scale=scale)                                       # [B, Hkv, group, D]
             return o.reshape(num_seqs, -1, d)
         # contexts too uneven to pad: gather only the pages in use, one call per sequence
         in_use = torch.arange(width).unsqueeze(0) < torch.tensor(pages).unsqueeze(1)
-        kp, vp = self.workspace.gather(k_cache, v_cache, block_tables[:, :width][in_use].long())
+        kp, vp = self.workspace.gather(k_cache, v_cache, tables[in_use].long())
         out = torch.empty_like(q)
         first = 0
-        for b, (n, length) in enumerate(zip(pages, seq_lens)):
-            keys = kp[first:first + n].flatten(0, 1)[:length].transpose(0, 1)[None]   # [1, Hkv, L, D]
-            values = vp[first:first + n].flatten(0, 1)[:length].transpose(0, 1)[None]
+        for b, (n, head, length) in enumerate(zip(pages, heads, lengths)):
+            keys = kp[first:first + n].flatten(0, 1)[head:length].transpose(0, 1)[None]   # [1, Hkv, L, D]
+            values = vp[first:first + n].flatten(0, 1)[head:length].transpose(0, 1)[None]
             out[b] = _flash(folded[b:b + 1], keys, values, scale=scale)[0].reshape(-1, d)
             first += n
         return out
+
+    @staticmethod
+    def _decode_bias(heads: list[int], lengths: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive [B, 1, 1, L] bias hiding each padded row's keys before `heads[b]` and from `lengths[b]` on;
+        None when nothing is hidden."""
+        length = max(lengths)
+        if min(lengths) == length and max(heads) == 0:
+            return None
+        pos = torch.arange(length).unsqueeze(0)
+        hidden = pos >= torch.tensor(lengths).unsqueeze(1)                  # [B, L]
+        if max(heads) > 0:
+            hidden |= pos < torch.tensor(heads).unsqueeze(1)
+        return torch.zeros(len(lengths), 1, 1, length, dtype=dtype).masked_fill_(hidden[:, None, None], float("-inf"))

@@ -4,6 +4,11 @@ prefill / chunked prefill, and flash-decoding for pure decode batches.
 Every kernel reads pages straight through the block table and maps query head h to KV head
 h // group, so K/V are never gathered or repeated in memory. Under TRITON_INTERPRET=1 they run on
 CPU tensors (the tests do this); on CUDA they are the default backend.
+
+Sliding window (HAS_WINDOW, a compile-time switch, so the unbounded kernels stay as they were): the
+loops start at the first key a tile's queries see, never at a tile aligned below it, so block-table
+entries of pages released before the window are never loaded; prefill masks the window's edge only in
+the key tiles that cross it, decode splits only the last `window` keys of each sequence.
 """
 from __future__ import annotations
 
@@ -50,11 +55,13 @@ def _kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, b, kv_head, offs_n, offs
 
 @triton.jit
 def _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, b, kv_head, lo, hi, qk_scale,
-            stride_bt, stride_kb, stride_ks, stride_kh,
+            window, stride_bt, stride_kb, stride_ks, stride_kh,
             D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, MASK: tl.constexpr, DOT_FP32: tl.constexpr):
     # FlashAttention-2's inner loop over keys lo .. hi: running max m_i, running sum l_i (base 2),
     # unnormalised accumulator acc [rows, D]; q [rows, D]. MASK: 0 none (whole tiles every row sees),
-    # 1 the keys at or past hi, 2 causal (key position <= q_pos of the row)
+    # 1 the keys at or past hi, 2 causal (key position <= q_pos of the row), 3 causal within the last
+    # `window` positions of the row and below hi; with 3 a row may see no key of a whole tile
+    # (-inf everywhere), and the running max of a row that has seen nothing yet must stay usable
     offs_d = tl.arange(0, D)
     offs_nb = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
@@ -69,9 +76,15 @@ def _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, 
             s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
         elif MASK == 1:
             s = tl.where(n_valid[None, :], s, float("-inf"))
+        elif MASK == 3:
+            dist = q_pos[:, None] - offs_n[None, :]
+            s = tl.where(n_valid[None, :] & (dist >= 0) & (dist < window), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_sub = m_new
+        if MASK == 3:   # a row that has seen nothing yet subtracts 0, not -inf - -inf = NaN: p, alpha are 0
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
         m_i = m_new
@@ -80,10 +93,10 @@ def _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, 
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_ptr, cu_q_ptr, seq_len_ptr, qk_scale,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                    window, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                     stride_kb, stride_ks, stride_kh,
                     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PAGE: tl.constexpr, DOT_FP32: tl.constexpr):
+                    PAGE: tl.constexpr, DOT_FP32: tl.constexpr, HAS_WINDOW: tl.constexpr):
     # one program: BLOCK_M queries of one sequence and one query head; streams [BLOCK_N, D] K/V tiles
     # from the pages (earlier chunks and prefix-cache hits included), online softmax, one output write
     tile = tl.num_programs(0) - 1 - tl.program_id(0)        # the longest (last) query tiles start first
@@ -107,13 +120,25 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_ptr, c
         # whole key tiles up to the tile's first query are seen by all its queries: no mask; the tiles
         # from there to its last query take the causal mask; the tiles past it are fully masked and
         # never visited
-        unmasked_end = (first_pos + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N
         end = tl.minimum(seq_len, first_pos + (tile + 1) * BLOCK_M)
+        if HAS_WINDOW:
+            # keys lo .. shared - 1 are seen by some of the tile's queries (each query's window edge
+            # falls there); from `shared` on, every query's window reaches back past them (shared >=
+            # end - window): the plain causal split from there
+            lo = tl.maximum(first_pos + tile * BLOCK_M - window + 1, 0)
+            shared = tl.maximum(lo, end - window)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, b,
+                                    h // GROUP, lo, shared, qk_scale, window, stride_bt, stride_kb, stride_ks,
+                                    stride_kh, D, BLOCK_N, PAGE, 3, DOT_FP32)
+            unmasked_end = shared + tl.maximum(first_pos + tile * BLOCK_M + 1 - shared, 0) // BLOCK_N * BLOCK_N
+        else:
+            shared = 0
+            unmasked_end = (first_pos + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, b, h // GROUP,
-                                0, unmasked_end, qk_scale, stride_bt, stride_kb, stride_ks, stride_kh,
+                                shared, unmasked_end, qk_scale, window, stride_bt, stride_kb, stride_ks, stride_kh,
                                 D, BLOCK_N, PAGE, 0, DOT_FP32)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, b, h // GROUP,
-                                unmasked_end, end, qk_scale, stride_bt, stride_kb, stride_ks, stride_kh,
+                                unmasked_end, end, qk_scale, window, stride_bt, stride_kb, stride_ks, stride_kh,
                                 D, BLOCK_N, PAGE, 2, DOT_FP32)
         out = acc / l_i[:, None]
         tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -122,12 +147,13 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_ptr, c
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_ml_ptr, block_table_ptr, seq_len_ptr,
-                         qk_scale, stride_qt, stride_qh, stride_bt, stride_kb, stride_ks, stride_kh,
+                         qk_scale, window, stride_qt, stride_qh, stride_bt, stride_kb, stride_ks, stride_kh,
                          split_len, num_splits,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PAGE: tl.constexpr, DOT_FP32: tl.constexpr):
+                         PAGE: tl.constexpr, DOT_FP32: tl.constexpr, HAS_WINDOW: tl.constexpr):
     # flash-decoding: one program = one sequence, one KV head with all GROUP query heads that share
     # it (rows of one [BLOCK_G, D] block, so each K/V tile is read once), one slice of the context
+    # (under a window: of its last `window` keys, the slices counted from the window's first key)
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_len_ptr + b)
     offs_g = tl.arange(0, BLOCK_G)
@@ -142,8 +168,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_ml_
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     first = split * split_len
+    if HAS_WINDOW:
+        first += tl.maximum(seq_len - window, 0)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, offs_g, k_cache_ptr, v_cache_ptr, block_table_ptr, b, kv_head,
-                            first, tl.minimum(seq_len, first + split_len), qk_scale,
+                            first, tl.minimum(seq_len, first + split_len), qk_scale, window,
                             stride_bt, stride_kb, stride_ks, stride_kh, D, BLOCK_N, PAGE, 1, DOT_FP32)
     # unnormalised partials; an empty split (past this sequence's end) keeps m = -inf, l = 0
     base = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split                       # [BLOCK_G]
@@ -219,10 +247,11 @@ class TritonBackend(AttentionBackend):
             return out
         grid = (triton.cdiv(meta.max_query_len, tiles.block_m), meta.num_seqs, num_heads)
         _prefill_kernel[grid](q, k_cache, v_cache, out, tables, meta.query_start_loc, meta.seq_lens, scale * LOG2E,
+                              meta.sliding_window or 0,
                               q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
                               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                               GROUP=group, D=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                              PAGE=k_cache.shape[1], DOT_FP32=dot_fp32,
+                              PAGE=k_cache.shape[1], DOT_FP32=dot_fp32, HAS_WINDOW=meta.sliding_window is not None,
                               num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         return out
 
@@ -237,15 +266,17 @@ class TritonBackend(AttentionBackend):
     def _decode(self, q, k_cache, v_cache, out, tables, meta, scale, group, tiles: TileConfig, dot_fp32: bool):
         num_seqs, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
-        split_len = self._split_len(num_seqs, num_kv_heads, meta.max_seq_len, tiles.block_n, q.device)
-        num_splits = triton.cdiv(meta.max_seq_len, split_len)
+        # under a window a sequence's keys are at most its last `window`
+        span = meta.max_seq_len if meta.sliding_window is None else min(meta.max_seq_len, meta.sliding_window)
+        split_len = self._split_len(num_seqs, num_kv_heads, span, tiles.block_n, q.device)
+        num_splits = triton.cdiv(span, split_len)
         parts = torch.empty(num_seqs * num_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
         ml = torch.empty(num_seqs * num_heads * num_splits, 2, dtype=torch.float32, device=q.device)
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-            q, k_cache, v_cache, parts, ml, tables, meta.seq_lens, scale * LOG2E,
+            q, k_cache, v_cache, parts, ml, tables, meta.seq_lens, scale * LOG2E, meta.sliding_window or 0,
             q.stride(0), q.stride(1), tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             split_len, num_splits, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim,
             BLOCK_N=tiles.block_n, PAGE=k_cache.shape[1], DOT_FP32=dot_fp32,
-            num_warps=4, num_stages=2)
+            HAS_WINDOW=meta.sliding_window is not None, num_warps=4, num_stages=2)
         _decode_merge_kernel[(num_seqs, num_heads)](parts, ml, out, out.stride(0), out.stride(1), num_splits,
                                                     D=head_dim, SPLITS=triton.next_power_of_2(num_splits))
