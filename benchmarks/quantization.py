@@ -6,7 +6,7 @@ perplexity, batch-1 decode tok/s and offline throughput, side by side in one pro
   batch-1:     one request, 128 new tokens (median of 3), llama.cpp's own loop on the same file beside it
   offline:     --requests requests x (128 in, 128 out), ignore_eos
 
-python benchmarks/quantization.py [--methods gguf,dequantize,dequantize-bf16,int4,int8] [--requests 64] [--windows 4]
+python benchmarks/quantization.py [--model gemma-3-270m] [--methods gguf,dequantize,dequantize-bf16,int4,int8] [--requests 64] [--windows 4]
                                   [--checkpoint gptq-g64=DIR ...]   (a checkpoint run as stored, e.g. from `tokenmill quantize`)
 """
 from __future__ import annotations
@@ -74,13 +74,14 @@ def llama_cpp_batch1(path: Path, n: int = 128) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="a short name or GGUF path (default: the default model)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--checkpoint", action="append", default=[], help="NAME=PATH: also run this checkpoint as stored")
     args = ap.parse_args()
     extra = dict(c.split("=", 1) for c in args.checkpoint)
-    path = resolve_model(None)
+    path = resolve_model(args.model)
     file_mb = sum(t.n_bytes for t in GGUFCheckpoint(path)._tensors.values()) / 1e6
     eval_text = reference_text("evaluation")
     rows = []

@@ -134,13 +134,14 @@ def test_max_model_len_ends_with_length(llm):
     assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
 
 
-def test_sliding_window_bounds_the_context(tmp_path, tiny_model_builder):
+def test_sliding_window_does_not_cap_the_context(tmp_path, tiny_model_builder):
+    """A window used to cap max_model_len; windowed attention now runs to the model's positions
+    (outputs past the window against transformers: tests/test_gemma3.py)."""
     import json
 
     tiny_model_builder("mistral", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["sliding_window"] = 32
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert LLM(str(tmp_path), progress=False).engine.max_model_len == 32
-    with pytest.raises(ValueError, match="max_model_len"):
-        LLM(str(tmp_path), max_model_len=64, progress=False)
+    assert LLM(str(tmp_path), num_kv_blocks=64, progress=False).engine.max_model_len == cfg["max_position_embeddings"]
+    assert LLM(str(tmp_path), max_model_len=64, num_kv_blocks=64, progress=False).engine.max_model_len == 64

@@ -19,7 +19,7 @@ from tokenmill.core.beam import BeamGroup
 from tokenmill.core.block_manager import BlockManager
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.core.sequence import Sequence, SequenceStatus
-from tokenmill.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for_memory
+from tokenmill.kv_cache import KVLayout, allocate_kv_cache, bytes_per_block, num_blocks_for_memory
 from tokenmill.model.load import Checkpoint, build_model, describe_weights, open_checkpoint, weight_bytes
 from tokenmill.model_files import resolve_model
 from tokenmill.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, PromptLogprobs,
@@ -89,10 +89,21 @@ class LLMEngine:
         self.spec = spec = config.speculative_config
         drafting = spec is not None and spec.method == "draft_model"
         draft = self._open_draft(spec) if drafting else None        # (checkpoint, activation dtype)
-        draft_bytes = bytes_per_block(draft[0].config, config.block_size, draft[1]) if draft else 0
+        draft_bytes = bytes_per_block(draft[0].config, config.block_size, draft[1], per_layer=True) if draft else 0
         num_blocks = config.num_kv_blocks or num_blocks_for_memory(cfg, config.block_size, dtype,
                                                                    config.kv_cache_memory_gb, draft_bytes)
-        self.max_model_len = self._context_length(cfg, num_blocks * config.block_size)
+        layout = KVLayout.of(cfg.layer_windows)
+        if drafting and layout.group_windows[0] is not None:
+            raise ValueError("speculative_config: a draft model reads the target's full-attention pages, and every "
+                             f"layer of {path.name} slides (window {cfg.sliding_window}); use method 'ngram'")
+        prefix_caching = config.enable_prefix_caching and layout.group_windows == (None,)
+        if config.enable_prefix_caching and not prefix_caching:
+            logger.info("prefix caching is off: the sliding-window layers (window %d) release their pages",
+                        cfg.sliding_window)
+        self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching,
+                                          windows=layout.group_windows)
+        self.max_model_len = self._context_length(
+            cfg, self.block_manager.max_tokens(config.max_num_batched_tokens, cfg.max_position_embeddings))
         self.model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(config.quantization), progress)
         self.tokenizer = self._load_tokenizer(ckpt)
         logger.info("loaded %s (%s, %d layers) in %.1f s: %s; weights %.1f MB", path.name, cfg.architecture,
@@ -101,16 +112,16 @@ class LLMEngine:
         if dtype == torch.float32 and device.type == "cpu" and cpu_has_amx_bf16():
             logger.info("this CPU has AMX-BF16: dtype='bfloat16' (or 'auto') gives about 2x the batched "
                         "throughput and half the weight memory, at bfloat16 precision (docs/benchmarks.md)")
-        logger.info("KV cache: %d pages of %d tokens (%d tokens in all); max_model_len %d",
-                    num_blocks, config.block_size, num_blocks * config.block_size, self.max_model_len)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        logger.info("KV cache: %d pages of %d tokens, %d KV group(s) %s; max_model_len %d", num_blocks,
+                    config.block_size, len(layout.group_windows),
+                    "/".join("full" if w is None else f"window {w}" for w in layout.group_windows), self.max_model_len)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else set()
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, spec.num_speculative_tokens if drafting else 0),
                                    self.block_manager, eos)
         kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, dtype, device)
         self.runner = Runner(self.model, kv_caches, get_backend(config.backend_name), config.block_size, eos,
-                             config.seed, device, cfg.vocab_size)
+                             config.seed, device, cfg.vocab_size, layout)
         self.ngram = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec and not drafting else None
         if draft is not None:
             self.runner.drafter = self._load_draft(spec, *draft, num_blocks, progress)
@@ -131,14 +142,6 @@ class LLMEngine:
             raise ValueError(f"max_model_len ({asked}) exceeds the {cache_tokens} tokens the KV cache holds; "
                              f"raise num_kv_blocks / kv_cache_memory_gb or lower max_model_len")
         length = asked or cfg.max_position_embeddings
-        if cfg.sliding_window and length > cfg.sliding_window:
-            # attention here is always full; past the window the model would attend differently
-            if asked is not None:
-                raise ValueError(f"max_model_len must be <= the model's sliding window ({cfg.sliding_window}): "
-                                 f"sliding-window attention is not implemented, got {asked}")
-            logger.warning("max_model_len %d capped to the model's sliding window (%d): sliding-window "
-                           "attention is not implemented", length, cfg.sliding_window)
-            length = cfg.sliding_window
         if length > cache_tokens:
             logger.warning("max_model_len %d capped to the %d tokens the KV cache holds (raise num_kv_blocks / "
                            "kv_cache_memory_gb for longer contexts)", length, cache_tokens)
@@ -170,7 +173,7 @@ class LLMEngine:
         device = config.torch_device
         t0 = time.perf_counter()
         model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(spec.quantization), progress)
-        kv_caches = allocate_kv_cache(dcfg, num_blocks, config.block_size, dtype, device)
+        kv_caches = allocate_kv_cache(dcfg, num_blocks, config.block_size, dtype, device, per_layer=True)
         logger.info("draft %s (%d layers) in %.1f s: %s; weights %.1f MB, KV %.1f MB; %d tokens proposed per step",
                     ckpt.path.name, dcfg.num_hidden_layers, time.perf_counter() - t0, describe_weights(model),
                     weight_bytes(model) / 1e6, sum(k.numel() * k.element_size() * 2 for k, _ in kv_caches) / 1e6,

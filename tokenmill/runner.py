@@ -14,7 +14,7 @@ from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.core.beam import BeamCandidate
 from tokenmill.core.scheduler import SchedulerOutput
 from tokenmill.core.sequence import Sequence
-from tokenmill.kv_cache import copy_blocks
+from tokenmill.kv_cache import KVLayout, copy_blocks
 from tokenmill.sample.beam import beam_candidates
 from tokenmill.sample.sampler import SampledToken, Sampler, SamplerRow, TokenHistory
 from tokenmill.spec.rejection import DraftSpan, verify
@@ -51,9 +51,11 @@ class _HistoryRow:
 class Runner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  backend: AttentionBackend, block_size: int, eos_token_ids: set[int], seed: int,
-                 device: torch.device, vocab_size: int):
+                 device: torch.device, vocab_size: int, layout: KVLayout):
         self.model = model
-        self.kv_caches = kv_caches
+        self.kv_caches = kv_caches              # per slot (kv_cache.py)
+        self.layout = layout
+        self.layer_caches = [kv_caches[slot] for _, slot in layout.layer_places]
         self.backend = backend
         self.block_size = block_size
         self.eos_token_ids = sorted(eos_token_ids)
@@ -61,7 +63,7 @@ class Runner:
         self.vocab_size = vocab_size
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
         self.generators: dict[int, torch.Generator] = {}
-        self.tables: dict[int, _TableCopy] = {}
+        self.tables: dict[int, list[_TableCopy | None]] = {}     # seq_id -> per KV group
         self.history: TokenHistory | None = None
         self.history_rows: dict[int, _HistoryRow] = {}
         self.free_slots: list[int] = []
@@ -72,8 +74,10 @@ class Runner:
         copy_blocks(self.kv_caches, out.block_copies)
         if self.drafter is not None:
             self.drafter.copy_blocks(out.block_copies)
-        input_ids, positions, meta = self._prepare(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, self.backend, meta)   # [T, hidden]
+        input_ids, positions, metas = self._prepare(out)
+        hidden = self.model(input_ids, positions, self.layer_caches, self.backend,
+                            [metas[group] for group, _ in self.layout.layer_places])   # [T, hidden]
+        meta = metas[0]
         last = meta.query_start_loc[1:].tolist()
         plain = [i for i, (seq, _) in enumerate(out.samples) if not seq.spec_token_ids]
         spec = [i for i, (seq, _) in enumerate(out.samples) if seq.spec_token_ids]
@@ -119,7 +123,8 @@ class Runner:
         self._update_history(seqs)
         return self.drafter.propose(self, seqs, limits)
 
-    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, list[AttentionMetadata]]:
+        """Token ids, positions and the attention metadata of each KV group."""
         ids: list[int] = []
         pos: list[int] = []
         qlens, slens = [], []
@@ -131,22 +136,24 @@ class Runner:
             pos += range(start, end)
             qlens.append(n)
             slens.append(end)
-        dev = self.device
-        meta = AttentionMetadata.build([seq.block_table for seq, _ in out.scheduled], qlens, slens,
-                                       self.block_size, dev, [self.table(seq) for seq, _ in out.scheduled])
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev), meta)
+        dev, seqs = self.device, [seq for seq, _ in out.scheduled]
+        metas = [AttentionMetadata.build([seq.block_tables[g] for seq in seqs], qlens, slens, self.block_size, dev,
+                                         [self.table(seq, g) for seq in seqs], sliding_window=window)
+                 for g, window in enumerate(self.layout.group_windows)]
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev), metas)
 
-    def table(self, seq: Sequence) -> torch.Tensor:
-        """seq.block_table as int32, re-copying only its tail: the block manager appends pages and
-        copies-on-write only the last one; a new list (preemption, prefix hit) is copied whole."""
-        table, n = seq.block_table, len(seq.block_table)
-        copy = self.tables.get(seq.seq_id)
+    def table(self, seq: Sequence, group: int = 0) -> torch.Tensor:
+        """seq.block_tables[group] as int32, re-copying only its tail: the block manager appends pages
+        and copies-on-write only the last one; a new list (preemption, prefix hit) is copied whole.
+        Entries a sliding window released (-1 in the list) may stay stale here: no backend reads them."""
+        table, n = seq.block_tables[group], len(seq.block_tables[group])
+        copies = self.tables.setdefault(seq.seq_id, [None] * len(self.layout.group_windows))
+        copy = copies[group]
         if (copy is None or copy.source != id(table) or copy.preemptions != seq.num_preemptions
                 or copy.buffer.numel() < n):
             buffer = torch.empty(max(16, 2 * n), dtype=torch.int32)
             buffer[:n] = torch.tensor(table, dtype=torch.int32)
-            self.tables[seq.seq_id] = _TableCopy(buffer, n, table[-1] if table else -1, id(table),
-                                                 seq.num_preemptions)
+            copies[group] = _TableCopy(buffer, n, table[-1] if table else -1, id(table), seq.num_preemptions)
             return buffer[:n]
         if n != copy.length or (n and table[-1] != copy.last):
             start = max(0, min(copy.length, n) - 1)

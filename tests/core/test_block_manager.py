@@ -100,3 +100,67 @@ def test_prompt_logprobs_requests_skip_the_prefix_cache():
     b = seq(range(9), prompt_logprobs=1)
     assert bm.allocate(b, 9)
     assert b.num_computed_tokens == 0
+
+
+# ---- KV groups with a sliding window -------------------------------------------------------------
+def windowed(num_blocks=16):
+    """Group 0 full attention, group 1 a window of 8 tokens, 4-token pages, one pool."""
+    return BlockManager(num_blocks=num_blocks, block_size=4, enable_prefix_caching=False, windows=(None, 8))
+
+
+def test_windowed_group_releases_pages_its_window_left():
+    bm = windowed()
+    s = seq(range(10))
+    computed(bm, s, 10)
+    assert s.block_tables == [[0, 1, 2], [3, 4, 5]]
+    s.token_ids.append(7)
+    computed(bm, s, 1)                      # position 10 sees 3..10: page 0 (0..3) still live
+    assert s.block_tables == [[0, 1, 2], [3, 4, 5]]
+    s.token_ids.append(7)
+    computed(bm, s, 1)                      # position 11 sees 4..11: page 0 goes back to the pool
+    assert s.block_tables == [[0, 1, 2], [-1, 4, 5]] and list(bm.free)[-1] == 3
+    s.token_ids.append(7)
+    computed(bm, s, 1)                      # position 12: a new page in each group
+    assert s.block_tables == [[0, 1, 2, 6], [-1, 4, 5, 7]] and bm.num_free_blocks == 16 - 7
+    for _ in range(8):                      # position 20 sees 13..20: pages 1, 2 out as well
+        s.token_ids.append(7)
+        computed(bm, s, 1)
+    assert s.block_tables[1][:3] == [-1, -1, -1] and len([b for b in s.block_tables[1] if b >= 0]) == 3
+    assert bm.writable_slots(s, 20) == 4        # positions 20..23 of the last pages
+    bm.free_seq(s)
+    assert s.block_tables == [[], []] and bm.num_free_blocks == 16
+
+
+def test_windowed_fork_and_copy_on_write_in_every_group():
+    bm = windowed()
+    parent = seq(range(14))
+    computed(bm, parent, 14)                # pages go when a later step's first token cannot see them
+    assert parent.block_tables == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    child = parent.fork(1)
+    bm.fork(parent, child)
+    assert child.block_tables == parent.block_tables and bm.blocks[7].ref_count == 2
+    child.token_ids.append(50)
+    assert bm.allocate(child, 1)            # position 14 sees 7..14: the child lets page 4 go, and
+    assert child.block_tables == [[0, 1, 2, 8], [-1, 5, 6, 9]]     # copies shared pages 3 and 7
+    assert bm.take_copies() == [(3, 8), (7, 9)] and bm.blocks[4].ref_count == 1
+    bm.free_seq(parent)
+    bm.free_seq(child)
+    assert bm.num_free_blocks == 16 and all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_windowed_allocation_counts_every_group_and_fails_whole():
+    bm = windowed(num_blocks=5)
+    s = seq(range(12))
+    assert not bm.allocate(s, 12)           # 3 + 3 pages > 5: nothing taken
+    assert s.block_tables == [[], []] and bm.num_free_blocks == 5
+    assert bm.allocate(s, 8)                # 2 + 2
+    assert bm.pages_for(12, chunk=8) == 3 + 3 and bm.pages_for(100, chunk=1) == 25 + 3
+    assert bm.max_tokens(chunk=1, limit=1000) == 8           # 2 + 2 pages; 9 tokens need 3 + 3
+    assert windowed(num_blocks=40).max_tokens(chunk=1, limit=1000) == (40 - 3) * 4
+    assert BlockManager(4, 4, windows=(8,), enable_prefix_caching=False).max_tokens(chunk=1, limit=1000) == 1000
+
+
+def test_prefix_caching_needs_a_single_full_group():
+    import pytest
+    with pytest.raises(ValueError, match="prefix caching"):
+        BlockManager(num_blocks=4, block_size=4, windows=(None, 8))

@@ -9,6 +9,12 @@ A hit is never taken on the hash alone (crafted prompts whose hashes collide wou
 request's KV, vLLM's CVE-2025-25183): the hash is SHA-256 of (parent hash, tokens), and a hit must
 also hold the same tokens and have been computed after the very page (id and generation) that
 the lookup matched one level up, so the whole chain is verified, whatever the hash function.
+
+KV groups (see kv_cache.py): a model whose layers attend over different windows keeps one table
+per group in `seq.block_tables`; all tables draw from this one pool. A page of a sliding-window
+group is released (its entry becomes -1) as soon as the first token a step computes can no longer
+see any of its positions; full-attention tables keep every page. The prefix cache serves models
+with a single full-attention group only.
 """
 from __future__ import annotations
 
@@ -50,10 +56,14 @@ class PrefixCacheStats:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 hash_fn: HashFn = chain_hash):
+                 hash_fn: HashFn = chain_hash, windows: tuple[int | None, ...] = (None,)):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
+        if enable_prefix_caching and windows != (None,):
+            raise ValueError("prefix caching needs a single full-attention KV group; this model has windows "
+                             f"{windows}: turn enable_prefix_caching off")
         self.block_size = block_size
+        self.windows = windows          # per KV group: its attention window, None for full attention
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -80,12 +90,30 @@ class BlockManager:
         """How many positions from `position` on `seq` may write into its own pages (0 when the page
         of `position` is shared, or missing)."""
         idx = position // self.block_size
-        if idx >= len(seq.block_table) or self.blocks[seq.block_table[idx]].ref_count > 1:
-            return 0
-        return len(seq.block_table) * self.block_size - position
+        for table in seq.block_tables:
+            if idx >= len(table) or table[idx] < 0 or self.blocks[table[idx]].ref_count > 1:
+                return 0
+        return min(len(table) for table in seq.block_tables) * self.block_size - position
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def pages_for(self, num_tokens: int, chunk: int) -> int:
+        """The most pages one sequence of `num_tokens` holds at once, computing <= `chunk` tokens a step."""
+        full = self.blocks_needed(num_tokens)
+        return sum(full if w is None else min(full, self.blocks_needed(w - 1 + chunk) + 1) for w in self.windows)
+
+    def max_tokens(self, chunk: int, limit: int) -> int:
+        """The longest sequence (at most `limit`) that the pool holds alone, computing <= `chunk`
+        tokens a step."""
+        low, high = 0, limit                  # pages_for grows with the length: bisect
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.pages_for(mid, chunk) <= self.num_blocks:
+                low = mid
+            else:
+                high = mid - 1
+        return low
 
     def _update_hashes(self, seq: Sequence, num_blocks: int) -> None:
         """Extend `seq.block_hashes` to its first `num_blocks` blocks (all full)."""
@@ -119,16 +147,20 @@ class BlockManager:
         its last token when they reach it (draft tokens: verified, or written by a draft model); False
         (and no change) if the pool cannot. A sequence without pages first takes what the prefix cache
         holds, which advances `seq.num_computed_tokens` (the caller re-reads it)."""
+        if len(seq.block_tables) != len(self.windows):
+            seq.block_tables = [[] for _ in self.windows]
         fresh = not seq.block_table and seq.num_computed_tokens == 0
         hits = self.cached_prefix(seq) if fresh else []
         start = seq.num_computed_tokens + len(hits) * self.block_size
         end = min(start + num_new_tokens, seq.num_tokens)
         if end == seq.num_tokens:
             end += num_lookahead
-        need_new = max(0, self.blocks_needed(end) - len(seq.block_table) - len(hits))
-        cow = not fresh and self._needs_copy(seq, start)
+        self._release_out_of_window(seq, start)
+        need_new = [max(0, self.blocks_needed(end) - len(table)) for table in seq.block_tables]
+        need_new[0] = max(0, need_new[0] - len(hits))
+        cows = [] if fresh else [t for t in seq.block_tables if self._needs_copy(t, start)]
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
-        if need_new + int(cow) > len(self.free) - revived:
+        if sum(need_new) + len(cows) > len(self.free) - revived:
             return False
         if fresh and seq.num_preemptions == 0:
             self.stats.queries += seq.num_prompt_tokens
@@ -137,21 +169,39 @@ class BlockManager:
             seq.block_table = [self._take(b) for b in hits]
             seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
             seq.num_hashed_blocks = len(hits)
-        if cow:
-            self._copy_on_write(seq, start // self.block_size)
-        for _ in range(need_new):
-            seq.block_table.append(self._take(self._evict()))
+        for table in cows:
+            self._copy_on_write(table, start // self.block_size)
+        for table, n in zip(seq.block_tables, need_new):
+            table.extend(self._take(self._evict()) for _ in range(n))
         return True
 
-    def _needs_copy(self, seq: Sequence, first_write: int) -> bool:
-        idx = first_write // self.block_size
-        return idx < len(seq.block_table) and self.blocks[seq.block_table[idx]].ref_count > 1
+    def _release_out_of_window(self, seq: Sequence, first_query: int) -> None:
+        """Release the pages of windowed groups that the token at `first_query` (and so every later
+        one) cannot see: those wholly before position first_query - window + 1."""
+        for window, table in zip(self.windows, seq.block_tables):
+            if window is None:
+                continue
+            i = min(max(0, first_query - window + 1) // self.block_size, len(table)) - 1
+            while i >= 0 and table[i] >= 0:     # pages before the last released one are released
+                self._release(table[i])
+                table[i] = -1
+                i -= 1
 
-    def _copy_on_write(self, seq: Sequence, idx: int) -> None:
-        src = seq.block_table[idx]
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None
+
+    def _needs_copy(self, table: list[int], first_write: int) -> bool:
+        idx = first_write // self.block_size
+        return idx < len(table) and table[idx] >= 0 and self.blocks[table[idx]].ref_count > 1
+
+    def _copy_on_write(self, table: list[int], idx: int) -> None:
+        src = table[idx]
         dst = self._take(self._evict())
         self.blocks[src].ref_count -= 1
-        seq.block_table[idx] = dst
+        table[idx] = dst
         self.pending_copies.append((src, dst))
 
     def _evict(self) -> int:
@@ -172,19 +222,20 @@ class BlockManager:
         return block_id
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        child.block_table = list(parent.block_table)
+        child.block_tables = [list(table) for table in parent.block_tables]
         child.num_hashed_blocks = parent.num_hashed_blocks
-        for b in child.block_table:
-            self.blocks[b].ref_count += 1
+        for table in child.block_tables:
+            for b in table:
+                if b >= 0:
+                    self.blocks[b].ref_count += 1
 
     def free_seq(self, seq: Sequence) -> None:
         # Tail pages first, so a prefix outlives its continuations in the LRU order.
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
-        seq.block_table = []
+        for table in reversed(seq.block_tables):
+            for block_id in reversed(table):
+                if block_id >= 0:
+                    self._release(block_id)
+        seq.block_tables = [[] for _ in self.windows]
         seq.num_hashed_blocks = 0
 
     def cache_full_blocks(self, seq: Sequence) -> None:

@@ -38,7 +38,7 @@ class Sequence:
     num_prompt_tokens: int = -1
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0                       # prompt tokens served from the prefix cache
-    block_table: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=lambda: [[]])  # per KV group; -1 = page released
     status: SequenceStatus = SequenceStatus.WAITING
     pending_forks: list["Sequence"] = field(default_factory=list)  # siblings created when the prompt is done
     stop_reason: int | str | None = None
@@ -52,6 +52,15 @@ class Sequence:
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
             self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def block_table(self) -> list[int]:
+        """The pages of KV group 0 (full attention when the model has any; never released then)."""
+        return self.block_tables[0]
+
+    @block_table.setter
+    def block_table(self, table: list[int]) -> None:
+        self.block_tables[0] = table
 
     @property
     def num_tokens(self) -> int:

@@ -62,12 +62,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype):
+    """down(act(gate(x)) * up(x)): SwiGLU with "silu", GeGLU with "gelu_pytorch_tanh"."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, act: str = "silu"):
         super().__init__()
         from tokenmill.model.linear import QLinear
         self.gate_up = QLinear(hidden, [intermediate, intermediate], False, dtype)
         self.down = QLinear(intermediate, [hidden], False, dtype)
+        self.gelu = act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down((F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up)

@@ -19,20 +19,29 @@ from tokenmill.quant import QuantMethod, Source
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    """Fused QKV, rope, paged attention, output projection; `qk_norm`: an RMSNorm over each head of Q
+    and K before rope (Gemma 3, Qwen 3)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, qk_norm: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = cfg.attention_scale
         self.qkv = QLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias, dtype)
         self.o = QLinear(self.q_size, [cfg.hidden_size], False, dtype)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: tuple[torch.Tensor, torch.Tensor], backend: AttentionBackend,
                 meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv(x)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        qk = apply_rope(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)   # [T, Hq + Hkv, D]
+        qk = qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim)     # [T, Hq + Hkv, D]
+        if self.q_norm is not None:
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+        qk = apply_rope(qk, *rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)               # [T, Hkv, D]
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
@@ -49,24 +58,28 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_class: type[nn.Module] = DecoderLayer
+    norm_offset = 0.0           # added to every checkpoint norm weight (Gemma's norms scale by 1 + w)
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int):
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
         self.embed = Embedding()
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_class(cfg, dtype) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = QLinear(cfg.hidden_size, [cfg.vocab_size], False, dtype)
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden]."""
+                backend: AttentionBackend, metas: list[AttentionMetadata]) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden]; a KV cache and the metadata
+        of its KV group (block tables, window) per layer."""
         h = self.embed(input_ids, self.dtype)
         residual = h
         rope = self.rope(positions)
-        for layer, cache in zip(self.layers, kv_caches):
+        for layer, cache, meta in zip(self.layers, kv_caches, metas):
             h = layer.attn(layer.input_norm(residual), rope, cache, backend, meta)
             residual = residual + h
             h = layer.mlp(layer.post_attn_norm(residual))
@@ -75,7 +88,9 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()                           # [N, vocab]
+        logits = self.lm_head(hidden).float()                         # [N, vocab]
+        cap = self.cfg.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     # ---- weights -----------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, Source]], method: QuantMethod) -> None:
@@ -110,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
                     if dst.shape != src.shape:
                         raise ValueError(f"weight {name}: expected shape {tuple(dst.shape)}, file has {tuple(src.shape)}")
                     with torch.no_grad():
-                        dst.copy_(src)
+                        dst.copy_(src + self.norm_offset if name.endswith("norm.weight") else src)
             loaded.add(name)
         for (target, part), tensors in packed.items():
             src = tensors["weight"] if tensors.keys() == {"weight"} else tensors      # a layer left dense

@@ -113,10 +113,13 @@ class DraftModelProposer:
             pos += range(start, start + len(chunk))
             qlens.append(len(chunk))
             slens.append(start + len(chunk))
-        meta = AttentionMetadata.build([s.block_table for s in seqs], qlens, slens, self.block_size, self.device,
-                                       [runner.table(s) for s in seqs])
+        metas = {w: AttentionMetadata.build([s.block_table for s in seqs], qlens, slens, self.block_size, self.device,
+                                            [runner.table(s) for s in seqs], sliding_window=w)
+                 for w in set(self.model.cfg.layer_windows)}      # every layer reads the full table
+        meta = next(iter(metas.values()))
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
-                            torch.tensor(pos, dtype=torch.long, device=self.device), self.kv_caches, self.backend, meta)
+                            torch.tensor(pos, dtype=torch.long, device=self.device), self.kv_caches, self.backend,
+                            [metas[w] for w in self.model.cfg.layer_windows])
         last = meta.query_start_loc[1:].long() - 1
         return self.model.compute_logits(hidden[last]).float()
 
