@@ -7,6 +7,7 @@ skips any step that no row uses.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -16,8 +17,9 @@ if TYPE_CHECKING:
     from tokenmill.sample.sampler import SamplerRow
 
 NEG_INF = float("-inf")
-# top-k / top-p look for survivors among this many best logits first, and sort a whole row
-# only when its nucleus is wider: a full sort of a 49k vocab costs far more than a top-256
+# top-k / top-p / min-p look for survivors among this many best logits first, and sort a whole row
+# only when its nucleus is far wider: a full sort of a 49k vocab costs far more than a top-256.
+# A row left with fewer survivors than this is drawn from them alone (Sampler).
 CANDIDATES = 256
 
 
@@ -27,6 +29,16 @@ def _per_row(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 def _index(ids: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def logsumexp(x: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, 1] logsumexp of the rows of x [n, vocab], the very arithmetic of torch.logsumexp (the same
+    bits), with its [n, vocab] temporary in `work` (at least as many elements as x) when given: on
+    the CPU, a fresh [64, 262144] tensor costs more in page faults than the pass that fills it."""
+    top = x.amax(dim=-1, keepdim=True)
+    top.masked_fill_(top.abs() == float("inf"), 0.0)         # a row of -inf gives -inf, not nan
+    shifted = torch.sub(x, top, out=work.view(-1)[:x.numel()].view(x.shape)) if work is not None else x - top
+    return shifted.exp_().sum(dim=-1, keepdim=True).log_().add_(top)
 
 
 def _pairs(token_lists: list[list[int]], row_ids: list[int], device: torch.device
@@ -123,54 +135,138 @@ def apply_filters(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
 
     Top-k and top-p keep every token tied with the lowest survivor, so the result never depends
     on how a sort orders equal logits (nor on what else is in the batch)."""
+    cut = truncate(logits, rows)
+    if not cut.rows:
+        return cut.scaled
+    # one pass for the batch: a row that keeps everything has floor -inf, and nothing is below it
+    return cut.scaled.masked_fill(cut.scaled < cut.floor, NEG_INF)
+
+
+@dataclass
+class Truncation:
+    """Where apply_filters cuts each row: a token survives when its scaled logit >= its row's floor.
+    With `list_survivors`, the rows left with fewer than CANDIDATES tokens also get them listed,
+    so that a draw can race over its survivors alone."""
+    scaled: torch.Tensor                  # [n, vocab] logits / temperature (the input itself when every t is 1)
+    floor: torch.Tensor                   # [n, 1] lowest surviving scaled logit; -inf where the row keeps every token
+    rows: list[int]                       # the rows with a top-k, top-p or min-p (the others have floor -inf)
+    listed: list[int] = field(default_factory=list)   # rows with fewer than CANDIDATES survivors, ...
+    counts: list[int] = field(default_factory=list)   # ... how many each keeps,
+    values: torch.Tensor | None = None    # [len(listed), max count] their scaled logits, by ascending token id,
+    ids: torch.Tensor | None = None       # ... and the token ids; padding: value -inf, id 0
+
+
+def truncate(logits: torch.Tensor, rows: list[SamplerRow], list_survivors: bool = False,
+             out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> Truncation:
+    """The temperature-scaled logits (written into `out`, shaped like logits, when given and some
+    t != 1) and every row's floor (top-k, then top-p, then min-p). `work`: an optional contiguous
+    buffer of as many elements as logits for the top-p normaliser's temporary."""
     vocab, device = logits.shape[1], logits.device
     temps = [r.params.temperature if r.params.temperature > 0 else 1.0 for r in rows]
+    scaled = logits
     if any(t != 1.0 for t in temps):
-        logits = logits / _per_row(temps, logits)
+        scaled = torch.div(logits, _per_row(temps, logits), out=out)
+    floor = torch.full((len(rows), 1), NEG_INF, dtype=scaled.dtype, device=device)
+    cut = [i for i, r in enumerate(rows) if not r.params.greedy
+           and (0 < r.params.top_k < vocab or r.params.top_p < 1.0 or r.params.min_p > 0)]
+    result = Truncation(scaled, floor, cut)
+    # min-p alone needs only the row's max (prob < min_p * max prob <=> logit < max logit + log(min_p));
+    # top-k, top-p and listing the survivors need the best candidates
+    ranked = cut if list_survivors else [i for i in cut if 0 < rows[i].params.top_k < vocab
+                                         or rows[i].params.top_p < 1.0]
+    plain = sorted(set(cut) - set(ranked))
+    if plain:
+        idx = _index(plain, device)
+        sub = scaled if len(plain) == len(rows) else scaled[idx]
+        floor[idx] = sub.amax(dim=-1, keepdim=True) + _per_row([math.log(rows[i].params.min_p) for i in plain], sub)
+    if ranked:
+        idx = _index(ranked, device)
+        sub = scaled if len(ranked) == len(rows) else scaled[idx]
+        top_k = _index([k if 0 < (k := rows[i].params.top_k) < vocab else vocab for i in ranked], device)
+        top_p = _per_row([rows[i].params.top_p for i in ranked], sub)
+        log_min_p = _per_row([math.log(m) if (m := rows[i].params.min_p) > 0 else NEG_INF for i in ranked], sub)
+        sub_floor, values, ids = row_floors(sub, top_k, top_p, log_min_p, work)
+        floor[idx] = sub_floor
+        if list_survivors:
+            _list_survivors(result, sub_floor, values, ids)
+    return result
 
-    truncate = [i for i, r in enumerate(rows)
-                if not r.params.greedy and (0 < r.params.top_k < vocab or r.params.top_p < 1.0)]
-    if truncate:
-        idx = _index(truncate, device)
-        sub = logits[idx]
-        top_k = _index([k if 0 < (k := rows[i].params.top_k) < vocab else vocab for i in truncate], device)
-        top_p = _per_row([rows[i].params.top_p for i in truncate], sub)
-        floor = truncation_floor(sub, top_k, top_p)
-        logits = logits.index_put((idx,), sub.masked_fill(sub < floor, NEG_INF))
 
-    min_p = [i for i, r in enumerate(rows) if not r.params.greedy and r.params.min_p > 0]
-    if min_p:
-        idx = _index(min_p, device)
-        sub = logits[idx]
-        # prob < min_p * max prob  <=>  logit < max logit + log(min_p): no softmax needed
-        floor = sub.max(dim=-1, keepdim=True).values + _per_row([math.log(rows[i].params.min_p) for i in min_p], sub)
-        logits = logits.index_put((idx,), sub.masked_fill(sub < floor, NEG_INF))
-    return logits
+def _list_survivors(out: Truncation, floor: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> None:
+    """Fill out.listed / counts / values / ids from the first candidates of row_floors: a row with
+    fewer than CANDIDATES survivors has them all among its candidates (there are at least CANDIDATES,
+    and every survivor is >= every other token), whatever the batch made the width."""
+    counts = (values >= floor).sum(dim=-1)
+    few = (counts < CANDIDATES).nonzero().squeeze(1)
+    if not len(few):
+        return
+    counts = counts[few]
+    out.counts = counts.tolist()
+    out.listed = [out.rows[j] for j in few.tolist()]
+    width = max(out.counts)
+    values, ids = values[few, :width], ids[few, :width]
+    padding = torch.arange(width, device=ids.device) >= counts.unsqueeze(1)
+    # by token id, not by value: equal logits come out of a sort in no fixed order, and a seeded row
+    # must pair its draws with tokens the same way in any batch
+    ids, order = ids.masked_fill(padding, out.scaled.shape[1]).sort(dim=-1)
+    out.values = values.masked_fill(padding, NEG_INF).gather(1, order)
+    out.ids = ids.masked_fill_(padding, 0)
 
 
-def truncation_floor(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                     full_sort: bool = False) -> torch.Tensor:
-    """The lowest logit [n, 1] that survives top-k (top_k [n], vocab = off) and then top-p
-    (top_p [n, 1], 1 = off: keep the smallest prefix of the top-k distribution, by falling
-    probability, whose mass reaches top_p; always at least one token)."""
+def _wider(width: int, vocab: int, first: bool) -> int:
+    """The next candidate width for a nucleus wider than `width`: a top-k of a few thousand costs
+    several times a top-256, a full sort of a large vocabulary tens of times; widen in big steps."""
+    wider = width * (32 if first else 8)
+    return vocab if 2 * wider > vocab else wider
+
+
+def row_floors(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, log_min_p: torch.Tensor,
+               work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The lowest logit [n, 1] that survives top-k (top_k [n], vocab = off), then top-p (top_p [n, 1],
+    1 = off: keep the smallest prefix of the top-k distribution, by falling probability, whose mass
+    reaches top_p; always at least one token), then min-p (log_min_p [n, 1], -inf = off: keep what
+    has at least min_p times the largest probability). Also the first candidates looked at: the top
+    `width` logits of every row, descending, and their ids (width >= CANDIDATES and >= every top_k).
+
+    A row whose nucleus reaches past its candidates looks again at geometrically more of them, and
+    sorts its whole row only past the last step. The floor is the one a full sort gives: the
+    cumulative sum of a prefix does not depend on how much follows it."""
     n, vocab = logits.shape
     k_on = top_k < vocab
-    width = vocab if full_sort else min(vocab, max(CANDIDATES, int(top_k[k_on].max()) if k_on.any() else 0))
-    values = (logits.sort(dim=-1, descending=True) if width == vocab else logits.topk(width, dim=-1)).values
-    kth = values.gather(1, (top_k.clamp(max=width) - 1).unsqueeze(1))
-    kth = kth.masked_fill(~k_on.unsqueeze(1), NEG_INF)                              # [n, 1]
-    p_on = top_p < 1.0
-    if not p_on.any():
-        return kth
-    # the normaliser of the top-k distribution, over the whole row so ties beyond `width` count
-    lse = logits.masked_fill(logits < kth, NEG_INF).logsumexp(dim=-1, keepdim=True)
-    probs = (values - lse).exp().masked_fill(values < kth, 0.0)                      # [n, width]
-    before = probs.cumsum(dim=-1) - probs
-    # top_p = 1 must drop nothing even when the cumulative sum rounds up to 1 early
-    keep = (before < top_p.masked_fill(~p_on, 2.0)).sum(dim=-1, keepdim=True)        # >= 1: before[:, 0] = 0
-    floor = torch.maximum(kth, values.gather(1, keep - 1))
-    unsure = (keep == width).squeeze(1) & ~k_on & (width < vocab)                     # nucleus may reach past width
-    if unsure.any():
-        redo = unsure.nonzero().squeeze(1)
-        floor[redo] = truncation_floor(logits[redo], top_k[redo], top_p[redo], full_sort=True)
-    return floor
+    width = min(vocab, max(CANDIDATES, int(top_k[k_on].max()) if k_on.any() else 0))
+    floor = torch.empty(n, 1, dtype=logits.dtype, device=logits.device)
+    # the normaliser of the top-k distribution, for the top-p rows: over the whole row so ties
+    # beyond the candidates count (the top-k floor is found among the first candidates)
+    lse = torch.zeros(n, 1, dtype=logits.dtype, device=logits.device)
+    pending, x, step = torch.arange(n, device=logits.device), logits, 0
+    while True:
+        values, ids = x.sort(dim=-1, descending=True) if width == vocab else x.topk(width, dim=-1)
+        kth = values.gather(1, (top_k.clamp(max=width) - 1).unsqueeze(1))
+        kth = kth.masked_fill(~k_on.unsqueeze(1), NEG_INF)                          # [m, 1]
+        f, unsure, p_on = kth, None, top_p < 1.0
+        if p_on.any():
+            if step == 0:
+                p_rows = p_on.squeeze(1).nonzero().squeeze(1)
+                y = x if len(p_rows) == len(x) else x[p_rows]
+                if k_on[p_rows].any():
+                    y = y.masked_fill(y < kth[p_rows], NEG_INF)
+                lse[p_rows] = logsumexp(y, work)
+            probs = (values - lse).exp().masked_fill(values < kth, 0.0)                  # [m, width]
+            before = probs.cumsum(dim=-1) - probs
+            keep = (before < top_p).sum(dim=-1, keepdim=True)                            # >= 1: before[:, 0] = 0
+            f = torch.where(p_on, torch.maximum(kth, values.gather(1, keep - 1)), kth)
+            unsure = (keep == width).squeeze(1) & p_on.squeeze(1) & ~k_on & (width < vocab)  # may reach past width
+        # min-p: the largest probability is that of the top logit, which top-k and top-p always keep
+        f = torch.where(log_min_p > NEG_INF, torch.maximum(f, values[:, :1] + log_min_p), f)
+        floor[pending] = f
+        if step == 0:
+            first = values, ids
+        if unsure is None or not unsure.any():
+            return floor, first[0], first[1]
+        if not unsure.all():
+            again = unsure.nonzero().squeeze(1)
+            pending, top_k, k_on, top_p, log_min_p, lse = (
+                t[again] for t in (pending, top_k, k_on, top_p, log_min_p, lse))
+            x = logits[pending]
+        width = _wider(width, vocab, first=step == 0)
+        step += 1

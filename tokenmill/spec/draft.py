@@ -134,5 +134,5 @@ class DraftModelProposer:
         idx = torch.tensor(drawn, device=logits.device)
         q = torch.zeros_like(processed)
         q[idx] = apply_filters(processed[idx], [rows[i] for i in drawn]).softmax(dim=-1)
-        tokens[idx] = runner.sampler.draw(q[idx].clone(), [rows[i] for i in drawn])
+        tokens[idx] = runner.sampler.draw(q[idx], [rows[i] for i in drawn])
         return tokens.tolist(), q

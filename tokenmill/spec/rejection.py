@@ -8,8 +8,8 @@ are the target's and the draft's distributions after the same processing (penalt
 top-k, top-p, min-p); an n-gram draft is a point mass, q = one-hot(x). Greedy rows accept while the
 draft is the target's argmax and then emit the argmax, so their output is plain greedy decoding.
 
-A seeded row draws k uniforms and one vocabulary of exponentials from its own generator per step,
-whatever the batch around it.
+A seeded row draws k uniforms and one race's exponentials (Sampler.draw: about 2 sqrt(vocab)) from
+its own generator per step, whatever the batch around it.
 """
 from __future__ import annotations
 
