@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine import cpu_name  # noqa: E402  (benchmarks/engine.py)
 
 from tokenmill.sample.ops import CANDIDATES, apply_filters  # noqa: E402
 from tokenmill.sample.sampler import Sampler, SamplerRow  # noqa: E402
@@ -142,16 +144,6 @@ def time_call(sampler, logits: torch.Tensor, rows: list[SamplerRow]) -> float:
     start = time.perf_counter()
     sampler(logits, rows)
     return time.perf_counter() - start
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

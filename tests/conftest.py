@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,13 +74,38 @@ def smollm2_path():
     return SMOLLM2_GGUF
 
 
+@contextmanager
+def gguf_parsed_once():
+    """transformers opens a GGUF file twice (config, then weights) with gguf-py's reader, which walks
+    every metadata array in Python (~25 s for Gemma's 262k-token vocabulary): parse each file once."""
+    import gguf
+    real, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
+def hf_from_gguf(path: Path):
+    """transformers in float32 on a GGUF file (it dequantizes it): the reference."""
+    tf = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    with gguf_parsed_once():
+        return tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_path):
     """transformers in float32 on the default GGUF file (it dequantizes it): the reference, loaded once."""
-    tf = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    return tf.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                                   dtype=torch.float32).eval()
+    return hf_from_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="session")
@@ -94,12 +120,8 @@ def gemma3_path():
 
 @pytest.fixture(scope="session")
 def gemma3_hf(gemma3_path):
-    """transformers in float32 on the Gemma 3 GGUF (it dequantizes it): the reference, loaded once
-    (about a minute: transformers reads the 262k-token vocabulary in Python)."""
-    tf = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    return tf.AutoModelForCausalLM.from_pretrained(gemma3_path.parent, gguf_file=gemma3_path.name,
-                                                   dtype=torch.float32).eval()
+    """transformers in float32 on the Gemma 3 GGUF (it dequantizes it): the reference, loaded once."""
+    return hf_from_gguf(gemma3_path)
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -64,7 +64,7 @@ def weight_bytes(model: nn.Module) -> int:
     """Resident bytes of every weight, each storage counted once (a tied table is one)."""
     seen, total = set(), 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name.startswith("rope.") or t.data_ptr() in seen:      # rope tables are not weights
+        if name.split(".")[0].endswith("rope") or t.data_ptr() in seen:     # rope tables are not weights
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
