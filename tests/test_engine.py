@@ -145,3 +145,6 @@ def test_sliding_window_does_not_cap_the_context(tmp_path, tiny_model_builder):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert LLM(str(tmp_path), num_kv_blocks=64, progress=False).engine.max_model_len == cfg["max_position_embeddings"]
     assert LLM(str(tmp_path), max_model_len=64, num_kv_blocks=64, progress=False).engine.max_model_len == 64
+    # a window as long as every context the engine runs is full attention: prefix cache and all
+    short = LLM(str(tmp_path), max_model_len=32, num_kv_blocks=64, progress=False).engine
+    assert short.block_manager.windows == (None,) and short.block_manager.enable_prefix_caching

@@ -128,3 +128,19 @@ def test_mistral_runs_past_its_window(tiny_model_builder, tmp_path):
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
     for p, out in zip(ps, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, p, NEW_TOKENS)[0]
+
+
+def test_checkpoint_conventions(tmp_path):
+    """Hugging Face leaves defaults out of config.json (Gemma 3 ties its embeddings by default), and
+    a bfloat16 checkpoint's norms scale by 1 + w computed in float32, as transformers does."""
+    import json
+
+    from tokenmill.model.config import ModelConfig
+    cfg = json.loads(gemma_config(PATTERNS["global-first"]).to_json_string())
+    cfg.pop("tie_word_embeddings", None)
+    assert ModelConfig.from_hf({**cfg, "architectures": ["Gemma3ForCausalLM"]}).tie_word_embeddings
+    hf = build_gemma(tmp_path, PATTERNS["global-first"]).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    model = LLM(str(tmp_path), num_kv_blocks=16, progress=False).engine.model
+    w = hf.model.layers[0].self_attn.q_norm.weight
+    assert torch.equal(model.layers[0].attn.q_norm.weight, 1.0 + w.float())

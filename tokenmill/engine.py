@@ -89,10 +89,14 @@ class LLMEngine:
         self.spec = spec = config.speculative_config
         drafting = spec is not None and spec.method == "draft_model"
         draft = self._open_draft(spec) if drafting else None        # (checkpoint, activation dtype)
-        draft_bytes = bytes_per_block(draft[0].config, config.block_size, draft[1], per_layer=True) if draft else 0
+        # a window that spans every context this engine can run is full attention (Mistral 7B v0.1 at 4k)
+        reach = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        layout = KVLayout.of([w if w is not None and w < reach else None for w in cfg.layer_windows])
+        draft_bytes = bytes_per_block(draft[0].config, config.block_size, draft[1],
+                                      draft[0].config.num_hidden_layers) if draft else 0
         num_blocks = config.num_kv_blocks or num_blocks_for_memory(cfg, config.block_size, dtype,
-                                                                   config.kv_cache_memory_gb, draft_bytes)
-        layout = KVLayout.of(cfg.layer_windows)
+                                                                   config.kv_cache_memory_gb, layout.num_slots,
+                                                                   draft_bytes)
         if drafting and layout.group_windows[0] is not None:
             raise ValueError("speculative_config: a draft model reads the target's full-attention pages, and every "
                              f"layer of {path.name} slides (window {cfg.sliding_window}); use method 'ngram'")
@@ -102,8 +106,9 @@ class LLMEngine:
                         cfg.sliding_window)
         self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching,
                                           windows=layout.group_windows)
+        lookahead = spec.num_speculative_tokens if drafting else 0
         self.max_model_len = self._context_length(
-            cfg, self.block_manager.max_tokens(config.max_num_batched_tokens, cfg.max_position_embeddings))
+            cfg, self.block_manager.max_tokens(config.max_num_batched_tokens + lookahead, cfg.max_position_embeddings))
         self.model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(config.quantization), progress)
         self.tokenizer = self._load_tokenizer(ckpt)
         logger.info("loaded %s (%s, %d layers) in %.1f s: %s; weights %.1f MB", path.name, cfg.architecture,
@@ -117,9 +122,9 @@ class LLMEngine:
                     "/".join("full" if w is None else f"window {w}" for w in layout.group_windows), self.max_model_len)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else set()
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len, spec.num_speculative_tokens if drafting else 0),
+                                                   self.max_model_len, lookahead),
                                    self.block_manager, eos)
-        kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, dtype, device)
+        kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, dtype, device, layout.num_slots)
         self.runner = Runner(self.model, kv_caches, get_backend(config.backend_name), config.block_size, eos,
                              config.seed, device, cfg.vocab_size, layout)
         self.ngram = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec and not drafting else None
@@ -173,7 +178,7 @@ class LLMEngine:
         device = config.torch_device
         t0 = time.perf_counter()
         model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(spec.quantization), progress)
-        kv_caches = allocate_kv_cache(dcfg, num_blocks, config.block_size, dtype, device, per_layer=True)
+        kv_caches = allocate_kv_cache(dcfg, num_blocks, config.block_size, dtype, device, dcfg.num_hidden_layers)
         logger.info("draft %s (%d layers) in %.1f s: %s; weights %.1f MB, KV %.1f MB; %d tokens proposed per step",
                     ckpt.path.name, dcfg.num_hidden_layers, time.perf_counter() - t0, describe_weights(model),
                     weight_bytes(model) / 1e6, sum(k.numel() * k.element_size() * 2 for k, _ in kv_caches) / 1e6,

@@ -11,7 +11,7 @@ in the same tensor pair. Page p of slot s is `kv_caches[s][0|1][p]`, whichever g
       group 0 (full)  layers 5 11 17       one table per sequence, pages 0..L/16
       group 1 (512)   layers 0  1  2       one table each, at most ~33 live pages
       ...
-      group 5 (512)   layers 12 13 14
+      group 5 (512)   layers 14 15 16
       slot tensors:   [pages, 16, Hkv, D] x 3  (layer 5 -> slot 0 with group 0's table, ...)
 """
 from __future__ import annotations
@@ -51,27 +51,25 @@ class KVLayout:
         return 1 + max(slot for _, slot in self.layer_places)
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, per_layer: bool = False) -> int:
-    """Bytes of one page id: one page of every slot (of every layer, `per_layer`)."""
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, num_slots: int) -> int:
+    """Bytes of one page id: one page of every slot."""
     elem = torch.empty((), dtype=dtype).element_size()
-    slots = cfg.num_hidden_layers if per_layer else KVLayout.of(cfg.layer_windows).num_slots
-    return 2 * slots * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    return 2 * num_slots * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
-def num_blocks_for_memory(cfg: ModelConfig, block_size: int, dtype: torch.dtype, memory_gb: float,
+def num_blocks_for_memory(cfg: ModelConfig, block_size: int, dtype: torch.dtype, memory_gb: float, num_slots: int,
                           extra_bytes_per_block: int = 0) -> int:
     """Pages the budget buys; `extra_bytes_per_block`: another cache over the same pages (a draft model's)."""
-    return int(memory_gb * (1 << 30)) // (bytes_per_block(cfg, block_size, dtype) + extra_bytes_per_block)
+    return int(memory_gb * (1 << 30)) // (bytes_per_block(cfg, block_size, dtype, num_slots) + extra_bytes_per_block)
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device, per_layer: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (key, value) pair of [num_blocks, block_size, num_kv_heads, head_dim] tensors per slot, or
-    per layer (`per_layer`: a cache whose layers all follow one table, as a draft model's does)."""
+                      device: torch.device, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (key, value) pair of [num_blocks, block_size, num_kv_heads, head_dim] tensors per slot (a
+    draft model, whose layers all follow the target's group 0, has a slot per layer)."""
     shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-    count = cfg.num_hidden_layers if per_layer else KVLayout.of(cfg.layer_windows).num_slots
     return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(count)]
+            for _ in range(num_slots)]
 
 
 def copy_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]]) -> None:

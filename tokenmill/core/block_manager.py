@@ -99,7 +99,8 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def pages_for(self, num_tokens: int, chunk: int) -> int:
-        """The most pages one sequence of `num_tokens` holds at once, computing <= `chunk` tokens a step."""
+        """The most pages one sequence of `num_tokens` holds at once, computing <= `chunk` tokens a step
+        (lookahead slots included)."""
         full = self.blocks_needed(num_tokens)
         return sum(full if w is None else min(full, self.blocks_needed(w - 1 + chunk) + 1) for w in self.windows)
 
@@ -143,10 +144,11 @@ class BlockManager:
 
     # ---- allocation --------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_new_tokens: int, num_lookahead: int = 0) -> bool:
-        """Make `seq.block_table` cover its next `num_new_tokens` tokens, and `num_lookahead` slots past
-        its last token when they reach it (draft tokens: verified, or written by a draft model); False
-        (and no change) if the pool cannot. A sequence without pages first takes what the prefix cache
-        holds, which advances `seq.num_computed_tokens` (the caller re-reads it)."""
+        """Make every table of `seq` cover its next `num_new_tokens` tokens, and `num_lookahead` slots
+        past its last token when they reach it (draft tokens: verified, or written by a draft model);
+        False if the pool cannot (no page taken; pages a window left may have been released). A
+        sequence without pages first takes what the prefix cache holds, which advances
+        `seq.num_computed_tokens` (the caller re-reads it)."""
         if len(seq.block_tables) != len(self.windows):
             seq.block_tables = [[] for _ in self.windows]
         fresh = not seq.block_table and seq.num_computed_tokens == 0

@@ -76,7 +76,8 @@ class Scheduler:
     # ---- queue -------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; siblings for n > 1 ride in `seq.pending_forks` until its prompt is done."""
-        needed = self.block_manager.pages_for(seq.num_tokens + 1, self.config.max_num_batched_tokens)
+        needed = self.block_manager.pages_for(seq.num_tokens + 1,
+                                              self.config.max_num_batched_tokens + self.config.num_lookahead_tokens)
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"prompt of {seq.num_tokens} tokens needs {needed} KV pages but the cache has "
                              f"{self.block_manager.num_blocks}; raise num_kv_blocks / kv_cache_memory_gb")

@@ -102,7 +102,7 @@ class ModelConfig:
             rope_scaling=rope_scaling if rope_scaling and rope_scaling.get(
                 "rope_type", rope_scaling.get("type")) != "default" else None,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", arch == "gemma3")),   # transformers' defaults
             attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
             sliding_window=window,
             layer_types=_hf_layer_types(cfg, arch, window),
@@ -169,6 +169,6 @@ def _hf_layer_types(cfg: dict[str, Any], arch: str, window: int | None) -> tuple
     if arch == "gemma3":
         return _pattern_layer_types(cfg["num_hidden_layers"], cfg.get("sliding_window_pattern", 6))
     if arch == "qwen2":      # Qwen2 slides from layer max_window_layers on
-        first = cfg.get("max_window_layers", 0)
+        first = cfg.get("max_window_layers", 28)      # transformers' default
         return tuple(SLIDING if i >= first else FULL for i in range(cfg["num_hidden_layers"]))
     return (SLIDING,) * cfg["num_hidden_layers"]

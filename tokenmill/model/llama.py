@@ -125,7 +125,9 @@ class LlamaForCausalLM(nn.Module):
                     if dst.shape != src.shape:
                         raise ValueError(f"weight {name}: expected shape {tuple(dst.shape)}, file has {tuple(src.shape)}")
                     with torch.no_grad():
-                        dst.copy_(src + self.norm_offset if name.endswith("norm.weight") else src)
+                        dst.copy_(src)
+                        if name.endswith("norm.weight"):
+                            dst.add_(self.norm_offset)      # in float32, as transformers adds 1.0 + w.float()
             loaded.add(name)
         for (target, part), tensors in packed.items():
             src = tensors["weight"] if tensors.keys() == {"weight"} else tensors      # a layer left dense
