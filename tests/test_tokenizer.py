@@ -39,10 +39,15 @@ def ours(metadata):
     return Tokenizer.from_gguf(metadata)
 
 
+def llama_cpp_vocab_of(path: Path):
+    """llama.cpp's own tokenizer for a GGUF file (vocabulary only): the tokenization reference."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the tokenization reference")
+    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+
+
 @pytest.fixture(scope="module")
 def llama_cpp_vocab(smollm2_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the tokenization reference")
-    return llama_cpp.Llama(str(smollm2_path), vocab_only=True, verbose=False)
+    return llama_cpp_vocab_of(smollm2_path)
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +181,9 @@ def write_vocab(path: Path, md: dict, **overrides) -> Path:
 
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "default", "falcon", "starcoder", "poro-chat"])
 def test_pre_tokenizers_match_llama_cpp(metadata, tmp_path, pre):
-    llama_cpp = pytest.importorskip("llama_cpp")
     md = {k: v for k, v in metadata.items() if k != "tokenizer.ggml.add_bos_token"}
     path = write_vocab(tmp_path / f"{pre}.gguf", md, **{"tokenizer.ggml.pre": pre})
-    ref = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    ref = llama_cpp_vocab_of(path)
     tok = Tokenizer.from_gguf(GGUFCheckpoint(path).metadata)
     for text in TEXTS:
         for add_special in (True, False):
@@ -223,8 +227,7 @@ def spm(spm_path):
 
 @pytest.mark.parametrize("add_special", [True, False])
 def test_spm_matches_llama_cpp(spm, spm_path, add_special):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    ref = llama_cpp.Llama(str(spm_path), vocab_only=True, verbose=False)
+    ref = llama_cpp_vocab_of(spm_path)
     for text in SPM_TEXTS:
         assert spm.encode(text, add_special) == llama_cpp_ids(ref, text, add_special), repr(text)
 
@@ -277,8 +280,7 @@ def test_token_bytes_add_up_to_the_text(ours, tmp_path, hf_tokenizer):
 
 
 def test_spm_token_bytes_match_llama_cpp(spm, spm_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    ref = llama_cpp.Llama(str(spm_path), vocab_only=True, verbose=False)
+    ref = llama_cpp_vocab_of(spm_path)
     for token_id in range(spm.vocab_size):
         assert spm.token_bytes(token_id) == llama_cpp_piece(ref, token_id), token_id
     ids = spm.encode("Ünïcödé 🤗 日本語", add_special_tokens=False)
@@ -325,8 +327,7 @@ def gemma3(gemma3_metadata):
 
 @pytest.fixture(scope="module")
 def gemma3_llama_cpp(gemma3_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the tokenization reference")
-    return llama_cpp.Llama(str(gemma3_path), vocab_only=True, verbose=False)
+    return llama_cpp_vocab_of(gemma3_path)
 
 
 def llama_cpp_chat(messages: list[dict], template: bytes, add_generation_prompt: bool) -> str:

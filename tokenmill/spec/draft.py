@@ -13,6 +13,7 @@ target's KV, and the draft's only as far as their own drafts reached).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -113,10 +114,10 @@ class DraftModelProposer:
             pos += range(start, start + len(chunk))
             qlens.append(len(chunk))
             slens.append(start + len(chunk))
-        metas = {w: AttentionMetadata.build([s.block_table for s in seqs], qlens, slens, self.block_size, self.device,
-                                            [runner.table(s) for s in seqs], sliding_window=w)
-                 for w in set(self.model.cfg.layer_windows)}      # every layer reads the full table
-        meta = next(iter(metas.values()))
+        meta = AttentionMetadata.build([s.block_table for s in seqs], qlens, slens, self.block_size, self.device,
+                                       [runner.table(s) for s in seqs])
+        # every layer reads the target's full-attention table; a windowed one just sees less of it
+        metas = {w: dataclasses.replace(meta, sliding_window=w) for w in set(self.model.cfg.layer_windows)}
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
                             torch.tensor(pos, dtype=torch.long, device=self.device), self.kv_caches, self.backend,
                             [metas[w] for w in self.model.cfg.layer_windows])
