@@ -95,6 +95,7 @@ class EngineConfig:
     attention_backend: str | None = None  # None: "triton" on CUDA, "cpu" (ATen flash over pages) on CPU
     device: str | None = None             # None: CUDA when available, else CPU
     speculative_config: SpeculativeConfig | None = None   # also a dict or a JSON string, parsed here
+    tensor_parallel_size: int = 1         # ranks the model is split over (spawned here, or started by torchrun)
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, optional: bool = False) -> None:
@@ -111,6 +112,7 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             integer(name, 1)
         integer("num_kv_blocks", 1, optional=True)
+        integer("tensor_parallel_size", 1)
         integer("max_model_len", 2, optional=True)
         integer("seed", -2**63)
         if self.seed >= 2**64:

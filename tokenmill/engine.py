@@ -24,6 +24,8 @@ from tokenmill.model.load import Checkpoint, build_model, describe_weights, open
 from tokenmill.model_files import resolve_model
 from tokenmill.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, PromptLogprobs,
                                RequestMetrics, RequestOutput, SpecDecodeStats)
+from tokenmill.parallel.comm import SINGLE, check_tensor_parallel
+from tokenmill.parallel.ranks import RankInit, Ranks, TensorParallelError, launcher_env, run_launched_rank
 from tokenmill.runner import Runner, StepResult
 from tokenmill.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from tokenmill.spec.draft import DraftModelProposer
@@ -81,13 +83,24 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.config = config
+        tp = config.tensor_parallel_size
+        launched = launcher_env()
+        if launched is not None and launched[1] != tp:
+            raise ValueError(f"tensor_parallel_size ({tp}) must equal the launcher's WORLD_SIZE ({launched[1]}): "
+                             f"this process was started as rank {launched[0]} of {launched[1]}")
+        if launched is not None and launched[0] > 0:
+            run_launched_rank(config)       # serves rank 0's steps, then exits the process
         device, dtype = config.torch_device, config.torch_dtype
         path = resolve_model(config.model)
         t0 = time.perf_counter()
         ckpt = open_checkpoint(path)
         self.model_config = cfg = ckpt.config
+        check_tensor_parallel(cfg, tp)
         self.spec = spec = config.speculative_config
         drafting = spec is not None and spec.method == "draft_model"
+        if drafting and tp > 1:
+            raise ValueError("speculative_config: a draft model does not run under tensor parallelism yet; "
+                             "use method 'ngram' or tensor_parallel_size 1")
         draft = self._open_draft(spec) if drafting else None        # (checkpoint, activation dtype)
         # a window that spans every context this engine can run is full attention (Mistral 7B v0.1 at 4k)
         reach = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -96,7 +109,7 @@ class LLMEngine:
                                       draft[0].config.num_hidden_layers) if draft else 0
         num_blocks = config.num_kv_blocks or num_blocks_for_memory(cfg, config.block_size, dtype,
                                                                    config.kv_cache_memory_gb, layout.num_slots,
-                                                                   draft_bytes)
+                                                                   draft_bytes, tp)
         if drafting and layout.group_windows[0] is not None:
             raise ValueError("speculative_config: a draft model reads the target's full-attention pages, and every "
                              f"layer of {path.name} slides (window {cfg.sliding_window}); use method 'ngram'")
@@ -109,11 +122,20 @@ class LLMEngine:
         lookahead = spec.num_speculative_tokens if drafting else 0
         self.max_model_len = self._context_length(
             cfg, self.block_manager.max_tokens(config.max_num_batched_tokens + lookahead, cfg.max_position_embeddings))
-        self.model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(config.quantization), progress)
+        self.ranks = self._start_ranks(layout, num_blocks) if tp > 1 else None
+        try:
+            self.model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(config.quantization),
+                                     progress, self.ranks.group if self.ranks else SINGLE)
+            if self.ranks is not None:
+                self.ranks.wait_ready()
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.close(kill=True)
+            raise
         self.tokenizer = self._load_tokenizer(ckpt)
-        logger.info("loaded %s (%s, %d layers) in %.1f s: %s; weights %.1f MB", path.name, cfg.architecture,
+        logger.info("loaded %s (%s, %d layers) in %.1f s: %s; weights %.1f MB%s", path.name, cfg.architecture,
                     cfg.num_hidden_layers, time.perf_counter() - t0, describe_weights(self.model),
-                    weight_bytes(self.model) / 1e6)
+                    weight_bytes(self.model) / 1e6, f" on each of {tp} ranks (rank 0's shard)" if tp > 1 else "")
         if dtype == torch.float32 and device.type == "cpu" and cpu_has_amx_bf16():
             logger.info("this CPU has AMX-BF16: dtype='bfloat16' (or 'auto') gives about 2x the batched "
                         "throughput and half the weight memory, at bfloat16 precision (docs/benchmarks.md)")
@@ -124,9 +146,10 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, lookahead),
                                    self.block_manager, eos)
-        kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, dtype, device, layout.num_slots)
+        kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, dtype, device, layout.num_slots, tp)
         self.runner = Runner(self.model, kv_caches, get_backend(config.backend_name), config.block_size, eos,
                              config.seed, device, cfg.vocab_size, layout)
+        self.runner.ranks = self.ranks
         self.ngram = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec and not drafting else None
         if draft is not None:
             self.runner.drafter = self._load_draft(spec, *draft, num_blocks, progress)
@@ -135,6 +158,22 @@ class LLMEngine:
         self._failed: list[_Request] = []
         self._next_id = 0
         self.last_step_tokens = 0        # tokens the last step computed: 0 means it had nothing to do
+
+    def _start_ranks(self, layout: KVLayout, num_blocks: int) -> Ranks:
+        """Start ranks 1..N-1 (or meet the ones a launcher started) and join the group; each rank uses
+        threads / N CPU threads."""
+        tp = self.config.tensor_parallel_size
+        threads = max(1, torch.get_num_threads() // tp)
+        torch.set_num_threads(threads)
+        ranks = Ranks(self.config, RankInit(self.config, layout, num_blocks, self.max_model_len, threads))
+        logger.info("tensor parallelism: %d ranks (%s), %d CPU thread(s) each", tp,
+                    "started by the launcher" if ranks.launched else "spawned", threads)
+        return ranks
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (also done at exit); the engine cannot step afterwards."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     def _context_length(self, cfg, cache_tokens: int) -> int:
         """max_model_len: the configured one, checked against the model's positions and the KV cache
@@ -309,6 +348,8 @@ class LLMEngine:
         snapshot = self.runner.snapshot(out)
         try:
             result = self.runner.execute(out) if out.scheduled else StepResult([])
+        except TensorParallelError:
+            raise                # a rank failed: the group is out of step, nothing can be retried
         except Exception:      # noqa: BLE001 -- find the request(s) that broke it; the others go on
             logger.exception("a step of %d sequences failed; retrying its requests one by one", len(out.scheduled))
             self.runner.restore(snapshot)
@@ -375,6 +416,8 @@ class LLMEngine:
             group.block_copies = out.block_copies     # copying again is harmless: the sources are unchanged
             try:
                 part = self.runner.execute(group)
+            except TensorParallelError:
+                raise
             except Exception as e:     # noqa: BLE001
                 logger.exception("request %s fails alone: failing it", request_id)
                 self._fail(request_id, e)
@@ -594,13 +637,14 @@ class LLM:
                  kv_cache_memory_gb: float = 2.0, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, seed: int = 0, attention_backend: str | None = None,
                  device: str | None = None, speculative_config: SpeculativeConfig | dict | str | None = None,
-                 progress: bool = True):
+                 tensor_parallel_size: int = 1, progress: bool = True):
         config = EngineConfig(model=model, dtype=dtype, quantization=quantization, block_size=block_size,
                               max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
                               kv_cache_memory_gb=kv_cache_memory_gb, enable_prefix_caching=enable_prefix_caching,
                               max_model_len=max_model_len, seed=seed, attention_backend=attention_backend,
-                              device=device, speculative_config=speculative_config)
+                              device=device, speculative_config=speculative_config,
+                              tensor_parallel_size=tensor_parallel_size)
         self.engine = LLMEngine(config, progress=progress)
 
     @classmethod
@@ -608,6 +652,10 @@ class LLM:
         llm = cls.__new__(cls)
         llm.engine = LLMEngine(config, progress=progress)
         return llm
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks now rather than at exit."""
+        self.engine.shutdown()
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.model.config import ModelConfig
+from tokenmill.parallel.comm import local_kv_heads
 
 
 @dataclass(frozen=True)
@@ -51,23 +52,25 @@ class KVLayout:
         return 1 + max(slot for _, slot in self.layer_places)
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, num_slots: int) -> int:
-    """Bytes of one page id: one page of every slot."""
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, num_slots: int, tp: int = 1) -> int:
+    """Bytes of one page id on one rank (of `tp`, each holding its KV heads): one page of every slot."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_slots * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    return 2 * num_slots * block_size * local_kv_heads(cfg.num_key_value_heads, tp) * cfg.head_dim * elem
 
 
 def num_blocks_for_memory(cfg: ModelConfig, block_size: int, dtype: torch.dtype, memory_gb: float, num_slots: int,
-                          extra_bytes_per_block: int = 0) -> int:
-    """Pages the budget buys; `extra_bytes_per_block`: another cache over the same pages (a draft model's)."""
-    return int(memory_gb * (1 << 30)) // (bytes_per_block(cfg, block_size, dtype, num_slots) + extra_bytes_per_block)
+                          extra_bytes_per_block: int = 0, tp: int = 1) -> int:
+    """Pages the budget (per rank) buys; `extra_bytes_per_block`: another cache over the same pages (a
+    draft model's)."""
+    return int(memory_gb * (1 << 30)) // (bytes_per_block(cfg, block_size, dtype, num_slots, tp) + extra_bytes_per_block)
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                      device: torch.device, num_slots: int, tp: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One (key, value) pair of [num_blocks, block_size, num_kv_heads, head_dim] tensors per slot (a
-    draft model, whose layers all follow the target's group 0, has a slot per layer)."""
-    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    draft model, whose layers all follow the target's group 0, has a slot per layer); under tensor
+    parallelism num_kv_heads is this rank's."""
+    shape = (num_blocks, block_size, local_kv_heads(cfg.num_key_value_heads, tp), cfg.head_dim)
     return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(num_slots)]
 

@@ -15,6 +15,7 @@ from tokenmill.core.beam import BeamCandidate
 from tokenmill.core.scheduler import SchedulerOutput
 from tokenmill.core.sequence import Sequence
 from tokenmill.kv_cache import KVLayout, copy_blocks
+from tokenmill.parallel.ranks import Ranks, StepInputs
 from tokenmill.sample.beam import beam_candidates
 from tokenmill.sample.sampler import SampledToken, Sampler, SamplerRow, TokenHistory
 from tokenmill.spec.rejection import DraftSpan, verify
@@ -68,6 +69,7 @@ class Runner:
         self.history_rows: dict[int, _HistoryRow] = {}
         self.free_slots: list[int] = []
         self.drafter: DraftModelProposer | None = None     # set by the engine for speculative decoding with a draft model
+        self.ranks: Ranks | None = None         # set by the engine under tensor parallelism: the other ranks
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -75,18 +77,27 @@ class Runner:
         if self.drafter is not None:
             self.drafter.copy_blocks(out.block_copies)
         input_ids, positions, metas = self._prepare(out)
-        hidden = self.model(input_ids, positions, self.layer_caches, self.backend,
-                            [metas[group] for group, _ in self.layout.layer_places])   # [T, hidden]
         meta = metas[0]
         last = meta.query_start_loc[1:].tolist()
         plain = [i for i, (seq, _) in enumerate(out.samples) if not seq.spec_token_ids]
         spec = [i for i, (seq, _) in enumerate(out.samples) if seq.spec_token_ids]
         plp_rows, plp_targets = self._prompt_logprob_rows(out, meta)
-        plain_logits, spec_logits, beam_logits, plp_logits = self._logits(hidden, [
-            [last[out.samples[i][1]] - 1 for i in plain],
-            [r for i in spec for r in self._spec_rows(out.samples[i][0], last[out.samples[i][1]])],
-            [last[row] - 1 for _, rows in out.beam_groups for row in rows],
-            plp_rows])
+        row_groups = [[last[out.samples[i][1]] - 1 for i in plain],
+                      [r for i in spec for r in self._spec_rows(out.samples[i][0], last[out.samples[i][1]])],
+                      [last[row] - 1 for _, rows in out.beam_groups for row in rows],
+                      plp_rows]
+        rows = torch.tensor([r for group in row_groups for r in group], dtype=torch.long, device=self.device)
+        if self.ranks is not None:
+            self.ranks.step(StepInputs(input_ids, positions, metas, rows, out.block_copies))
+        try:
+            hidden = self.model(input_ids, positions, self.layer_caches, self.backend,
+                                [metas[group] for group, _ in self.layout.layer_places])   # [T, hidden]
+            logits = self.model.compute_logits(hidden[rows])               # one lm_head call for every consumer
+        except Exception as e:
+            if self.ranks is not None:      # the other ranks are mid-step: the group cannot go on
+                raise self.ranks.failure(e) from e
+            raise
+        plain_logits, spec_logits, beam_logits, plp_logits = logits.split([len(group) for group in row_groups])
         self._update_history([seq for seq, _ in out.samples])
         sampled: list[list[SampledToken]] = [[] for _ in out.samples]
         for i, tok in zip(plain, self.sampler(plain_logits, [self.row(out.samples[i][0]) for i in plain], self.history)):
@@ -96,12 +107,6 @@ class Runner:
                 sampled[i] = toks
         candidates = beam_candidates(beam_logits, [g for g, _ in out.beam_groups])
         return StepResult(sampled, self._prompt_logprobs(plp_logits, plp_targets), candidates)
-
-    def _logits(self, hidden: torch.Tensor, row_groups: list[list[int]]) -> list[torch.Tensor]:
-        """Logits of the hidden rows each consumer needs, in one lm_head call, split back per consumer."""
-        rows = [r for group in row_groups for r in group]
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long)])
-        return list(logits.split([len(group) for group in row_groups]))
 
     @staticmethod
     def _spec_rows(seq: Sequence, end: int) -> range:

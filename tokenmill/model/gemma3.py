@@ -11,17 +11,18 @@ from tokenmill.model.config import ModelConfig
 from tokenmill.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from tokenmill.model.llama import Attention, LlamaForCausalLM
 from tokenmill.model.linear import QLinear
+from tokenmill.parallel.comm import SINGLE, TPGroup
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup = SINGLE):
         super().__init__()
         eps = cfg.rms_norm_eps
         self.input_norm = RMSNorm(cfg.hidden_size, eps)
-        self.attn = Attention(cfg, dtype, qk_norm=True)
+        self.attn = Attention(cfg, dtype, qk_norm=True, tp=tp)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps)
         self.pre_mlp_norm = RMSNorm(cfg.hidden_size, eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, cfg.hidden_act)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, cfg.hidden_act, tp)
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps)
 
 
@@ -29,8 +30,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     layer_class = Gemma3DecoderLayer
     norm_offset = 1.0
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int):
-        super().__init__(cfg, dtype, max_positions)
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, tp: TPGroup = SINGLE):
+        super().__init__(cfg, dtype, max_positions, tp)
         local_theta = cfg.rope_local_theta or cfg.rope_theta
         self.local_rope = RotaryEmbedding(cfg.head_dim, max_positions, local_theta, None)
         # Hugging Face rounds the scale to the weights' dtype before multiplying
@@ -56,7 +57,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
                       p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         return names
 
-    def _target(self, name: str) -> tuple[QLinear | torch.Tensor | None, int | tuple | None]:
+    def _target(self, name: str) -> tuple[QLinear | torch.Tensor | None, int | None]:
         parts = name.split(".")
         if len(parts) >= 5 and parts[:2] == ["model", "layers"]:
             layer = self.layers[int(parts[2])]

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from tokenmill.parallel.comm import SINGLE, TPGroup
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -64,11 +66,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with "silu", GeGLU with "gelu_pytorch_tanh"."""
 
-    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, act: str = "silu"):
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, act: str = "silu", tp: TPGroup = SINGLE):
         super().__init__()
         from tokenmill.model.linear import QLinear
-        self.gate_up = QLinear(hidden, [intermediate, intermediate], False, dtype)
-        self.down = QLinear(intermediate, [hidden], False, dtype)
+        local = intermediate // tp.size
+        self.gate_up = QLinear(hidden, [local, local], False, dtype, shards=[tp.rows()] * 2)
+        self.down = QLinear(local, [hidden], False, dtype, shards=[tp.columns()], reduce=tp)
         self.gelu = act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

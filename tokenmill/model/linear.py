@@ -1,37 +1,59 @@
 """Linear layers and the embedding as the model sees them: a kernel made by the checkpoint's
-QuantMethod, plus a bias. Model code never learns which method it runs."""
+QuantMethod, plus a bias. Model code never learns which method it runs.
+
+Under tensor parallelism each layer holds this rank's piece of every checkpoint matrix (a `Shard`
+per part, parallel/comm.py): column-parallel layers cut output rows, row-parallel ones input columns
+and all-reduce their partial sums."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from tokenmill.parallel.comm import SINGLE, Shard, TPGroup
 from tokenmill.quant import QuantMethod, Source
-from tokenmill.quant.base import DenseKernel, LinearKernel, as_float
+from tokenmill.quant.base import DenseKernel, LinearKernel, as_float, slice_source
 from tokenmill.quant.int8 import Int8WeightKernel, quantize_per_channel
+
+
+def take(src: Source, shard: Shard | None) -> Source:
+    """This rank's piece of a checkpoint tensor (the tensor itself when unsplit)."""
+    if shard is None or shard.count == 1:
+        return src
+    n = src.shape[shard.dim] if not isinstance(src, dict) else 0      # a packed dict is refused
+    return slice_source(src, shard.dim, *shard.bounds(n))
 
 
 class QLinear(nn.Module):
     """y = x @ W^T (+ b), W the row-concatenation of `len(part_rows)` checkpoint matrices
-    (q/k/v, gate/up), each arriving as a Source and made into one kernel when all are loaded."""
+    (q/k/v, gate/up), each arriving as a Source and made into one kernel when all are loaded.
 
-    def __init__(self, in_features: int, part_rows: list[int], bias: bool, dtype: torch.dtype):
+    `in_features` and `part_rows` are this rank's sizes; `shards[i]` cuts part i out of the checkpoint
+    matrix; `reduce`: a row-parallel layer, whose partial products are summed over the group."""
+
+    def __init__(self, in_features: int, part_rows: list[int], bias: bool, dtype: torch.dtype,
+                 shards: list[Shard] | None = None, reduce: TPGroup = SINGLE):
         super().__init__()
         self.in_features, self.part_rows = in_features, part_rows
         self.out_features = sum(part_rows)
+        self.shards = shards or [None] * len(part_rows)
+        self.reduce = reduce
         self.kernel: LinearKernel | None = None
         self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype), requires_grad=False) if bias else None
         self._pending: dict[int, Source] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.kernel(x)
+        y = self.reduce.all_reduce(self.kernel(x))
         return y if self.bias is None else y + self.bias
 
     def add_part(self, index: int, src: Source, name: str, method: QuantMethod, dtype: torch.dtype) -> None:
         """Take one part; build the kernel once all parts are here."""
+        full = tuple(src.shape) if not isinstance(src, dict) else None
+        src = take(src, self.shards[index])
         shape = tuple(src.shape) if not isinstance(src, dict) else None
         expected = (self.part_rows[index], self.in_features)
         if shape is not None and shape != expected:
-            raise ValueError(f"weight {name}: expected shape {expected}, file has {shape}")
+            piece = f" (this rank's piece of {full})" if full != shape else ""
+            raise ValueError(f"weight {name}: expected shape {expected}, file has {shape}{piece}")
         self._pending[index] = src
         if len(self._pending) < len(self.part_rows):
             return
@@ -43,24 +65,46 @@ class QLinear(nn.Module):
             raise ValueError(f"weight {name}: method {method.name} made {self.kernel.out_features} rows, "
                              f"expected {self.out_features}")
 
+    def load_bias(self, index: int, src: torch.Tensor, name: str) -> None:
+        """Part `index`'s bias (cut like its rows; a row-parallel layer adds the whole bias once)."""
+        shard = self.shards[index]
+        if shard is not None and shard.dim == 0:
+            src = take(src, shard)
+        start = sum(self.part_rows[:index])
+        dst = self.bias[start:start + self.part_rows[index]]
+        if dst.shape != src.shape:
+            raise ValueError(f"weight {name}: expected shape {tuple(dst.shape)}, file has {tuple(src.shape)}")
+        with torch.no_grad():
+            dst.copy_(src)
+
 
 class Embedding(nn.Module):
     """Token rows from a table that serves `rows(ids)`: the tied lm_head's kernel when it can serve rows;
     else a dense checkpoint table stays dense (unless the method quantizes at load) and a quantized
-    one (GGUF) becomes int8 per row."""
+    one (GGUF) becomes int8 per row. Vocabulary-parallel: a rank holds the rows of `shard` and looks
+    up the ids that fall there; the all-reduce adds the other ranks' rows."""
 
-    def __init__(self):
+    def __init__(self, vocab_size: int, tp: TPGroup = SINGLE):
         super().__init__()
         self.table: LinearKernel | None = None
+        self.tp = tp
+        self.shard = tp.rows()
+        self.start, self.end = self.shard.bounds(vocab_size)
 
     def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.table.rows(ids, dtype)
+        if self.tp.size == 1:
+            return self.table.rows(ids, dtype)
+        mine = (ids >= self.start) & (ids < self.end)
+        rows = self.table.rows(torch.where(mine, ids - self.start, 0), dtype)      # [T, hidden]
+        return self.tp.all_reduce(rows * mine.unsqueeze(-1).to(dtype))
 
     def load(self, src: Source, method: QuantMethod, dtype: torch.dtype, device: torch.device,
              tied_head: LinearKernel | None) -> None:
         if tied_head is not None and tied_head.serves_rows:
             self.table = tied_head
-        elif isinstance(src, torch.Tensor) and not method.quantizes_dense:
+            return
+        src = take(src, self.shard)
+        if isinstance(src, torch.Tensor) and not method.quantizes_dense:
             self.table = DenseKernel(src.to(device=device, dtype=dtype))
         elif device.type == "cpu":
             self.table = Int8WeightKernel(*quantize_per_channel(as_float(src)), label="int8 per-row")

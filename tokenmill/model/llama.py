@@ -15,6 +15,7 @@ from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
 from tokenmill.model.linear import Embedding, QLinear
+from tokenmill.parallel.comm import SINGLE, TPGroup, kv_shards, local_kv_heads
 from tokenmill.quant import QuantMethod, Source
 
 
@@ -22,13 +23,17 @@ class Attention(nn.Module):
     """Fused QKV, rope, paged attention, output projection; `qk_norm`: an RMSNorm over each head of Q
     and K before rope (Gemma 3, Qwen 3)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, qk_norm: bool = False):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, qk_norm: bool = False, tp: TPGroup = SINGLE):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads = cfg.num_attention_heads // tp.size             # this rank's heads
+        self.num_kv_heads = local_kv_heads(cfg.num_key_value_heads, tp.size)
+        self.head_dim = cfg.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.scale = cfg.attention_scale
-        self.qkv = QLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias, dtype)
-        self.o = QLinear(self.q_size, [cfg.hidden_size], False, dtype)
+        kv = tp.rows(kv_shards(cfg.num_key_value_heads, tp.size))
+        self.qkv = QLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], cfg.attention_bias, dtype,
+                           shards=[tp.rows(), kv, kv])
+        self.o = QLinear(self.q_size, [cfg.hidden_size], False, dtype, shards=[tp.columns()], reduce=tp)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
 
@@ -49,26 +54,28 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup = SINGLE):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, dtype)
+        self.attn = Attention(cfg, dtype, tp=tp)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, tp=tp)
 
 
 class LlamaForCausalLM(nn.Module):
     layer_class: type[nn.Module] = DecoderLayer
     norm_offset = 0.0           # added to every checkpoint norm weight (Gemma's norms scale by 1 + w)
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, tp: TPGroup = SINGLE):
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
-        self.embed = Embedding()
-        self.layers = nn.ModuleList(self.layer_class(cfg, dtype) for _ in range(cfg.num_hidden_layers))
+        self.tp = tp
+        self.embed = Embedding(cfg.vocab_size, tp)
+        self.layers = nn.ModuleList(self.layer_class(cfg, dtype, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = QLinear(cfg.hidden_size, [cfg.vocab_size], False, dtype)
+        vocab = tp.rows()
+        self.lm_head = QLinear(cfg.hidden_size, [vocab.length(cfg.vocab_size)], False, dtype, shards=[vocab])
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
 
     @torch.inference_mode()
@@ -87,8 +94,12 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(residual)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()                         # [N, vocab]
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> logits [N, vocab] float32; under tensor parallelism gathered on rank 0
+        (the other ranks return None)."""
+        logits = self.tp.gather_columns(self.lm_head(hidden).float(), self.cfg.vocab_size)     # [N, vocab]
+        if logits is None:
+            return None
         cap = self.cfg.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -112,7 +123,9 @@ class LlamaForCausalLM(nn.Module):
                 if target is None:
                     continue
                 stem, suffix = name.rsplit(".", 1)
-                if isinstance(target, QLinear):
+                if isinstance(target, QLinear) and suffix == "bias":
+                    target.load_bias(part, src, name)
+                elif isinstance(target, QLinear):
                     if suffix not in method.source_names():
                         continue
                     if method.source_names() == ("weight",):
@@ -121,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
                         packed.setdefault((target, part), {})[suffix] = src
                         name = stem + ".weight"
                 else:
-                    dst = target if part is None else target[part[0]:part[1]]
+                    dst = target
                     if dst.shape != src.shape:
                         raise ValueError(f"weight {name}: expected shape {tuple(dst.shape)}, file has {tuple(src.shape)}")
                     with torch.no_grad():
@@ -160,10 +173,8 @@ class LlamaForCausalLM(nn.Module):
         out["lm_head"] = self.lm_head
         return out
 
-    def _target(self, name: str) -> tuple[QLinear | torch.Tensor | None, int | tuple | None]:
-        """(layer or tensor, part index or row range) a checkpoint tensor goes to; (None, None) to skip."""
-        cfg = self.cfg
-        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    def _target(self, name: str) -> tuple[QLinear | torch.Tensor | None, int | None]:
+        """(layer and part index, or a tensor) a checkpoint tensor goes to; (None, None) to skip."""
         if name == "model.norm.weight":
             return self.norm.weight, None
         if name == "lm_head.weight":
@@ -178,10 +189,7 @@ class LlamaForCausalLM(nn.Module):
         if module == "post_attention_layernorm":
             return layer.post_attn_norm.weight, None
         if module == "self_attn" and leaf in ("q_proj", "k_proj", "v_proj"):
-            index = "qkv".index(leaf[0])
-            if kind == "bias":
-                return layer.attn.qkv.bias, [(0, q), (q, q + kv), (q + kv, q + 2 * kv)][index]
-            return layer.attn.qkv, index
+            return layer.attn.qkv, "qkv".index(leaf[0])
         if module == "self_attn" and leaf == "o_proj":
             return layer.attn.o, 0
         if module == "mlp" and leaf in ("gate_proj", "up_proj"):

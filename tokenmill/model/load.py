@@ -11,6 +11,7 @@ from torch import nn
 
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.registry import model_class
+from tokenmill.parallel.comm import SINGLE, TPGroup
 from tokenmill.quant import QuantMethod, Source, resolve_method
 
 WeightStream = Callable[[bool], Iterator[tuple[str, Source]]]
@@ -53,9 +54,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, max_positions: int, device: torch.device,
-                method: QuantMethod, progress: bool = True) -> nn.Module:
+                method: QuantMethod, progress: bool = True, tp: TPGroup = SINGLE) -> nn.Module:
+    """The model, or under tensor parallelism this rank's shard of it (each tensor read only as far as
+    the shard needs it)."""
     with torch.device(device):
-        model = model_class(ckpt.config.architecture)(ckpt.config, dtype, max_positions)
+        model = model_class(ckpt.config.architecture)(ckpt.config, dtype, max_positions, tp)
         model.load_weights(ckpt.weights(progress), method)
     return model.eval()
 

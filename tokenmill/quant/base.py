@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Union
 
+import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from torch import nn
 import torch.nn.functional as F
 
@@ -26,6 +28,25 @@ def as_float(src: Source, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if isinstance(src, torch.Tensor):
         return src.to(dtype)
     raise TypeError(f"cannot read a {type(src).__name__} source as a dense weight")
+
+
+def slice_source(src: Source, dim: int, start: int, end: int) -> Source:
+    """Output rows (dim 0) or input columns (dim 1) start..end of a weight as stored, reading only
+    those bytes: a tensor piece is copied out of its (possibly memory-mapped) file, a GGUF tensor stays
+    packed when the cut falls on block boundaries (rows always do) and is dequantized otherwise."""
+    if isinstance(src, torch.Tensor):
+        return src.narrow(dim, start, end - start).clone()
+    if isinstance(src, GGUFTensor):
+        n, k = src.shape
+        if dim == 0:
+            return GGUFTensor(src.qtype, np.ascontiguousarray(src.data[start:end]), (end - start, k))
+        block, type_size = GGML_QUANT_SIZES[src.qtype]
+        if start % block == 0 and end % block == 0:
+            data = src.data[:, start // block * type_size:end // block * type_size]
+            return GGUFTensor(src.qtype, np.ascontiguousarray(data), (n, end - start))
+        return src.dequantize()[:, start:end].clone()
+    raise ValueError("tensor parallelism: checkpoints in packed GPTQ/AWQ/compressed-tensors formats cannot be "
+                     "split between ranks yet; run them with tensor_parallel_size 1")
 
 
 class LinearKernel(nn.Module):
