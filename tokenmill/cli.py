@@ -26,6 +26,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="default: triton on CUDA, cpu (ATen flash over pages) on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over N ranks: spawned here, or started by torchrun (docs/scaling.md)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' or '
                         '\'{"method": "draft_model", "model": "smollm2-135m", "quantization": "int4"}\'')
@@ -51,7 +53,7 @@ def engine_config(args: argparse.Namespace):
                         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
                         enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
                         seed=args.seed, attention_backend=args.attention_backend, device=args.device,
-                        speculative_config=args.speculative_config)
+                        speculative_config=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def sampling_params(args: argparse.Namespace):

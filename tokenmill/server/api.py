@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
+import signal
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -152,6 +154,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         async_engine.start()
         yield
         await async_engine.stop()
+        engine.shutdown()           # the tensor-parallel ranks, before uvicorn re-raises SIGTERM
 
     def check_api_key(request: Request) -> None:
         if config.api_key is None:
@@ -581,5 +584,13 @@ def serve(engine_config, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
     engine = LLMEngine(engine_config)
     name = served_model_name or default_model_name(engine_config.model)
     app = build_app(engine, ServerConfig(name, api_key, max_queued_requests))
+    # a dead engine (a tensor-parallel rank is gone) ends the server as SIGTERM would, then exits non-zero
+    app.state.async_engine.on_fatal = lambda error: os.kill(os.getpid(), signal.SIGTERM)
     logger.info("serving %r on http://%s:%d/v1", name, host, port)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=timeout_graceful_shutdown)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=timeout_graceful_shutdown)
+    finally:
+        engine.shutdown()
+    error = app.state.async_engine.error
+    if error is not None:
+        raise SystemExit(f"tokenmill: the engine failed, the server stopped: {error}")

@@ -16,9 +16,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from tokenmill.engine import LLMEngine
 from tokenmill.outputs import RequestOutput, SpecDecodeStats
+from tokenmill.parallel.ranks import TensorParallelError
 from tokenmill.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("tokenmill.server")
@@ -130,6 +132,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.on_fatal: Callable[[BaseException], None] | None = None    # called (engine thread) when the engine dies
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -199,6 +202,9 @@ class AsyncEngine:
                 outputs = engine.step()
                 if not outputs and engine.last_step_tokens == 0:
                     self._wake.wait(self._stalled_wait_s)
+            except TensorParallelError as e:     # a rank is gone: no step can run again
+                self._die(e)
+                break
             except Exception as e:     # noqa: BLE001 -- one bad step must not take the server down
                 logger.exception("engine step failed; aborting the %d requests in flight", len(self._tracked))
                 for rid in list(self._tracked):
@@ -212,6 +218,18 @@ class AsyncEngine:
             for out in outputs:
                 self._route(out, now)
             self._refresh_stats()
+
+    def _die(self, error: BaseException) -> None:
+        """The engine cannot go on: fail every request, and stop the server (on_fatal) so that a
+        supervisor restarts it rather than it answering 503 forever."""
+        logger.error("the engine failed and stops: %s", error)
+        self.error = error
+        for rid, tracked in list(self._tracked.items()):
+            self._deliver(tracked.sink, EngineDeadError(f"the engine failed: {error}"))
+        self._tracked.clear()
+        self._refresh_stats()
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     def _drain_inbox(self) -> None:
         while True:

@@ -1,0 +1,257 @@
+"""Tensor parallelism: the same tokens from N ranks as from one (tiny random models of every family and
+the real model), ranks started by a launcher's environment variables, and loud failure: a killed rank,
+a taken port, a server's SIGTERM, a dead rank 0; no process is ever left behind."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.parallel.ranks import TensorParallelError
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT_LENS = [3, 40, 9, 27, 1, 55]           # mixed: decode rows beside chunks of prefill
+NEW_TOKENS = 64
+
+
+def build(kind: str, directory: Path, seed: int = 0):
+    """Tiny random models: llama GQA 4/2 with an odd vocabulary (uneven vocabulary pieces) and an untied
+    head; qwen2 MQA (its one KV head replicated on both ranks) with biases and a tied head; mistral MHA;
+    gemma3 with sliding-window layers, QK norms and a replicated KV head."""
+    import transformers as tf
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512,
+                  initializer_range=0.2, rms_norm_eps=1e-6)
+    if kind == "gemma3":
+        from test_gemma3 import build_gemma
+        return build_gemma(directory, ["sliding_attention", "full_attention", "sliding_attention"], window=16)
+    cfg = {"llama": lambda: tf.LlamaConfig(vocab_size=385, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                           tie_word_embeddings=False, **common),
+           "qwen2": lambda: tf.Qwen2Config(vocab_size=384, num_attention_heads=4, num_key_value_heads=1,
+                                           tie_word_embeddings=True, **common),
+           "mistral": lambda: tf.MistralConfig(vocab_size=384, num_attention_heads=4, num_key_value_heads=4,
+                                               tie_word_embeddings=False, sliding_window=None, **common)}[kind]()
+    model = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM}[kind](cfg)
+    if kind == "qwen2":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.2)
+    model.eval().save_pretrained(directory)
+    return model
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+def run(llm: LLM, batch: list[list[int]]) -> list:
+    """Greedy with logprobs, then seeded sampling, in one batch: chunked prefill (32-token budget) and,
+    with the engine's small page pool, preemption."""
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=1, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
+    return llm.generate(batch + batch[:2], [greedy] * len(batch) + [sampled] * 2, use_tqdm=False)
+
+
+def engine(directory, tp: int, **kw) -> LLM:
+    return LLM(str(directory), tensor_parallel_size=tp, max_num_batched_tokens=32, num_kv_blocks=kw.pop("blocks", 40),
+               block_size=8, progress=False, **kw)
+
+
+def assert_same(single, parallel, logprob_tol: float) -> None:
+    for a, b in zip(single, parallel):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        if a.outputs[0].logprobs is not None:
+            la = [d[t].logprob for d, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
+            lb = [d[t].logprob for d, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
+            assert max(abs(x - y) for x, y in zip(la, lb)) < logprob_tol
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma3"])
+def test_two_ranks_match_one(kind, tmp_path):
+    hf = build(kind, tmp_path)
+    batch = prompts(hf.config.vocab_size)
+    single = engine(tmp_path, 1)
+    expected = run(single, batch)
+    preemptions = single.engine.scheduler.num_preemptions
+    parallel = engine(tmp_path, 2)
+    try:
+        got = run(parallel, batch)
+        assert parallel.engine.scheduler.num_preemptions == preemptions > 0      # the same schedule, preempting
+        procs = list(parallel.engine.ranks.procs.values())
+    finally:
+        parallel.shutdown()
+    assert_same(expected, got, 1e-4)
+    assert all(p.returncode == 0 for p in procs)           # asked to stop, each rank exited cleanly
+
+
+def test_shards_hold_their_piece(tmp_path):
+    """Rank 0 of 2 holds half of every split matrix, its KV heads, and its rows of the vocabulary."""
+    build("llama", tmp_path)
+    llm = engine(tmp_path, 2)
+    try:
+        model = llm.engine.model
+        attn, mlp = model.layers[0].attn, model.layers[0].mlp
+        assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
+        assert attn.qkv.kernel.weight.shape == (2 * 32 + 2 * 32, 64) and attn.o.kernel.weight.shape == (64, 64)
+        assert mlp.gate_up.kernel.weight.shape == (128, 64) and mlp.down.kernel.weight.shape == (64, 64)
+        assert model.lm_head.kernel.weight.shape == (193, 64) and model.embed.table.weight.shape == (193, 64)
+        assert llm.engine.runner.kv_caches[0][0].shape[2] == 1
+    finally:
+        llm.shutdown()
+
+
+def test_real_model_three_ranks(smollm2_path):
+    """SmolLM2 (9 heads, 3 KV heads) split three ways, dequantized (the exact path): the same greedy
+    tokens over 64 tokens and the same logprobs as one rank."""
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=1, ignore_eos=True)
+    kw = dict(quantization="dequantize", num_kv_blocks=64, progress=False)
+    expected = LLM(str(smollm2_path), **kw).generate(texts, params, use_tqdm=False)
+    llm = LLM(str(smollm2_path), tensor_parallel_size=3, **kw)
+    try:
+        got = llm.generate(texts, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert_same(expected, got, 1e-3)
+
+
+# ---- launching and failing --------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SCRIPT = """
+import json, sys
+from tokenmill import LLM, SamplingParams
+llm = LLM(sys.argv[1], tensor_parallel_size=2, max_num_batched_tokens=32, num_kv_blocks=40, block_size=8, progress=False)
+outs = llm.generate(json.loads(sys.argv[2]), SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False)
+print(json.dumps([o.outputs[0].token_ids for o in outs]))
+"""
+
+
+def test_ranks_started_by_a_launcher(tmp_path):
+    """Two processes started the torchrun way (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) run one
+    engine: rank 0 generates and rank 1 serves its steps, then exits 0."""
+    hf = build("llama", tmp_path)
+    batch = prompts(hf.config.vocab_size)[:3]
+    expected = LLM(str(tmp_path), max_num_batched_tokens=32, num_kv_blocks=40, block_size=8, progress=False).generate(
+        batch, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               TOKENMILL_LOG_LEVEL="WARNING")
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(batch)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE, text=True)
+             for r in (1, 0)]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0]
+    assert json.loads(outs[1].strip().splitlines()[-1]) == [o.outputs[0].token_ids for o in expected]
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/status").read_text().find("zombie") >= 0
+
+
+def test_killed_rank_ends_the_engine_with_its_name(tmp_path):
+    build("mistral", tmp_path)
+    llm = engine(tmp_path, 2)
+    batch = prompts(384)
+    assert len(llm.generate(batch, SamplingParams(max_tokens=4), use_tqdm=False)) == len(batch)
+    worker = llm.engine.ranks.procs[1]
+    os.kill(worker.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelError, match=r"rank 1 failed: its process \d+ was killed by SIGKILL"):
+        llm.generate(batch, SamplingParams(max_tokens=4), use_tqdm=False)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(TensorParallelError, match="closed"):         # and it stays ended
+        llm.generate(batch, SamplingParams(max_tokens=4), use_tqdm=False)
+    assert gone(worker.pid)
+
+
+def test_taken_port_is_named(tmp_path, monkeypatch):
+    build("mistral", tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+        with pytest.raises(TensorParallelError, match=f"cannot listen on 127.0.0.1:{s.getsockname()[1]}"):
+            engine(tmp_path, 2)
+
+
+def test_splits_that_do_not_divide_are_refused(tmp_path):
+    build("mistral", tmp_path)
+    with pytest.raises(ValueError, match="4 attention heads do not split evenly over 3 ranks"):
+        engine(tmp_path, 3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
+        engine(tmp_path, 0)
+    with pytest.raises(ValueError, match="draft model does not run under tensor parallelism"):
+        engine(tmp_path, 2, speculative_config={"method": "draft_model", "model": str(tmp_path)})
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_sigterm_of_the_server_leaves_no_process(tmp_path):
+    build("mistral", tmp_path)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(tmp_path),
+                               "--tensor-parallel-size", "2", "--num-kv-blocks", "40", "--port", str(port)],
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        ranks = children(server.pid)
+        assert len(ranks) == 1
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) in (0, -signal.SIGTERM)     # uvicorn re-raises SIGTERM once shut down
+        assert "Application shutdown complete" in server.stderr.read()
+    finally:
+        server.kill()
+    deadline = time.monotonic() + 10
+    while not all(gone(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(gone(pid) for pid in ranks)
+
+
+def test_dead_rank0_takes_its_ranks_along(tmp_path):
+    """kill -9 of the process that spawned the ranks: they follow it (no orphans)."""
+    build("mistral", tmp_path)
+    script = ("import os, sys, time\nfrom tokenmill import LLM\n"
+              "llm = LLM(sys.argv[1], tensor_parallel_size=2, num_kv_blocks=40, progress=False)\n"
+              "print(llm.engine.ranks.procs[1].pid, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        rank1 = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while not gone(rank1) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gone(rank1)
+    finally:
+        parent.kill()
