@@ -14,14 +14,14 @@ from tokenmill.model.registry import model_class
 from tokenmill.parallel.comm import SINGLE, TPGroup
 from tokenmill.quant import QuantMethod, Source, resolve_method
 
-WeightStream = Callable[[bool], Iterator[tuple[str, Source]]]
+WeightStream = Callable[[bool, bool], Iterator[tuple[str, Source]]]
 
 
 @dataclass
 class Checkpoint:
     path: Path
     config: ModelConfig
-    weights: WeightStream          # (progress) -> (hf name, tensor as stored)
+    weights: WeightStream          # (progress, mapped) -> (hf name, tensor as stored; mapped: read when used)
     gguf_metadata: dict[str, Any] | None = None
     quant_config: dict[str, Any] | None = None     # config.json's quantization_config
 
@@ -40,7 +40,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         hf_config = read_hf_config(path)
         config = ModelConfig.from_hf(hf_config)
         safetensors_files(path)   # fail now, not halfway through building the model
-        return Checkpoint(path, config, lambda progress: iter_safetensors(path, progress),
+        return Checkpoint(path, config, lambda progress, mapped=False: iter_safetensors(path, progress, mapped),
                           quant_config=hf_config.get("quantization_config"))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -49,7 +49,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     names = set(gguf.tensor_names())
     config = ModelConfig.from_gguf(gguf.metadata, has_output_weight="lm_head.weight" in names,
                                    has_qkv_bias="model.layers.0.self_attn.q_proj.bias" in names)
-    return Checkpoint(path, config, lambda progress: gguf.iter_sources(progress),
+    return Checkpoint(path, config, lambda progress, mapped=False: gguf.iter_sources(progress),      # always mapped
                       gguf_metadata=gguf.metadata)
 
 
@@ -59,7 +59,7 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, max_positions: int, device
     the shard needs it)."""
     with torch.device(device):
         model = model_class(ckpt.config.architecture)(ckpt.config, dtype, max_positions, tp)
-        model.load_weights(ckpt.weights(progress), method)
+        model.load_weights(ckpt.weights(progress, tp.size > 1), method)
     return model.eval()
 
 

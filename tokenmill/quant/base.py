@@ -32,8 +32,9 @@ def as_float(src: Source, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def slice_source(src: Source, dim: int, start: int, end: int) -> Source:
     """Output rows (dim 0) or input columns (dim 1) start..end of a weight as stored, reading only
-    those bytes: a tensor piece is copied out of its (possibly memory-mapped) file, a GGUF tensor stays
-    packed when the cut falls on block boundaries (rows always do) and is dequantized otherwise."""
+    those bytes: a tensor piece is copied out of its (possibly memory-mapped) file; a GGUF piece stays
+    packed (rows: a view of the map) when the cut falls on block boundaries (rows always do), and is
+    dequantized otherwise."""
     if isinstance(src, torch.Tensor):
         return src.narrow(dim, start, end - start).clone()
     if isinstance(src, GGUFTensor):
