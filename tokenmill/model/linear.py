@@ -15,12 +15,11 @@ from tokenmill.quant.base import DenseKernel, LinearKernel, as_float, slice_sour
 from tokenmill.quant.int8 import Int8WeightKernel, quantize_per_channel
 
 
-def take(src: Source, shard: Shard | None) -> Source:
-    """This rank's piece of a checkpoint tensor (the tensor itself when unsplit)."""
+def take(src: Source, shard: Shard | None, method: QuantMethod) -> Source:
+    """This rank's piece of a checkpoint matrix (the matrix itself when unsplit), cut by its method."""
     if shard is None or shard.count == 1:
         return src
-    n = src.shape[shard.dim] if not isinstance(src, dict) else 0      # a packed dict is refused
-    return slice_source(src, shard.dim, *shard.bounds(n))
+    return method.slice(src, shard.dim, *shard.bounds(method.shape(src)[shard.dim]))
 
 
 class QLinear(nn.Module):
@@ -48,7 +47,7 @@ class QLinear(nn.Module):
     def add_part(self, index: int, src: Source, name: str, method: QuantMethod, dtype: torch.dtype) -> None:
         """Take one part; build the kernel once all parts are here."""
         full = tuple(src.shape) if not isinstance(src, dict) else None
-        src = take(src, self.shards[index])
+        src = take(src, self.shards[index], method)
         shape = tuple(src.shape) if not isinstance(src, dict) else None
         expected = (self.part_rows[index], self.in_features)
         if shape is not None and shape != expected:
@@ -68,8 +67,8 @@ class QLinear(nn.Module):
     def load_bias(self, index: int, src: torch.Tensor, name: str) -> None:
         """Part `index`'s bias (cut like its rows; a row-parallel layer adds the whole bias once)."""
         shard = self.shards[index]
-        if shard is not None and shard.dim == 0:
-            src = take(src, shard)
+        if shard is not None and shard.dim == 0 and shard.count > 1:
+            src = slice_source(src, 0, *shard.bounds(src.shape[0]))
         start = sum(self.part_rows[:index])
         dst = self.bias[start:start + self.part_rows[index]]
         if dst.shape != src.shape:
@@ -103,7 +102,7 @@ class Embedding(nn.Module):
         if tied_head is not None and tied_head.serves_rows:
             self.table = tied_head
             return
-        src = take(src, self.shard)
+        src = take(src, self.shard, method)
         if isinstance(src, torch.Tensor) and not method.quantizes_dense:
             self.table = DenseKernel(src.to(device=device, dtype=dtype))
         elif device.type == "cpu":

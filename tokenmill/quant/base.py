@@ -110,6 +110,17 @@ class QuantMethod:
         """Checkpoint tensor suffixes this method reads for one matrix ("weight", or "qweight", ...)."""
         return ("weight",)
 
+    def shape(self, src: Source) -> tuple[int, int]:
+        """[out, in] of the matrix a source stands for."""
+        if isinstance(src, dict):
+            raise ValueError(f"{self.name}: packed sources of this method cannot be split between ranks")
+        return tuple(src.shape)
+
+    def slice(self, src: Source, dim: int, start: int, end: int) -> Source:
+        """Rows (dim 0) or input columns (dim 1) start..end of one matrix as stored, for a tensor-parallel
+        rank; methods with packed (dict) sources cut them in their own layout."""
+        return slice_source(src, dim, start, end)
+
 
 class DenseMethod(QuantMethod):
     """Every weight dequantized to the activation dtype: the transformers-exact reference path."""

@@ -43,6 +43,17 @@ class CompressedTensorsInt8Method(QuantMethod):
     def source_names(self) -> tuple[str, ...]:
         return ("weight", "weight_scale")
 
+    def shape(self, src: Source) -> tuple[int, int]:
+        return tuple(src["weight"].shape) if isinstance(src, dict) else super().shape(src)
+
+    def slice(self, src: Source, dim: int, start: int, end: int) -> Source:
+        """A rank's piece: rows with their scales, or columns under the same per-row scales."""
+        if not isinstance(src, dict):
+            return super().slice(src, dim, start, end)
+        if dim == 0:
+            return {"weight": src["weight"][start:end], "weight_scale": src["weight_scale"][start:end]}
+        return {"weight": src["weight"][:, start:end], "weight_scale": src["weight_scale"]}
+
     def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
         if all(isinstance(p, torch.Tensor) for p in parts):                  # an ignored (dense) layer
             return DenseKernel(torch.cat([as_float(p, dtype) for p in parts]).to(device))

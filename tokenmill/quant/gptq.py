@@ -66,6 +66,46 @@ class PackedInt4Method(QuantMethod):
         zero = zero.float() + (1 if self.v1_zeros else 0)
         return q.contiguous(), zero, src["scales"].float().t(), g_idx
 
+    def _group(self, k: int) -> int:
+        return k if self.group_size in (-1, 0) else self.group_size
+
+    def _dense(self, q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, g_idx: torch.Tensor | None
+               ) -> torch.Tensor:
+        """The float32 [N, K] the unpacked tensors stand for."""
+        g = g_idx.long() if g_idx is not None else torch.arange(q.shape[1]) // self._group(q.shape[1])
+        return (scale.double()[:, g] * (q.double() - zero.double()[:, g])).float()
+
+    def shape(self, src: Source) -> tuple[int, int]:
+        if not isinstance(src, dict):
+            return super().shape(src)
+        rows = src["qweight"].shape[0]
+        return src["scales"].shape[1], rows if self.awq else rows * 32 // self.bits
+
+    def slice(self, src: Source, dim: int, start: int, end: int) -> Source:
+        """A rank's piece in the checkpoint's own packing: N cuts on whole int32 words, K cuts on whole
+        groups; a piece that would split a word or a group (or act-order columns) comes back dense."""
+        if not isinstance(src, dict):
+            return super().slice(src, dim, start, end)
+        per = 32 // self.bits
+        qweight, qzeros, scales, g_idx = src["qweight"], src["qzeros"], src["scales"], src.get("g_idx")
+        k = qweight.shape[0] if self.awq else qweight.shape[0] * per
+        group = self._group(k)
+        if dim == 0 and start % per == 0 and end % per == 0:
+            words = slice(start // per, end // per)
+            piece = {"qweight": qweight[:, words] if self.awq else qweight[:, start:end], "qzeros": qzeros[:, words],
+                     "scales": scales[:, start:end]}
+            return piece | ({"g_idx": g_idx} if g_idx is not None else {})
+        per_channel = scales.shape[0] == 1
+        ordered = g_idx is None or torch.equal(g_idx.long(), torch.arange(k) // group)
+        if dim == 1 and ordered and start % per == 0 and (per_channel or (start % group == 0 and end % group == 0)):
+            groups = slice(0, 1) if per_channel else slice(start // group, end // group)
+            piece = {"qweight": qweight[start:end] if self.awq else qweight[start // per:end // per],
+                     "qzeros": qzeros[groups], "scales": scales[groups]}
+            if g_idx is not None:
+                piece["g_idx"] = g_idx[start:end] - (0 if per_channel else start // group)
+            return piece
+        return self._dense(*self.unpack(src)).narrow(dim, start, end - start).clone()      # [N, K] float32
+
     def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
         if all(isinstance(p, torch.Tensor) for p in parts):          # left unquantized (lm_head, usually)
             return DenseKernel(torch.cat([as_float(p, dtype) for p in parts]).to(device))
@@ -77,12 +117,10 @@ class PackedInt4Method(QuantMethod):
         zero = torch.cat([u[1] for u in unpacked])
         scale = torch.cat([u[2] for u in unpacked])
         k = q.shape[1]
-        group = k if self.group_size in (-1, 0) else self.group_size
+        group = self._group(k)
         g_idx = unpacked[0][3]
         if self.dequantize:
-            g = g_idx.long() if g_idx is not None else torch.arange(k) // group
-            w = scale.double()[:, g] * (q.double() - zero.double()[:, g])
-            return DenseKernel(w.to(device=device, dtype=dtype))
+            return DenseKernel(self._dense(q, zero, scale, g_idx).to(device=device, dtype=dtype))
         perm = None
         if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group):
             perm = torch.argsort(g_idx.long(), stable=True)
