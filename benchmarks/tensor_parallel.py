@@ -71,8 +71,9 @@ def rss_mb(pid: int) -> float:
 def decode_steps(engine: LLMEngine, batch: int, steps: int) -> tuple[float, float]:
     """Median decode step ms with `batch` sequences running, and median ms of it inside collectives."""
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    vocab = engine.model_config.vocab_size
     for i in range(batch):
-        engine.add_request(None, [(7 * i + j) % 1000 + 10 for j in range(32)], params)
+        engine.add_request(None, [(7 * i + j) % (vocab - 10) + 10 for j in range(32)], params)
     while engine.scheduler.waiting or any(s.in_prompt for s in engine.scheduler.running):
         engine.step()
     times, comm = [], []

@@ -53,7 +53,9 @@ class TPGroup:
         return Shard(1, self.rank, self.size)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's x (in place when x is contiguous)."""
         if self.size > 1:
+            x = x.contiguous()
             dist.all_reduce(x, group=self.group)
         return x
 
