@@ -200,7 +200,9 @@ def cmd_perplexity(args) -> None:
 def cmd_quantize(args) -> None:
     from pathlib import Path
 
+    from tokenmill.model_files import resolve_model
     from tokenmill.quant.quantizer import quantize_awq, quantize_gptq, quantize_w8a8
+    args.src = resolve_model(args.src)          # a path, or a short name such as smollm2-135m
     if args.method == "w8a8":
         print(f"wrote {quantize_w8a8(args.src, args.dst)}")
         return
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     pp.add_argument("--max-windows", type=int, default=None)
     pp.set_defaults(func=cmd_perplexity)
     qz = sub.add_parser("quantize", help="quantize a dense Hugging Face directory (GPTQ or W8A8 checkpoint)")
-    qz.add_argument("src")
+    qz.add_argument("src", help="a dense Hugging Face directory, a GGUF file (llama, mistral, qwen2) or a short name")
     qz.add_argument("dst")
     qz.add_argument("--method", default="gptq", choices=["gptq", "awq", "w8a8"],
                     help="gptq or awq (4-bit, calibrated), or w8a8 (compressed-tensors int8, no calibration)")

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import tokenizers
+import tokenizers.processors
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 logger = logging.getLogger(__name__)
@@ -353,6 +354,26 @@ class Tokenizer:
             eos = min(eos_ids)
         return cls(tok, bos_token_id=bos, eos_token_id=eos, eos_token_ids=eos_ids, chat_template=template,
                    post_processor_adds_specials=True)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """tokenizer.json and tokenizer_config.json that `from_dir` and transformers read back as this
+        tokenizer (the BOS/EOS this one adds itself go into the saved post-processor)."""
+        directory = Path(directory)
+        tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
+        specials = [(self._tok.id_to_token(i), i) for i in (self.bos_token_id, self.eos_token_id) if i is not None]
+        bos = self._tok.id_to_token(self.bos_token_id) if self.add_bos else None
+        eos = self._tok.id_to_token(self.eos_token_id) if self.add_eos else None
+        if bos or eos:
+            single = " ".join(x for x in (bos, "$A", eos) if x)
+            pair = " ".join(x for x in (bos, "$A", eos, bos, "$B", eos) if x)
+            tok.post_processor = tokenizers.processors.TemplateProcessing(single=single, pair=pair,
+                                                                         special_tokens=specials)
+        tok.save(str(directory / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
+                  "add_eos_token": self.add_eos, "chat_template": self.chat_template}
+        config |= {name: self._tok.id_to_token(i) for name, i in (("bos_token", self.bos_token_id),
+                                                                  ("eos_token", self.eos_token_id)) if i is not None}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
     @staticmethod
     def _read_json(path: Path) -> dict[str, Any]:

@@ -109,3 +109,34 @@ def test_awq_pack_matches_the_loaders_unpack():
     from tokenmill.quant.quantizer import pack_awq
     q = torch.randint(0, 16, (12, 64))
     assert torch.equal(unpack_cols(pack_awq(q), 4, AWQ_ORDER).long(), q)
+
+
+def test_a_gguf_file_is_quantized_from_its_dense_form(tmp_path):
+    """A GGUF file (Q4_K/Q6_K/Q8_0 blocks) written out as a Hugging Face directory holds exactly the weights
+    gguf-py dequantizes and the same tokenizer; GPTQ and W8A8 made from the file load and track it."""
+    from test_gguf_engine import write_pair
+    from tokenmill.quant.quantizer import hf_directory_from_gguf, quantize_w8a8
+    from tokenmill.tokenizer import Tokenizer
+    gguf_path, reference_dir, _ = write_pair(tmp_path)
+    dense = hf_directory_from_gguf(gguf_path, tmp_path / "dense")
+    ours, ref = load_file(str(dense / "model.safetensors")), load_file(str(reference_dir / "model.safetensors"))
+    assert set(ours) == set(ref) - {"lm_head.weight"}          # tied: the head is the embedding, as in the file
+    assert all(torch.equal(ours[k], ref[k].float()) for k in ours)
+    text = "Hello world, 12 apples"
+    assert Tokenizer.from_dir(dense).encode(text) == LLM(str(gguf_path), progress=False, num_kv_blocks=8
+                                                         ).get_tokenizer().encode(text)
+    prompt = list(range(3, 40))
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+
+    def scores(path, **kw):
+        out = LLM(str(path), progress=False, num_kv_blocks=8, **kw).generate([prompt], params, use_tqdm=False)[0]
+        return torch.tensor([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))])
+
+    exact = scores(gguf_path, quantization="dequantize")
+    assert (scores(dense) - exact).abs().max() < 1e-4
+    rtn = (scores(gguf_path, quantization="int4") - exact).abs().mean()
+    for out in (quantize_gptq(gguf_path, tmp_path / "gptq", group=32, num_windows=2, window=64),
+                quantize_w8a8(gguf_path, tmp_path / "w8a8")):
+        assert not list(tmp_path.glob(".dense-*"))               # the dense form was removed
+        error = (scores(out, quantization="dequantize") - exact).abs().mean()
+        assert error <= rtn if out.name == "gptq" else error < 0.05, (out.name, error, rtn)

@@ -112,6 +112,32 @@ class ModelConfig:
             hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu",
         )
 
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face config.json that `from_hf` (and transformers) read back as this config; for the
+        Llama family (Gemma 3 keeps settings llama.cpp's files do not carry)."""
+        if self.architecture not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"architecture {self.architecture!r}: writing a Hugging Face config is supported "
+                             f"for llama, mistral and qwen2")
+        cfg = {"architectures": [next(k for k, v in ARCHITECTURES.items() if v == self.architecture)],
+               "model_type": self.architecture, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+               "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+               "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+               "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+               "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_position_embeddings,
+               "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": self.hidden_act,
+               "torch_dtype": "float32"}
+        if self.architecture == "llama":
+            cfg["attention_bias"] = self.attention_bias
+        elif self.attention_bias != (self.architecture == "qwen2"):
+            raise ValueError(f"{self.architecture} with attention_bias={self.attention_bias} has no Hugging Face config")
+        if self.architecture != "llama":
+            cfg["sliding_window"] = self.sliding_window
+            cfg["use_sliding_window"] = self.sliding_window is not None
+        if self.architecture == "qwen2" and self.sliding_window is not None:
+            cfg["max_window_layers"] = self.layer_types.index(SLIDING) if SLIDING in self.layer_types else \
+                self.num_hidden_layers
+        return cfg
+
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any], has_output_weight: bool, has_qkv_bias: bool) -> "ModelConfig":
         arch = metadata["general.architecture"]

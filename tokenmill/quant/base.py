@@ -54,6 +54,7 @@ class LinearKernel(nn.Module):
     """y = x @ W^T for one (possibly fused) weight W [out, in]. Input and output keep x's dtype;
     a kernel that computes in another dtype casts inside."""
     out_features: int
+    serves_rows = False          # True: `rows` reads embedding rows from the same storage (a tied table)
 
     def describe(self) -> str:
         raise NotImplementedError

@@ -9,8 +9,10 @@ the dense model (not layer-by-layer on already quantized inputs): simpler, sligh
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -120,13 +122,50 @@ def collect_inputs(llm, windows: list[list[int]], max_rows: int) -> dict[str, to
     return {k: torch.cat(v) for k, v in rows.items()}
 
 
+def hf_directory_from_gguf(path: Path, dst: Path) -> Path:
+    """A GGUF file (llama, mistral, qwen2) written out as the dense Hugging Face directory it stands for:
+    float32 weights as gguf-py dequantizes them (in Hugging Face's row order), config.json,
+    tokenizer.json and tokenizer_config.json. The quantizers start from it."""
+    from safetensors.torch import save_file
+    from tokenmill.loader.gguf import GGUFCheckpoint
+    from tokenmill.model.load import open_checkpoint
+    from tokenmill.tokenizer import Tokenizer
+    ckpt = open_checkpoint(path)
+    config = ckpt.config.to_hf()
+    tokenizer = Tokenizer.from_gguf(ckpt.gguf_metadata)
+    config |= {"bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": sorted(tokenizer.eos_token_ids) if len(tokenizer.eos_token_ids) > 1
+               else tokenizer.eos_token_id}
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = dict(GGUFCheckpoint(path).iter_tensors(torch.float32, progress=True))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(dst)
+    return dst
+
+
+def accepts_gguf(quantize):
+    """Let a quantizer of Hugging Face directories take a GGUF file too: it quantizes the file's dense
+    form, written to a temporary directory beside `dst` and removed afterwards."""
+    @functools.wraps(quantize)
+    def wrapper(src: str | Path, dst: str | Path, *args, **kwargs) -> Path:
+        src, dst = Path(src), Path(dst)
+        if src.is_dir():
+            return quantize(src, dst, *args, **kwargs)
+        if not src.is_file():
+            raise FileNotFoundError(f"quantize: {src}: no such file or directory")
+        dst.resolve().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dst.resolve().parent, prefix=".dense-") as work:
+            return quantize(hf_directory_from_gguf(src, Path(work)), dst, *args, **kwargs)
+    return wrapper
+
+
 def _calibrate(src: Path, group: int, calibration_text: str | None, num_windows: int, window: int):
     """(dense engine of src, calibration windows): the checks every calibrated quantizer shares."""
     from tokenmill.engine import LLM
     from tokenmill.perplexity import reference_text
-    if not src.is_dir():
-        raise ValueError(f"quantize: {src} is not a Hugging Face directory (GGUF input is not supported yet)")
-    llm = LLM(str(src), quantization="dequantize", enable_prefix_caching=False, progress=False)
+    llm = LLM(str(src), quantization="dequantize", enable_prefix_caching=False, progress=False,
+              num_kv_blocks=num_windows * (window // 16 + 2))      # every window at once, nothing more
     cfg = llm.engine.model_config
     widths = {cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim}
     if group != -1 and any(w % group for w in widths):
@@ -146,6 +185,7 @@ HF_LINEARS = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
               "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}
 
 
+@accepts_gguf
 def quantize_gptq(src: str | Path, dst: str | Path, bits: int = 4, group: int = 128, sym: bool = True,
                   act_order: bool = False, calibration_text: str | None = None, num_windows: int = 32,
                   window: int = 512) -> Path:
@@ -202,6 +242,7 @@ def _is_linear(name: str) -> bool:
     return any(f".{leaf}." in name for leaves in HF_LINEARS.values() for leaf in leaves)
 
 
+@accepts_gguf
 def quantize_w8a8(src: str | Path, dst: str | Path) -> Path:
     """A dense Hugging Face directory -> compressed-tensors int-quantized W8A8 (symmetric per-channel int8
     weights, dynamic per-token int8 activations), llm-compressor's layout; lm_head and embeddings stay dense.
@@ -209,8 +250,6 @@ def quantize_w8a8(src: str | Path, dst: str | Path) -> Path:
     from tokenmill.loader.safetensors import iter_safetensors, read_hf_config
     from tokenmill.quant.int8 import quantize_per_channel
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ValueError(f"quantize: {src} is not a Hugging Face directory (GGUF input is not supported yet)")
     if read_hf_config(src).get("quantization_config"):
         raise ValueError(f"quantize: {src} is already quantized")
     out: dict[str, torch.Tensor] = {}
@@ -265,6 +304,7 @@ def pack_awq(q: torch.Tensor) -> torch.Tensor:
     return pack_cols(q.view(q.shape[0], -1, 8)[..., list(AWQ_ORDER)].reshape(q.shape[0], -1), 4)
 
 
+@accepts_gguf
 def quantize_awq(src: str | Path, dst: str | Path, group: int = 128, calibration_text: str | None = None,
                  num_windows: int = 16, window: int = 512, max_rows: int = 2048) -> Path:
     """A dense Hugging Face directory -> AWQ (gemm, 4-bit asymmetric) directory. Scales are searched for
