@@ -123,41 +123,43 @@ class LLMEngine:
         self.max_model_len = self._context_length(
             cfg, self.block_manager.max_tokens(config.max_num_batched_tokens + lookahead, cfg.max_position_embeddings))
         self.ranks = self._start_ranks(layout, num_blocks) if tp > 1 else None
-        try:
+        try:          # from here on, a failure must not leave the other ranks running
             self.model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(config.quantization),
                                      progress, self.ranks.group if self.ranks else SINGLE)
             if self.ranks is not None:
                 self.ranks.wait_ready()
+            self.tokenizer = self._load_tokenizer(ckpt)
+            logger.info("loaded %s (%s, %d layers) in %.1f s: %s; weights %.1f MB%s", path.name, cfg.architecture,
+                        cfg.num_hidden_layers, time.perf_counter() - t0, describe_weights(self.model),
+                        weight_bytes(self.model) / 1e6, f" on each of {tp} ranks (rank 0's shard)" if tp > 1 else "")
+            if dtype == torch.float32 and device.type == "cpu" and cpu_has_amx_bf16():
+                logger.info("this CPU has AMX-BF16: dtype='bfloat16' (or 'auto') gives about 2x the batched "
+                            "throughput and half the weight memory, at bfloat16 precision (docs/benchmarks.md)")
+            logger.info("KV cache: %d pages of %d tokens, %d KV group(s) %s; max_model_len %d", num_blocks,
+                        config.block_size, len(layout.group_windows),
+                        "/".join("full" if w is None else f"window {w}" for w in layout.group_windows),
+                        self.max_model_len)
+            eos = self.tokenizer.eos_token_ids if self.tokenizer else set()
+            self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                       self.max_model_len, lookahead),
+                                       self.block_manager, eos)
+            kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, dtype, device, layout.num_slots, tp)
+            self.runner = Runner(self.model, kv_caches, get_backend(config.backend_name), config.block_size, eos,
+                                 config.seed, device, cfg.vocab_size, layout)
+            self.runner.ranks = self.ranks
+            self.ngram = (NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+                          if spec and not drafting else None)
+            if draft is not None:
+                self.runner.drafter = self._load_draft(spec, *draft, num_blocks, progress)
+            self.spec_stats = SpecDecodeStats()
+            self.requests: dict[str, _Request] = {}
+            self._failed: list[_Request] = []
+            self._next_id = 0
+            self.last_step_tokens = 0        # tokens the last step computed: 0 means it had nothing to do
         except BaseException:
             if self.ranks is not None:
                 self.ranks.close(kill=True)
             raise
-        self.tokenizer = self._load_tokenizer(ckpt)
-        logger.info("loaded %s (%s, %d layers) in %.1f s: %s; weights %.1f MB%s", path.name, cfg.architecture,
-                    cfg.num_hidden_layers, time.perf_counter() - t0, describe_weights(self.model),
-                    weight_bytes(self.model) / 1e6, f" on each of {tp} ranks (rank 0's shard)" if tp > 1 else "")
-        if dtype == torch.float32 and device.type == "cpu" and cpu_has_amx_bf16():
-            logger.info("this CPU has AMX-BF16: dtype='bfloat16' (or 'auto') gives about 2x the batched "
-                        "throughput and half the weight memory, at bfloat16 precision (docs/benchmarks.md)")
-        logger.info("KV cache: %d pages of %d tokens, %d KV group(s) %s; max_model_len %d", num_blocks,
-                    config.block_size, len(layout.group_windows),
-                    "/".join("full" if w is None else f"window {w}" for w in layout.group_windows), self.max_model_len)
-        eos = self.tokenizer.eos_token_ids if self.tokenizer else set()
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len, lookahead),
-                                   self.block_manager, eos)
-        kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, dtype, device, layout.num_slots, tp)
-        self.runner = Runner(self.model, kv_caches, get_backend(config.backend_name), config.block_size, eos,
-                             config.seed, device, cfg.vocab_size, layout)
-        self.runner.ranks = self.ranks
-        self.ngram = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max) if spec and not drafting else None
-        if draft is not None:
-            self.runner.drafter = self._load_draft(spec, *draft, num_blocks, progress)
-        self.spec_stats = SpecDecodeStats()
-        self.requests: dict[str, _Request] = {}
-        self._failed: list[_Request] = []
-        self._next_id = 0
-        self.last_step_tokens = 0        # tokens the last step computed: 0 means it had nothing to do
 
     def _start_ranks(self, layout: KVLayout, num_blocks: int) -> Ranks:
         """Start ranks 1..N-1 (or meet the ones a launcher started) and join the group; each rank uses

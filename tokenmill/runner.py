@@ -93,9 +93,11 @@ class Runner:
             hidden = self.model(input_ids, positions, self.layer_caches, self.backend,
                                 [metas[group] for group, _ in self.layout.layer_places])   # [T, hidden]
             logits = self.model.compute_logits(hidden[rows])               # one lm_head call for every consumer
-        except Exception as e:
+        except BaseException as e:
             if self.ranks is not None:      # the other ranks are mid-step: the group cannot go on
-                raise self.ranks.failure(e) from e
+                error = self.ranks.failure(e)
+                if isinstance(e, Exception):
+                    raise error from e
             raise
         plain_logits, spec_logits, beam_logits, plp_logits = logits.split([len(group) for group in row_groups])
         self._update_history([seq for seq, _ in out.samples])

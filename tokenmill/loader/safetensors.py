@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -63,6 +64,8 @@ def iter_mapped(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         count = (end - begin) // torch.empty((), dtype=dtype).element_size()
         flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + n + begin) if count else \
             torch.empty(0, dtype=dtype)
+        if flat.numel() != math.prod(info["shape"]):
+            raise ValueError(f"{path}: tensor {name} has {flat.numel()} values for shape {info['shape']}")
         yield name, flat.view(info["shape"])
 
 

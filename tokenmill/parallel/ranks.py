@@ -14,7 +14,6 @@ way rank 0's next collective fails at once, and `Ranks.failure` names the rank a
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import os
 import pickle
@@ -22,8 +21,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +41,7 @@ logger = logging.getLogger("tokenmill")
 COMPUTE_TIMEOUT = timedelta(minutes=5)       # a collective inside a step: peers are at most one layer apart
 CONTROL_TIMEOUT = timedelta(days=365)        # ranks 1..N-1 wait this long for the next step of an idle server
 JOIN_TIMEOUT_S = 120.0                       # rank 0 waits this long for every rank to join / load
+DEFAULT_PORT = 29500                         # torchrun's, for a launcher that sets no MASTER_PORT
 
 
 class TensorParallelError(RuntimeError):
@@ -99,15 +101,36 @@ def _join_group(store: dist.Store, rank: int, world: int, device: torch.device) 
     return TPGroup(rank, world, dist.group.WORLD)
 
 
+def _send(message: StepInputs | None, control) -> None:
+    """Rank 0: one pickled message to every rank (its length, then its bytes), each broadcast bounded by
+    COMPUTE_TIMEOUT, so that a rank that hangs rather than dies still ends the engine."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8)
+    for t in (torch.tensor([payload.numel()], dtype=torch.int64), payload):
+        dist.broadcast(t, src=0, group=control, async_op=True).wait(COMPUTE_TIMEOUT)
+
+
+def _receive(control) -> StepInputs | None:
+    size = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(size, src=0, group=control)
+    payload = torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(payload, src=0, group=control)
+    return pickle.loads(payload.numpy().tobytes())
+
+
 def _control_group():
     """A gloo group for the step broadcasts, with a timeout that an idle server never reaches."""
     return dist.new_group(list(range(dist.get_world_size())), timeout=CONTROL_TIMEOUT, backend="gloo")
 
 
 def rank_device(config, rank: int) -> torch.device:
+    """CUDA: the configured device's index plus this rank's local rank (spawned ranks are given
+    theirs), made the current device; CPU: the CPU."""
     device = config.torch_device
-    if device.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    if device.type != "cuda":
+        return device
+    local = int(os.environ.get("LOCAL_RANK", rank)) if rank else 0
+    device = torch.device("cuda", ((device.index or 0) + local) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
     return device
 
 
@@ -119,21 +142,31 @@ class Ranks:
         tp = config.tensor_parallel_size
         env = launcher_env()
         self.launched = env is not None
+        if dist.is_initialized():
+            raise RuntimeError("tensor parallelism: this process already runs a tensor-parallel engine (or another "
+                               "torch.distributed group); call shutdown() on it first")
         host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        port = int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ else _free_port()
+        port = int(os.environ.get("MASTER_PORT", DEFAULT_PORT if env is not None else _free_port()))
+        self.lifeline: int | None = None
         self.procs: dict[int, subprocess.Popen] = {}
         self.world = tp
+        self.group_started = False
         self.closed = False
         self.reason = ""
         self.store = _store(0, tp, host, port)
         self.store.set("init", pickle.dumps(init))
-        if not self.launched:
-            for r in range(1, tp):
-                self.procs[r] = _spawn(r, tp, host, port)
-        atexit.register(self.close)
+        atexit.register(_close_at_exit, weakref.ref(self))
         try:
+            if not self.launched:
+                read, self.lifeline = os.pipe()
+                try:
+                    for r in range(1, tp):
+                        self.procs[r] = _spawn(r, tp, host, port, read)
+                finally:
+                    os.close(read)
             self._wait_for("joined", tp)
             self.device = rank_device(config, 0)
+            self.group_started = True
             self.group = _join_group(self.store, 0, tp, self.device)
             self.control = _control_group()
         except BaseException:
@@ -185,9 +218,12 @@ class Ranks:
             inputs = StepInputs(inputs.input_ids.cpu(), inputs.positions.cpu(), [m.to("cpu") for m in inputs.metas],
                                 inputs.logit_rows.cpu(), inputs.block_copies)
         try:
-            dist.broadcast_object_list([inputs], src=0, group=self.control)
-        except Exception as e:        # noqa: BLE001
-            raise self.failure(e) from e
+            _send(inputs, self.control)
+        except BaseException as e:        # noqa: BLE001 -- Ctrl-C mid-send leaves the ranks out of step too
+            error = self.failure(e)
+            if isinstance(e, Exception):
+                raise error from e
+            raise
 
     def failure(self, error: BaseException) -> TensorParallelError:
         """The error to end the engine with after `error` broke a step: the ranks are out of step now.
@@ -210,7 +246,7 @@ class Ranks:
         self.closed = True
         if not kill and hasattr(self, "control"):
             try:
-                dist.broadcast_object_list([None], src=0, group=self.control)
+                _send(None, self.control)
             except Exception:       # noqa: BLE001 -- a rank already gone: terminate below
                 kill = True
         for proc in self.procs.values():
@@ -223,34 +259,43 @@ class Ranks:
                     proc.wait(wait)
                 except subprocess.TimeoutExpired:
                     pass
-        if dist.is_initialized():
+        if self.lifeline is not None:
+            os.close(self.lifeline)
+            self.lifeline = None
+        if self.group_started and dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:       # noqa: BLE001 -- a broken group may not tear down cleanly
                 pass
 
 
+def _close_at_exit(ref: weakref.ref) -> None:
+    ranks = ref()
+    if ranks is not None:
+        ranks.close()
+
+
 # ---- ranks 1..N-1 ------------------------------------------------------------------------------------
-def _spawn(rank: int, world: int, host: str, port: int) -> subprocess.Popen:
+def _spawn(rank: int, world: int, host: str, port: int, lifeline: int) -> subprocess.Popen:
     """Rank r in a fresh interpreter (the spawn start method's isolation, without re-running the
-    caller's __main__: a script needs no `if __name__ == "__main__"` guard), importing this tokenmill."""
-    env = dict(os.environ)
+    caller's __main__: a script needs no `if __name__ == "__main__"` guard), importing this tokenmill,
+    in its own session (a Ctrl-C at the terminal is rank 0's to handle), holding the read end of
+    `lifeline`, a pipe whose write end only rank 0's process holds."""
+    env = dict(os.environ, LOCAL_RANK=str(rank))
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    code = f"from tokenmill.parallel.ranks import spawned_rank; spawned_rank({rank}, {world}, {host!r}, {port})"
-    return subprocess.Popen([sys.executable, "-c", code], env=env)
+    code = (f"from tokenmill.parallel.ranks import spawned_rank; "
+            f"spawned_rank({rank}, {world}, {host!r}, {port}, {lifeline})")
+    return subprocess.Popen([sys.executable, "-c", code], env=env, pass_fds=(lifeline,), start_new_session=True)
 
 
-def spawned_rank(rank: int, world: int, host: str, port: int) -> None:
-    """Entry point of a rank the engine spawned: it dies with its parent (no orphans)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)               # PR_SET_PDEATHSIG
-        if os.getppid() == 1:                       # the parent died before prctl took effect
-            os._exit(1)
-    except OSError:
-        pass
-    sys.stdout.flush()
+def spawned_rank(rank: int, world: int, host: str, port: int, lifeline: int) -> None:
+    """Entry point of a rank the engine spawned: it dies with rank 0's process, however that ends (the
+    lifeline reads EOF when the last holder of its write end is gone: no orphans)."""
+    def watch() -> None:
+        os.read(lifeline, 1)
+        os._exit(1)
+    threading.Thread(target=watch, name="tokenmill-lifeline", daemon=True).start()
     os._exit(run_rank(rank, world, host, port))
 
 
@@ -303,9 +348,7 @@ class ShardWorker:
     def loop(self, control) -> None:
         from tokenmill.kv_cache import copy_blocks
         while True:
-            message: list[StepInputs | None] = [None]
-            dist.broadcast_object_list(message, src=0, group=control)
-            step = message[0]
+            step = _receive(control)
             if step is None:
                 return
             copy_blocks(self.kv_caches, step.block_copies)
@@ -318,6 +361,6 @@ class ShardWorker:
 def run_launched_rank(config) -> None:
     """A process a launcher started as rank r > 0: serve rank 0's steps, then exit the process."""
     rank, world = launcher_env()
-    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", DEFAULT_PORT))
     logger.info("tensor-parallel rank %d of %d: waiting for rank 0 at %s:%d", rank, world, host, port)
     raise SystemExit(run_rank(rank, world, host, port))

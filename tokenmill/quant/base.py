@@ -46,8 +46,7 @@ def slice_source(src: Source, dim: int, start: int, end: int) -> Source:
             data = src.data[:, start // block * type_size:end // block * type_size]
             return GGUFTensor(src.qtype, np.ascontiguousarray(data), (n, end - start))
         return src.dequantize()[:, start:end].clone()
-    raise ValueError("tensor parallelism: checkpoints in packed GPTQ/AWQ/compressed-tensors formats cannot be "
-                     "split between ranks yet; run them with tensor_parallel_size 1")
+    raise ValueError(f"tensor parallelism: a packed {type(src).__name__} source is cut by its quantization method")
 
 
 class LinearKernel(nn.Module):

@@ -97,14 +97,19 @@ class PackedInt4Method(QuantMethod):
             return piece | ({"g_idx": g_idx} if g_idx is not None else {})
         per_channel = scales.shape[0] == 1
         ordered = g_idx is None or torch.equal(g_idx.long(), torch.arange(k) // group)
-        if dim == 1 and ordered and start % per == 0 and (per_channel or (start % group == 0 and end % group == 0)):
+        aligned = self.awq or (start % per == 0 and end % per == 0)            # AWQ packs along N, not K
+        if dim == 1 and ordered and aligned and (per_channel or (start % group == 0 and end % group == 0)):
             groups = slice(0, 1) if per_channel else slice(start // group, end // group)
             piece = {"qweight": qweight[start:end] if self.awq else qweight[start // per:end // per],
                      "qzeros": qzeros[groups], "scales": scales[groups]}
             if g_idx is not None:
                 piece["g_idx"] = g_idx[start:end] - (0 if per_channel else start // group)
             return piece
-        return self._dense(*self.unpack(src)).narrow(dim, start, end - start).clone()      # [N, K] float32
+        q, zero, scale, g_idx = self.unpack(src)           # dense, cut before dequantizing: [N, K] float32
+        if dim == 0:
+            return self._dense(q[start:end], zero[start:end], scale[start:end], g_idx)
+        g = g_idx.long() if g_idx is not None else torch.arange(q.shape[1]) // self._group(q.shape[1])
+        return self._dense(q[:, start:end], zero, scale, g[start:end])
 
     def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
         if all(isinstance(p, torch.Tensor) for p in parts):          # left unquantized (lm_head, usually)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
-import signal
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -335,6 +333,8 @@ class _Handlers:
             raise bad_request(e) from None
         except RequestFailedError as e:
             raise APIError(500, f"the request failed in the engine: {e}", code="request_failed") from None
+        except EngineDeadError as e:
+            raise APIError(503, str(e), code="engine_dead") from None
         finally:
             await merged.aclose()
         return finals
@@ -584,11 +584,13 @@ def serve(engine_config, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
     engine = LLMEngine(engine_config)
     name = served_model_name or default_model_name(engine_config.model)
     app = build_app(engine, ServerConfig(name, api_key, max_queued_requests))
-    # a dead engine (a tensor-parallel rank is gone) ends the server as SIGTERM would, then exits non-zero
-    app.state.async_engine.on_fatal = lambda error: os.kill(os.getpid(), signal.SIGTERM)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=timeout_graceful_shutdown))
+    # a dead engine (a tensor-parallel rank is gone) shuts the server down, which then exits non-zero
+    app.state.async_engine.on_fatal = lambda error: setattr(server, "should_exit", True)
     logger.info("serving %r on http://%s:%d/v1", name, host, port)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=timeout_graceful_shutdown)
+        server.run()
     finally:
         engine.shutdown()
     error = app.state.async_engine.error
