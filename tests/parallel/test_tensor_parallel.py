@@ -210,20 +210,27 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def test_sigterm_of_the_server_leaves_no_process(tmp_path):
-    build("mistral", tmp_path)
+def start_server(model_dir: Path) -> tuple[subprocess.Popen, int]:
+    """`tokenmill serve` on two ranks, once it listens."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(tmp_path),
+    server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(model_dir),
                                "--tensor-parallel-size", "2", "--num-kv-blocks", "40", "--port", str(port)],
                               env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return server, port
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise AssertionError(f"the server did not start: {server.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+
+
+def test_sigterm_of_the_server_leaves_no_process(tmp_path):
+    build("mistral", tmp_path)
+    server, port = start_server(tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
         ranks = children(server.pid)
         assert len(ranks) == 1
         server.send_signal(signal.SIGTERM)
@@ -325,18 +332,8 @@ def test_a_dead_rank_stops_the_server_with_its_name(tmp_path):
     import urllib.error
     import urllib.request
     build("mistral", tmp_path)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--model", str(tmp_path),
-                               "--tensor-parallel-size", "2", "--num-kv-blocks", "40", "--port", str(port)],
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE, text=True)
+    server, port = start_server(tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
         (rank1,) = children(server.pid)
         os.kill(rank1, signal.SIGKILL)
         body = json.dumps({"model": tmp_path.name, "prompt": [5, 6, 7], "max_tokens": 4}).encode()
