@@ -6,6 +6,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,12 +75,33 @@ def smollm2_path():
     return SMOLLM2_GGUF
 
 
+class _NumpyPlainMemmap:
+    """numpy as gguf-py's reader sees it inside gguf_parsed_once: np.memmap gives a plain ndarray view of
+    the map (same bytes, read-only as mapped). The reader slices the file ~1M times for Gemma's
+    vocabulary, and numpy's memmap subclass costs more than the slicing itself on each of them."""
+
+    @staticmethod
+    def memmap(*args, **kwargs):
+        return np.memmap(*args, **kwargs).view(np.ndarray)
+
+    def __getattr__(self, name):
+        value = getattr(np, name)
+        setattr(self, name, value)          # looked up once
+        return value
+
+
 @contextmanager
 def gguf_parsed_once():
     """transformers opens a GGUF file twice (config, then weights) with gguf-py's reader, which walks
-    every metadata array in Python (~25 s for Gemma's 262k-token vocabulary): parse each file once."""
+    every metadata array in Python (~25 s for Gemma's 262k-token vocabulary): parse each file once, over
+    a plain array view of the map, and build gguf-py's tensor-name map once per (architecture, layers)
+    instead of once per module of the model (~400 times). What transformers builds is unchanged: the
+    same bytes, dequantized by the same gguf-py code (only Python overhead goes)."""
+    import functools
+
     import gguf
-    real, readers = gguf.GGUFReader, {}
+    import gguf.gguf_reader
+    real, real_np, real_map, readers = gguf.GGUFReader, gguf.gguf_reader.np, gguf.get_tensor_name_map, {}
 
     def reader(path, mode="r"):
         key = (str(path), mode)
@@ -88,10 +110,18 @@ def gguf_parsed_once():
         return readers[key]
 
     gguf.GGUFReader = reader
+    gguf.gguf_reader.np = _NumpyPlainMemmap()
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(real_map)
     try:
         yield
     finally:
-        gguf.GGUFReader = real
+        gguf.GGUFReader, gguf.gguf_reader.np, gguf.get_tensor_name_map = real, real_np, real_map
+
+
+@pytest.fixture(scope="session")
+def gguf_reading():
+    """gguf_parsed_once, for test modules (several conftest modules share the name: no imports from here)."""
+    return gguf_parsed_once
 
 
 def hf_from_gguf(path: Path):
@@ -106,6 +136,38 @@ def hf_from_gguf(path: Path):
 def smollm2_hf(smollm2_path):
     """transformers in float32 on the default GGUF file (it dequantizes it): the reference, loaded once."""
     return hf_from_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dequantized_shared(smollm2_path):
+    """The SmolLM2 file dequantized to float32, loaded once for the tests that only need some such
+    engine (rather than one each): use smollm2_dequantized, which hands it over as a new one."""
+    from tokenmill import LLM
+    return LLM(str(smollm2_path), quantization="dequantize", num_kv_blocks=512, progress=False)
+
+
+def as_new(llm):
+    """A shared engine as a test would find a new one: nothing queued, every page free, nothing in the
+    prefix cache (what earlier tests left there cannot change how this one's prompts are computed)."""
+    engine = llm.engine
+    for request_id in list(engine.requests):        # left by a test that failed half-way
+        engine.abort_request(request_id)
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.block_manager.cached.clear()
+    return llm
+
+
+@pytest.fixture
+def smollm2_dequantized(smollm2_dequantized_shared):
+    """LLM(SmolLM2, quantization="dequantize"), shared, as new (as_new) for each test."""
+    return as_new(smollm2_dequantized_shared)
+
+
+@pytest.fixture(scope="module")
+def smollm2_dequantized_module(smollm2_dequantized_shared):
+    """smollm2_dequantized, handed over once for a whole module (for module-scoped fixtures)."""
+    return as_new(smollm2_dequantized_shared)
 
 
 @pytest.fixture(scope="session")

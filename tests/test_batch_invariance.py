@@ -25,24 +25,23 @@ def workload(vocab: int):
 def alone(tiny_llama):
     directory, hf = tiny_llama
     ps, params = workload(hf.config.vocab_size)
-    llm = LLM(str(directory), enable_prefix_caching=False, progress=False)
+    llm = LLM(str(directory), enable_prefix_caching=False, num_kv_blocks=64, progress=False)
     return [llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(ps, params)]
 
 
 @pytest.mark.parametrize("prefix,chunk,blocks", [
-    (True, 16, None), (False, 16, None), (True, 512, None), (False, 512, None),
+    (True, 16, None), (False, 16, None), (True, 512, None), (False, 512, None),   # None: 512 pages, room for all
     (True, 16, 10), (False, 512, 10),           # 10 pages of 16: far less than the batch needs -> preemption
 ])
 def test_batched_equals_alone(tiny_llama, alone, prefix, chunk, blocks):
     directory, hf = tiny_llama
     ps, params = workload(hf.config.vocab_size)
-    llm = LLM(str(directory), enable_prefix_caching=prefix, max_num_batched_tokens=chunk, num_kv_blocks=blocks,
+    llm = LLM(str(directory), enable_prefix_caching=prefix, max_num_batched_tokens=chunk, num_kv_blocks=blocks or 512,
               max_num_seqs=NUM, progress=False)
     outs = llm.generate(ps, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == alone
     engine = llm.engine
-    if blocks is not None:
-        assert engine.scheduler.num_preemptions > 0
+    assert (engine.scheduler.num_preemptions > 0) == (blocks is not None)
     if prefix:
         assert engine.block_manager.stats.hits > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -138,8 +138,10 @@ def test_mixed_quant_gguf_matches_dequantized_safetensors(gguf_pair):
     gguf_path, hf_dir, hf = gguf_pair
     prompts = [[5, 9, 200, 17, 3, 88], list(range(40, 80))]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5, prompt_logprobs=5)
-    a = LLM(str(gguf_path), quantization="dequantize", progress=False).generate(prompts, params, use_tqdm=False)
-    b = LLM(str(hf_dir), progress=False).generate(prompts, params, use_tqdm=False)
+    # a KV pool sized for these prompts: the default (2 GB) takes ~1.5 s to build and free
+    kv = dict(num_kv_blocks=64, progress=False)
+    a = LLM(str(gguf_path), quantization="dequantize", **kv).generate(prompts, params, use_tqdm=False)
+    b = LLM(str(hf_dir), **kv).generate(prompts, params, use_tqdm=False)
     for x, y, prompt in zip(a, b, prompts):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         for rx, ry in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
@@ -155,7 +157,7 @@ def test_mixed_quant_gguf_matches_dequantized_safetensors(gguf_pair):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path):
-    return LLM(str(smollm2_path), progress=False)
+    return LLM(str(smollm2_path), num_kv_blocks=512, progress=False)      # 8192 tokens, the model's context
 
 
 def test_smollm2_knows_paris(smollm2):
@@ -216,7 +218,7 @@ def test_smollm2_bfloat16_tracks_transformers_float32(smollm2_path, smollm2_hf):
     pytest.importorskip("accelerate")
     text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, "
             "and Berlin is the capital of Germany.")
-    llm = LLM(str(smollm2_path), dtype="bfloat16", quantization="dequantize", progress=False)
+    llm = LLM(str(smollm2_path), dtype="bfloat16", quantization="dequantize", num_kv_blocks=512, progress=False)
     ids = llm.get_tokenizer().encode(text)
     diff = prompt_logprob_diff(llm, ids, hf_logprobs(smollm2_hf, ids))
     assert diff.mean() < 0.047 and diff.max() < 0.18, (diff.mean().item(), diff.max().item())
@@ -228,7 +230,7 @@ def test_mixed_quant_gguf_runs_packed_close_to_transformers(gguf_pair):
     """As stored: q Q8_0 / k Q4_0 / v F16 fused into one layer of three kernels, Q4_K on the int4
     kernel, Q8_0 as int8 per row. Prompt logprobs against transformers on the dequantized weights."""
     gguf_path, _, hf = gguf_pair
-    llm = LLM(str(gguf_path), progress=False)
+    llm = LLM(str(gguf_path), num_kv_blocks=64, progress=False)
     assert llm.engine.model.layers[0].attn.qkv.kernel.describe() == "Q8_0 -> int8 per-row + Q4_0 -> int4 g32 + dense float32"
     prompt = list(range(40, 100))
     diff = prompt_logprob_diff(llm, prompt, hf_logprobs(hf, prompt))
@@ -236,12 +238,12 @@ def test_mixed_quant_gguf_runs_packed_close_to_transformers(gguf_pair):
     assert diff.mean() < 0.015 and diff.max() < 0.06, (diff.mean().item(), diff.max().item())
 
 
-def test_smollm2_packed_tracks_transformers_and_stays_small(smollm2_path, smollm2_hf):
+def test_smollm2_packed_tracks_transformers_and_stays_small(smollm2, smollm2_path, smollm2_hf):
     """The default model as stored (Q4_1 on the int4 kernel, the tied Q8_0 table as int8 per row):
     weights within 1.3x the file's tensor bytes, prompt logprobs close to transformers float32."""
     from tokenmill.loader.gguf import GGUFCheckpoint
     from tokenmill.model.load import weight_bytes
-    llm = LLM(str(smollm2_path), progress=False)
+    llm = smollm2                  # LLM(path): the file as stored
     file_bytes = sum(t.n_bytes for t in GGUFCheckpoint(smollm2_path)._tensors.values())
     assert weight_bytes(llm.engine.model) <= 1.3 * file_bytes
     text = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, "
@@ -252,7 +254,30 @@ def test_smollm2_packed_tracks_transformers_and_stays_small(smollm2_path, smollm
     assert diff.mean() < 0.08 and diff.max() < 0.4, (diff.mean().item(), diff.max().item())
 
 
-def test_smollm2_packed_agrees_with_llama_cpp_as_far_as_dequantized(smollm2_path):
+def greedy_agreement(engine, ids: list[int], theirs: "LazyTokens", n: int) -> int:
+    """How many greedy tokens of `ids`, run alone on `engine`, equal llama.cpp's before the first
+    difference (of n): generation stops at that difference, as nothing after it counts."""
+    rid = engine.add_request(None, ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    ours: list[int] = []
+    while engine.has_unfinished_requests():
+        ours = next((o.outputs[0].token_ids for o in engine.step() if o.request_id == rid), ours)
+        if ours and ours[-1] != theirs[len(ours) - 1]:
+            engine.abort_request(rid)
+    return next((i for i, t in enumerate(ours) if t != theirs[i]), n)
+
+
+class LazyTokens:
+    """llama.cpp's greedy continuation of one prompt, generated only as far as it is read."""
+
+    def __init__(self, tokens):
+        self.tokens, self.seen = tokens, []
+
+    def __getitem__(self, i: int) -> int:
+        self.seen += itertools.islice(self.tokens, max(0, i + 1 - len(self.seen)))
+        return self.seen[i]
+
+
+def test_smollm2_packed_agrees_with_llama_cpp_as_far_as_dequantized(smollm2, smollm2_dequantized, smollm2_path):
     """Greedy continuations against llama.cpp on the same file: the packed path agrees (tokens
     until the first difference, summed over prompts) about as far as the transformers-exact one."""
     llama_cpp = pytest.importorskip("llama_cpp")
@@ -261,18 +286,17 @@ def test_smollm2_packed_agrees_with_llama_cpp_as_far_as_dequantized(smollm2_path
                "In 1969, the first humans", "Water boils at", "The best way to learn a language is"]
     n = 48
     ref = llama_cpp.Llama(str(smollm2_path), n_ctx=256, n_threads=2, verbose=False)
-    agree, theirs = {}, []
-    for q in ("dequantize", None):
-        llm = LLM(str(smollm2_path), quantization=q, progress=False)
-        ids = [llm.get_tokenizer().encode(p) for p in prompts]
-        while len(theirs) < len(ids):
-            theirs.append(list(itertools.islice(ref.generate(ids[len(theirs)], temp=0.0, top_k=1, reset=True), n)))
-        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        # float32 is batch-invariant: one batch; the packed path rounds differently per batch shape:
-        # one prompt at a time, as llama.cpp runs them
-        batches = [ids] if q == "dequantize" else [[i] for i in ids]
-        outs = [o for b in batches for o in llm.generate(b, params, use_tqdm=False)]
-        agree[q] = sum(next((i for i, (a, b) in enumerate(zip(o.outputs[0].token_ids, t)) if a != b), n)
-                       for o, t in zip(outs, theirs))
+    ids = [smollm2.get_tokenizer().encode(p) for p in prompts]
+    # float32 is batch-invariant: one batch
+    dequantized = smollm2_dequantized.generate(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                                               use_tqdm=False)
+    agree = {"dequantize": 0, None: 0}
+    for prompt, deq in zip(ids, dequantized):
+        # llama.cpp's tokens of one prompt are read (generated) only up to the first difference of either
+        # path: it continues one prompt at a time
+        theirs = LazyTokens(ref.generate(prompt, temp=0.0, top_k=1, reset=True))
+        agree["dequantize"] += next((i for i, t in enumerate(deq.outputs[0].token_ids) if t != theirs[i]), n)
+        # the packed path rounds differently per batch shape: one prompt at a time, as llama.cpp runs them
+        agree[None] += greedy_agreement(smollm2.engine, prompt, theirs, n)
     # measured on an AVX2 EPYC: dequantized 257, packed 262 of 384
     assert agree[None] >= 0.9 * agree["dequantize"], agree

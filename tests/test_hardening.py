@@ -29,7 +29,9 @@ def ids(n: int, seed: int = 0) -> list[int]:
 @pytest.fixture(scope="module")
 def engine(tiny_llama) -> LLMEngine:
     directory, _ = tiny_llama
-    return LLMEngine(EngineConfig(model=str(directory), max_num_seqs=8, max_model_len=256), progress=False)
+    # a KV pool sized for these prompts: the default (2 GB) takes ~1.5 s to build and free
+    return LLMEngine(EngineConfig(model=str(directory), max_num_seqs=8, max_model_len=256, num_kv_blocks=256),
+                     progress=False)
 
 
 def run(engine: LLMEngine) -> dict:
@@ -87,8 +89,8 @@ def test_a_huge_n_is_refused_at_once(engine):
     assert time.perf_counter() - t0 < 0.5
 
 
-def test_lone_surrogate_in_a_prompt_is_a_value_error(smollm2_path):
-    llm = LLM(str(smollm2_path), num_kv_blocks=64, progress=False)
+def test_lone_surrogate_in_a_prompt_is_a_value_error(smol):
+    llm = smol
     with pytest.raises(ValueError, match="^prompt: not valid Unicode"):
         llm.generate("abc \ud800 def", SamplingParams(max_tokens=2), use_tqdm=False)
 
@@ -157,7 +159,7 @@ def poison_forward(engine: LLMEngine):
 
 def test_a_request_that_breaks_the_forward_fails_alone(tiny_llama, monkeypatch):
     directory, _ = tiny_llama
-    llm = LLM(str(directory), max_num_seqs=8, progress=False)
+    llm = LLM(str(directory), max_num_seqs=8, num_kv_blocks=64, progress=False)
     prompts = [ids(9, seed=s) for s in range(4)]
     assert all(POISON not in p for p in prompts)
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
@@ -231,14 +233,14 @@ def test_engine_output_is_unchanged_by_colliding_hashes(tiny_llama, monkeypatch)
     x, y, z = ids(16, seed=1), ids(16, seed=2), ids(32, seed=3)
     prompts = [x + z + ids(3, seed=4), y + z + ids(3, seed=5), y + z + ids(3, seed=6)]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    plain = LLM(str(directory), enable_prefix_caching=False, progress=False)
+    plain = LLM(str(directory), enable_prefix_caching=False, num_kv_blocks=256, progress=False)
     expected = [plain.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
 
     class WeakBlockManager(BlockManager):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs, hash_fn=weak_hash)
     monkeypatch.setattr(engine_module, "BlockManager", WeakBlockManager)
-    weak = LLM(str(directory), progress=False)
+    weak = LLM(str(directory), num_kv_blocks=256, progress=False)      # evicts none of its 12 pages
     got = [weak.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     assert got == expected
     # the third prompt hits its y page; the z pages the weak hash finds were computed after x
@@ -255,7 +257,7 @@ def test_penalised_and_seeded_rows_are_batch_invariant(tiny_llama):
                              frequency_penalty=rng.choice([0.0, 0.7]), presence_penalty=rng.choice([0.0, -0.4]),
                              logit_bias={rng.randrange(VOCAB): rng.choice([-100.0, 3.0])})
               for i in range(12)]
-    alone_llm = LLM(str(directory), enable_prefix_caching=False, progress=False)
+    alone_llm = LLM(str(directory), enable_prefix_caching=False, num_kv_blocks=64, progress=False)
     alone = [alone_llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
     squeezed = LLM(str(directory), num_kv_blocks=12, max_num_batched_tokens=32, max_num_seqs=12, progress=False)
     batched = squeezed.generate(prompts, params, use_tqdm=False)
@@ -357,7 +359,7 @@ def test_eos_text_is_dropped_unless_asked(smol):
 @pytest.fixture(scope="module")
 def chat_llm(tiny_chat_llama):
     directory = tiny_chat_llama[0]
-    return LLM(str(directory), max_num_seqs=8, progress=False)
+    return LLM(str(directory), max_num_seqs=8, num_kv_blocks=256, progress=False)
 
 
 def hf_greedy(model, ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:

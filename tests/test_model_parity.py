@@ -26,15 +26,23 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[int], tor
     return full[len(prompt):], torch.log_softmax(logits.float(), dim=-1)
 
 
+@pytest.fixture(scope="module")
+def references(tiny_model):
+    """transformers' greedy tokens and logprobs, once per model (every backend meets the same)."""
+    _, _, hf = tiny_model
+    return [hf_greedy(hf, p, NEW_TOKENS) for p in prompts(hf.config.vocab_size)]
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_greedy_and_logprobs_match_transformers(tiny_model, backend):
+def test_greedy_and_logprobs_match_transformers(tiny_model, references, backend):
     kind, directory, hf = tiny_model
-    llm = LLM(str(directory), attention_backend=backend, max_num_batched_tokens=48, progress=False)
+    # a KV pool sized for these prompts: the default (2 GB) takes ~1.5 s to build and free
+    llm = LLM(str(directory), attention_backend=backend, max_num_batched_tokens=48, num_kv_blocks=64,
+              progress=False)
     ps = prompts(hf.config.vocab_size)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     outs = llm.generate(ps, params, use_tqdm=False)
-    for prompt, out in zip(ps, outs):
-        expected, logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
+    for prompt, out, (expected, logprobs) in zip(ps, outs, references):
         got = out.outputs[0].token_ids
         assert got == expected, f"{kind}: prompt of {len(prompt)} tokens diverged"
         ours = torch.tensor([next(iter(d.values())).logprob for d in out.outputs[0].logprobs])
@@ -45,7 +53,7 @@ def test_greedy_and_logprobs_match_transformers(tiny_model, backend):
 
 def test_prompt_logprobs_match_transformers(tiny_llama):
     directory, hf = tiny_llama
-    llm = LLM(str(directory), max_num_batched_tokens=16, progress=False)   # prompt split in chunks
+    llm = LLM(str(directory), max_num_batched_tokens=16, num_kv_blocks=64, progress=False)   # prompt split in chunks
     prompt = prompts(hf.config.vocab_size)[3]
     out = llm.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=3), use_tqdm=False)[0]
     with torch.no_grad():

@@ -10,7 +10,8 @@ from tokenmill.perplexity import perplexity, reference_text
 
 def test_perplexity_matches_transformers_windows(tiny_llama):
     path, hf = tiny_llama[0], tiny_llama[1]
-    llm = LLM(str(path), quantization="dequantize", progress=False)
+    # a KV pool sized for these prompts: the default (2 GB) takes ~1.5 s to build and free
+    llm = LLM(str(path), quantization="dequantize", num_kv_blocks=64, progress=False)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, hf.config.vocab_size, (3 * 32 + 5,), generator=g).tolist()
     r = perplexity(llm, ids, ctx=32, use_tqdm=False)
@@ -26,7 +27,7 @@ def test_perplexity_matches_transformers_windows(tiny_llama):
 
 
 def test_perplexity_refuses_text_shorter_than_a_window(tiny_llama):
-    llm = LLM(str(tiny_llama[0]), progress=False)
+    llm = LLM(str(tiny_llama[0]), num_kv_blocks=64, progress=False)
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(llm, [1, 2, 3], ctx=32, use_tqdm=False)
 

@@ -51,9 +51,10 @@ def llama_cpp_vocab(smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_path):
+def hf_tokenizer(smollm2_path, gguf_reading):
     tf = pytest.importorskip("transformers")
-    return tf.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+    with gguf_reading():
+        return tf.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
 
 
 def llama_cpp_ids(llm, text: str, add_bos: bool) -> list[int]:

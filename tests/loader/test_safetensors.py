@@ -14,8 +14,10 @@ def test_sharded_checkpoint_gives_the_same_tokens(tiny_llama, tmp_path):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
-    a = LLM(str(directory), progress=False).generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
-    b = LLM(str(tmp_path), progress=False).generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    # a KV pool sized for these prompts: the default (2 GB) takes ~1.5 s to build and free
+    kv = dict(num_kv_blocks=64, progress=False)
+    a = LLM(str(directory), **kv).generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    b = LLM(str(tmp_path), **kv).generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
     assert a == b
 
 

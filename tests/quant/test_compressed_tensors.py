@@ -23,7 +23,8 @@ def test_w8a8_checkpoint_matches_compressed_tensors_reference(name):
     a rounding boundary, so only a tolerance is possible here (measured 0.00075 mean / 0.0027 max
     nats; the weights alone, without activation quantization, are 0.0020 / 0.0053 away)."""
     ref = torch.load(W8A8.parent / name / "reference_logits.pt")
-    llm = LLM(str(W8A8.parent / name), progress=False)
+    # a KV pool sized for these prompts: the default (2 GB) takes ~1.5 s to build and free
+    llm = LLM(str(W8A8.parent / name), num_kv_blocks=64, progress=False)
     assert llm.engine.model.layers[0].attn.qkv.kernel.describe() == "compressed-tensors w8a8"
     assert llm.engine.model.lm_head.kernel.describe() == "dense float32"          # in `ignore`
     assert llm.engine.model.embed.describe() == "dense float32"
@@ -37,7 +38,7 @@ def test_w8a8_layer_is_exactly_compressed_tensors_math():
     (with absmax / 127 the outputs differ by ~1e-3 relative)."""
     from safetensors.torch import load_file
     sd = load_file(str(W8A8 / "model.safetensors"))
-    kernel = LLM(str(W8A8), progress=False).engine.model.layers[1].mlp.gate_up.kernel
+    kernel = LLM(str(W8A8), num_kv_blocks=64, progress=False).engine.model.layers[1].mlp.gate_up.kernel
     x = torch.randn(7, 128) * 3
     s = x.abs().amax(-1, keepdim=True) / 127.5
     xq = torch.round(x / s).clamp(-128, 127) * s

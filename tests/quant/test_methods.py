@@ -69,7 +69,8 @@ def test_made_at_load_matches_dense_math_of_the_same_quantization(tiny_llama, qu
     """W8A8 and int4 RTN made at load from a dense checkpoint, against transformers running the same
     quantized weights (and quantized activations) in float32. int4 computes in bfloat16 inside."""
     path, hf = tiny_llama[0], tiny_llama[1]
-    llm = LLM(str(path), quantization=quantization, progress=False)
+    # a KV pool sized for these prompts: the default (2 GB) takes ~1.5 s to build and free
+    llm = LLM(str(path), quantization=quantization, num_kv_blocks=64, progress=False)
     prompt = list(range(3, 40))
     ref, dense = hf_logprobs(fake_quantized(hf, quantization), prompt), hf_logprobs(hf, prompt)
     diff = prompt_logprob_diff(llm, prompt, ref)

@@ -60,12 +60,14 @@ def test_quantize_writes_a_checkpoint_that_loads_and_runs(tiny_chat_llama, tmp_p
     assert "model.layers.0.self_attn.q_proj.qweight" in packed and "lm_head.weight" in packed
     cfg = __import__("json").loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["checkpoint_format"] == ("gptq" if sym else "gptq_v2") and cfg["desc_act"] == act_order
-    llm = LLM(str(out), progress=False)
+    # a KV pool sized for these prompts: the default (2 GB) takes ~1.5 s to build and free
+    llm = LLM(str(out), num_kv_blocks=64, progress=False)
     assert llm.engine.model.layers[0].attn.qkv.kernel.describe() == "gptq int4 g32"
     prompt = list(range(3, 40))
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     packed_run = llm.generate([prompt], params, use_tqdm=False)[0]
-    dense_run = LLM(str(out), quantization="dequantize", progress=False).generate([prompt], params, use_tqdm=False)[0]
+    dense_run = LLM(str(out), quantization="dequantize", num_kv_blocks=64, progress=False).generate(
+        [prompt], params, use_tqdm=False)[0]
     diff = torch.tensor([packed_run.prompt_logprobs[i][prompt[i]].logprob - dense_run.prompt_logprobs[i][prompt[i]].logprob
                          for i in range(1, len(prompt))]).abs()
     assert diff.mean() < 0.05, diff.mean().item()       # the int4 kernel (bf16) against the same weights in float32
@@ -81,7 +83,7 @@ def test_quantize_w8a8_writes_int8_per_channel(tiny_chat_llama, tmp_path):
     assert q.dtype == torch.int8 and scale.shape == (q.shape[0], 1)
     assert ((q.float() * scale - dense[name]).abs() <= scale / 2 + 1e-7).all()      # within half a step
     assert torch.equal(packed["lm_head.weight"], dense["lm_head.weight"])
-    llm = LLM(str(out), progress=False)
+    llm = LLM(str(out), num_kv_blocks=64, progress=False)
     assert llm.engine.model.layers[0].mlp.down.kernel.describe() == "compressed-tensors w8a8"
 
 

@@ -53,7 +53,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(smollm2_path):
-    llm = LLM(str(smollm2_path), quantization="dequantize", max_num_seqs=NUM_CONCURRENT, progress=False)
+    llm = LLM(str(smollm2_path), quantization="dequantize", max_num_seqs=NUM_CONCURRENT, num_kv_blocks=512,
+              progress=False)      # 8192 tokens, the model's context (the default 2 GB pool is slow to build)
     # the offline reference first, on the same engine the server will own; in a side thread like the
     # server's engine loop (on a busy 2-core machine, 2 OpenMP threads stepping from the main thread crawl)
     outs = []
@@ -411,7 +412,7 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(served):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
 
 
-def test_logit_bias_and_stop_token_text(served, smollm2_path):
+def test_logit_bias_and_stop_token_text(served, smollm2_dequantized):
     client = served.client()
     prompt = "The capital of France is"
     greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
@@ -423,7 +424,7 @@ def test_logit_bias_and_stop_token_text(served, smollm2_path):
     assert banned.choices[0].text != greedy.choices[0].text
     # a stop token's own text is dropped unless include_stop_str_in_output
     # offline on an engine of its own: stepping the served engine from this thread races its loop
-    offline = LLM(str(smollm2_path), quantization="dequantize", num_kv_blocks=64, progress=False)
+    offline = smollm2_dequantized
     full = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0]
     stop = full.token_ids[2]
     cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,

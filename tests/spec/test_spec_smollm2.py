@@ -27,8 +27,8 @@ def params(**kw) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def plain(smollm2_path):
-    llm = LLM(str(smollm2_path), quantization="dequantize", max_model_len=512, num_kv_blocks=160, progress=False)
+def plain(smollm2_dequantized_module):
+    llm = smollm2_dequantized_module          # the same weights as speculative(), decoding one token a step
     prompts = chat_ids(llm)
     return prompts, llm.generate(prompts, params(), use_tqdm=False), llm
 
