@@ -195,7 +195,7 @@ class Ranks:
     def _dead(self) -> dict[int, str]:
         """Rank -> why it is gone: the error it reported, or how its process ended."""
         dead = {}
-        for r in range(1, self.world):
+        for r in range(1, self.world if self.store is not None else 0):
             if self.store.check([f"error/{r}"]):
                 dead[r] = self.store.get(f"error/{r}").decode(errors="replace")
         for r, proc in self.procs.items():
@@ -267,6 +267,8 @@ class Ranks:
                 dist.destroy_process_group()
             except Exception:       # noqa: BLE001 -- a broken group may not tear down cleanly
                 pass
+        # the store's threads end here, not in the interpreter's teardown (where they aborted the process)
+        self.control = self.store = None
 
 
 def _close_at_exit(ref: weakref.ref) -> None:
