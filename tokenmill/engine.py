@@ -165,9 +165,11 @@ class LLMEngine:
         """Start ranks 1..N-1 (or meet the ones a launcher started) and join the group; each rank uses
         threads / N CPU threads."""
         tp = self.config.tensor_parallel_size
-        threads = max(1, torch.get_num_threads() // tp)
-        torch.set_num_threads(threads)
+        before = torch.get_num_threads()
+        threads = max(1, before // tp)
         ranks = Ranks(self.config, RankInit(self.config, layout, num_blocks, self.max_model_len, threads))
+        ranks.threads_before = before               # given back when the ranks stop
+        torch.set_num_threads(threads)
         logger.info("tensor parallelism: %d ranks (%s), %d CPU thread(s) each", tp,
                     "started by the launcher" if ranks.launched else "spawned", threads)
         return ranks

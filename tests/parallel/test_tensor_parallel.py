@@ -346,3 +346,12 @@ def test_a_dead_rank_stops_the_server_with_its_name(tmp_path):
         assert "the engine failed, the server stopped: tensor-parallel rank 1 failed" in server.stderr.read()
     finally:
         server.kill()
+
+
+def test_rank0_gets_its_threads_back(tmp_path):
+    build("qwen2", tmp_path)
+    before = torch.get_num_threads()
+    llm = engine(tmp_path, 2)
+    assert torch.get_num_threads() == max(1, before // 2)      # threads / N on every rank, rank 0 too
+    llm.shutdown()
+    assert torch.get_num_threads() == before

@@ -148,6 +148,7 @@ class Ranks:
         host = os.environ.get("MASTER_ADDR", "127.0.0.1")
         port = int(os.environ.get("MASTER_PORT", DEFAULT_PORT if env is not None else _free_port()))
         self.lifeline: int | None = None
+        self.threads_before: int | None = None      # set by the engine when it lowered rank 0's threads
         self.procs: dict[int, subprocess.Popen] = {}
         self.world = tp
         self.group_started = False
@@ -269,6 +270,8 @@ class Ranks:
                 pass
         # the store's threads end here, not in the interpreter's teardown (where they aborted the process)
         self.control = self.store = None
+        if self.threads_before is not None:          # rank 0's process goes on with its own thread count
+            torch.set_num_threads(self.threads_before)
 
 
 def _close_at_exit(ref: weakref.ref) -> None:
