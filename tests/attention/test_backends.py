@@ -2,12 +2,15 @@
 prefill, chunked prefill after cached context, decode, mixed batches; GQA 1/3/7; head dims 64/128;
 sliding windows, with the table entries of released pages set to -1 or to poisoned pages.
 The Triton kernels run through the interpreter (tests/attention/conftest.py)."""
+import contextlib
 import dataclasses
 import importlib.util
+from unittest import mock
 
 import pytest
 import torch
 
+from tokenmill import kernels
 from tokenmill.attention import AttentionMetadata, get_backend
 from tokenmill.attention.base import first_page
 from tokenmill.attention.reference import ReferenceBackend
@@ -29,12 +32,19 @@ def make_case(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, se
                              spare_blocks=3, seed=seed)
 
 
+# the CPU backend with tokenmill's decode kernel off (kernels/cpu.c): decode rows on ATen's flash kernel too,
+# as on a CPU without AVX2 or for half-precision caches
+CPU_ATEN = "cpu-aten"
+
+
 def run_both(backend_name, case):
     q, k, v, kc, vc, meta = case
     scale = q.shape[-1] ** -0.5
     kc_ref, vc_ref = kc.clone(), vc.clone()
     ref = ReferenceBackend().forward(q, k, v, kc_ref, vc_ref, meta, scale)
-    out = get_backend(backend_name).forward(q, k, v, kc, vc, meta, scale)
+    aten_only = backend_name == CPU_ATEN
+    with mock.patch.object(kernels, "paged_decode_fits", lambda *a: False) if aten_only else contextlib.nullcontext():
+        out = get_backend("cpu" if aten_only else backend_name).forward(q, k, v, kc, vc, meta, scale)
     for cache, cache_ref in ((kc, kc_ref), (vc, vc_ref)):            # the new K/V land in the same slots
         torch.testing.assert_close(cache, cache_ref, rtol=0, atol=0, equal_nan=True)   # (poisoned pages: NaN)
     return out.float(), ref.float()
@@ -50,7 +60,7 @@ CASES = {   # (query lens, context lens after the step)
 }
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", TRITON])
+@pytest.mark.parametrize("backend", ["torch", "cpu", CPU_ATEN, TRITON])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("heads", [(4, 4), (9, 3), (7, 1)])       # GQA ratios 1, 3, 7
 def test_matches_reference_fp32(backend, case, heads):
@@ -183,7 +193,7 @@ def test_reference_window_is_the_masked_softmax(case):
 
 
 @pytest.mark.usefixtures("small_window_tiles")
-@pytest.mark.parametrize("backend", ["torch", "cpu", TRITON])
+@pytest.mark.parametrize("backend", ["torch", "cpu", CPU_ATEN, TRITON])
 @pytest.mark.parametrize("case", list(WINDOW_CASES))
 def test_window_matches_reference(backend, case):
     # on the poisoned cases the reference, too, must never read a released entry

@@ -21,7 +21,7 @@ gather, no load), and its result does not depend on them (`window_start`, `first
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,9 @@ class AttentionMetadata:
     query_lens_list: list[int]
     seq_lens_list: list[int]
     sliding_window: int | None = None   # W: each query sees its last W positions; None: all of them
+    # what a backend derives from the metadata once per step and every layer reuses (e.g. the pages a
+    # decode step gathers); never sent anywhere: `to()` and `dataclasses.replace` start it empty
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -91,11 +94,15 @@ class AttentionMetadata:
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             meta: AttentionMetadata) -> None:
     """Scatter k/v [num_tokens, num_kv_heads, head_dim] into caches
-    [num_blocks, block_size, num_kv_heads, head_dim] at `slot_mapping`."""
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
+    [num_blocks, block_size, num_kv_heads, head_dim] at `meta.slot_mapping` (slots of -1 skipped)."""
+    slot_mapping = meta.slot_mapping
+    if "slot_keep_mask" not in meta.derived:
+        keep = slot_mapping >= 0
+        meta.derived["slot_keep_mask"] = None if bool(keep.all()) else keep
+    keep = meta.derived["slot_keep_mask"]
+    if keep is not None:
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))

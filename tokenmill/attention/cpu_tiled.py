@@ -23,8 +23,11 @@ sliced off when attended one by one.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from tokenmill import kernels
 from tokenmill.attention.base import (AttentionBackend, AttentionMetadata, decode_window_tables, first_page,
                                       store_kv, window_mask, window_tiles)
 
@@ -51,6 +54,18 @@ class Workspace:
         torch.index_select(k_cache, 0, pages, out=k)
         torch.index_select(v_cache, 0, pages, out=v)
         return k, v
+
+
+@dataclass
+class DecodePlan:
+    padded: bool                 # one call over contexts padded to the longest, else one call per row
+    pages: torch.Tensor          # int64 page ids to gather: [B * width] padded, else the pages in use
+    width: int                   # pages per padded row
+    length: int                  # keys per padded row
+    bias: torch.Tensor | None    # [B, 1, 1, length] additive mask of padded rows, None when nothing is hidden
+    row_pages: list[int]         # per row: pages in use, keys before its window, keys in use
+    heads: list[int]
+    lengths: list[int]
 
 
 def merge_by_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
@@ -84,10 +99,23 @@ class CPUTiledBackend(AttentionBackend):
         self.max_padding = max_padding     # decode pads to the longest context while that wastes at most this
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         window = meta.sliding_window
+        if meta.is_pure_decode and kernels.paged_decode_fits(q, k_cache):
+            key = "native decode rows"
+            if key not in meta.derived:
+                starts = [0 if window is None else max(0, n - window) for n in meta.seq_lens_list]
+                meta.derived[key] = (meta.slot_mapping.to(torch.int64), meta.block_tables.contiguous(),
+                                     meta.seq_lens.to(torch.int32), torch.tensor(starts, dtype=torch.int32))
+            slots, tables, lens, starts = meta.derived[key]
+            return kernels.paged_decode(q, k, v, slots, k_cache, v_cache, tables, lens, starts, scale)
+        store_kv(k, v, k_cache, v_cache, meta)
         if meta.is_pure_decode:
-            return self._decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_list, scale, window)
+            key = ("cpu decode plan", q.dtype)
+            plan = meta.derived.get(key)
+            if plan is None:
+                plan = meta.derived[key] = self._decode_plan(meta.block_tables, meta.seq_lens_list, window,
+                                                             k_cache.shape[1], q.dtype)
+            return self._decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_list, scale, window, plan)
         out = torch.empty_like(q)
         starts = meta.query_start_loc.tolist()
         decode_seqs = [b for b, qlen in enumerate(meta.query_lens_list) if qlen == 1]
@@ -144,9 +172,34 @@ class CPUTiledBackend(AttentionBackend):
         return out
 
     def _decode(self, q, k_cache, v_cache, block_tables, seq_lens: list[int], scale: float,
-                window: int | None = None) -> torch.Tensor:
-        """q [B, Hq, D], one query per sequence at its last position -> [B, Hq, D]."""
+                window: int | None = None, plan: "DecodePlan | None" = None) -> torch.Tensor:
+        """q [B, Hq, D], one query per sequence at its last position -> [B, Hq, D]. `plan`: the gather
+        and mask of these rows, when a pure decode step made it for all its layers."""
+        if plan is None:
+            plan = self._decode_plan(block_tables, seq_lens, window, k_cache.shape[1], q.dtype)
         num_seqs, block_size, hkv, d = q.shape[0], k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+        folded = q.view(num_seqs, hkv, -1, d)                                # [B, Hkv, group, D]
+        kp, vp = self.workspace.gather(k_cache, v_cache, plan.pages)
+        if plan.padded:
+            width, length = plan.width, plan.length
+            keys = kp.view(num_seqs, width * block_size, hkv, d)[:, :length].transpose(1, 2)   # [B, Hkv, L, D]
+            values = vp.view(num_seqs, width * block_size, hkv, d)[:, :length].transpose(1, 2)
+            o, _ = _flash(folded, keys, values, attn_mask=plan.bias, scale=scale)   # [B, Hkv, group, D]
+            return o.reshape(num_seqs, -1, d)
+        # contexts too uneven to pad: only the pages in use were gathered, one call per sequence
+        out = torch.empty_like(q)
+        first = 0
+        for b, (n, head, length) in enumerate(zip(plan.row_pages, plan.heads, plan.lengths)):
+            keys = kp[first:first + n].flatten(0, 1)[head:length].transpose(0, 1)[None]   # [1, Hkv, L, D]
+            values = vp[first:first + n].flatten(0, 1)[head:length].transpose(0, 1)[None]
+            out[b] = _flash(folded[b:b + 1], keys, values, scale=scale)[0].reshape(-1, d)
+            first += n
+        return out
+
+    def _decode_plan(self, block_tables, seq_lens: list[int], window: int | None, block_size: int,
+                     dtype: torch.dtype) -> "DecodePlan":
+        """Which pages decode rows gather and how their keys are masked: the same for every layer of a step."""
+        num_seqs = len(seq_lens)
         if window is None:
             pages = [-(-n // block_size) for n in seq_lens]
             tables = block_tables[:, :max(pages)]                           # [B, width]
@@ -156,26 +209,11 @@ class CPUTiledBackend(AttentionBackend):
             lengths = [n - f * block_size for n, f in zip(seq_lens, first)]
             heads = [max(0, n - window) for n in lengths]
         width = max(pages)
-        folded = q.view(num_seqs, hkv, -1, d)                                # [B, Hkv, group, D]
         if num_seqs * width <= (1 + self.max_padding) * sum(pages):
-            kp, vp = self.workspace.gather(k_cache, v_cache, tables.reshape(-1).long())
-            length = max(lengths)
-            keys = kp.view(num_seqs, width * block_size, hkv, d)[:, :length].transpose(1, 2)   # [B, Hkv, L, D]
-            values = vp.view(num_seqs, width * block_size, hkv, d)[:, :length].transpose(1, 2)
-            o, _ = _flash(folded, keys, values, attn_mask=self._decode_bias(heads, lengths, q.dtype),
-                          scale=scale)                                       # [B, Hkv, group, D]
-            return o.reshape(num_seqs, -1, d)
-        # contexts too uneven to pad: gather only the pages in use, one call per sequence
+            return DecodePlan(True, tables.reshape(-1).long(), width, max(lengths),
+                              self._decode_bias(heads, lengths, dtype), pages, heads, lengths)
         in_use = torch.arange(width).unsqueeze(0) < torch.tensor(pages).unsqueeze(1)
-        kp, vp = self.workspace.gather(k_cache, v_cache, tables[in_use].long())
-        out = torch.empty_like(q)
-        first = 0
-        for b, (n, head, length) in enumerate(zip(pages, heads, lengths)):
-            keys = kp[first:first + n].flatten(0, 1)[head:length].transpose(0, 1)[None]   # [1, Hkv, L, D]
-            values = vp[first:first + n].flatten(0, 1)[head:length].transpose(0, 1)[None]
-            out[b] = _flash(folded[b:b + 1], keys, values, scale=scale)[0].reshape(-1, d)
-            first += n
-        return out
+        return DecodePlan(False, tables[in_use].long(), width, max(lengths), None, pages, heads, lengths)
 
     @staticmethod
     def _decode_bias(heads: list[int], lengths: list[int], dtype: torch.dtype) -> torch.Tensor | None:

@@ -35,7 +35,7 @@ class ReferenceBackend(AttentionBackend):
     name = "reference"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta)
         out = torch.empty_like(q)
         start, block_size, window = 0, k_cache.shape[1], meta.sliding_window
         for b, (qlen, slen) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):

@@ -23,7 +23,7 @@ class TorchSDPABackend(AttentionBackend):
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta)
         group = q.shape[1] // k_cache.shape[2]
         if meta.is_pure_decode and meta.num_seqs > 1:
             return self._decode(q, k_cache, v_cache, meta, scale, group)

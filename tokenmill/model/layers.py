@@ -7,6 +7,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from tokenmill import kernels
 from tokenmill.parallel.comm import SINGLE, TPGroup
 
 
@@ -18,7 +19,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            out = kernels.rms_norm(x, self.weight, self.eps)
+            return out if out is not None else F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -59,6 +61,9 @@ class RotaryEmbedding(nn.Module):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, D] rotated by position; Q and K heads go through as one tensor (fewer small ops
     per layer, which is what a decode step at batch 1 spends its time on besides the weights)."""
+    out = kernels.rope(x, cos, sin)
+    if out is not None:
+        return out
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
@@ -75,5 +80,9 @@ class GatedMLP(nn.Module):
         self.gelu = act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down((F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up)
+        gate_up = self.gate_up(x)
+        act = None if self.gelu else kernels.silu_mul(gate_up)
+        if act is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
+        return self.down(act)

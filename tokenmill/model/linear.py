@@ -12,7 +12,7 @@ from torch import nn
 from tokenmill.parallel.comm import SINGLE, Shard, TPGroup
 from tokenmill.quant import QuantMethod, Source
 from tokenmill.quant.base import DenseKernel, LinearKernel, as_float, slice_source
-from tokenmill.quant.int8 import Int8WeightKernel, quantize_per_channel
+from tokenmill.quant.int8 import Int8WeightKernel, int8_weight_kernel, quantize_per_channel
 
 
 def take(src: Source, shard: Shard | None, method: QuantMethod) -> Source:
@@ -41,7 +41,9 @@ class QLinear(nn.Module):
         self._pending: dict[int, Source] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.reduce.all_reduce(self.kernel(x))
+        y = self.kernel(x)
+        if self.reduce.size > 1:
+            y = self.reduce.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
     def add_part(self, index: int, src: Source, name: str, method: QuantMethod, dtype: torch.dtype) -> None:
@@ -105,8 +107,10 @@ class Embedding(nn.Module):
         src = take(src, self.shard, method)
         if isinstance(src, torch.Tensor) and not method.quantizes_dense:
             self.table = DenseKernel(src.to(device=device, dtype=dtype))
-        elif device.type == "cpu":
+        elif device.type == "cpu" and isinstance(src, torch.Tensor):
             self.table = Int8WeightKernel(*quantize_per_channel(as_float(src)), label="int8 per-row")
+        elif device.type == "cpu":          # a quantized table as stored (GGUF): Q8_0 comes back exactly
+            self.table = int8_weight_kernel(as_float(src), "embedding")
         else:
             self.table = DenseKernel(as_float(src, dtype).to(device))
 

@@ -1,7 +1,8 @@
 """GGUF weights as stored: Q4_0, Q4_1 and Q4_K are exactly group-32 int4 with a scale and a zero,
 so they run on the int4 kernel as they are; other block types (Q8_0, Q5_*, Q6_K) become int8
-weight-only with a scale per row (requantized from their exact values: they hold more than four
-bits, and the int4 kernel's groups are at least 32 wide); F32/F16 tensors stay dense.
+weight-only (they hold more than four bits): with a scale per 32 columns on tokenmill's CPU kernel,
+which gives Q8_0 back exactly, else with a scale per row (requantized from their exact values);
+F32/F16 tensors stay dense.
 
 The mappings, with w as gguf-py dequantizes it and q the stored nibble:
   Q4_0: w = d (q - 8)               -> s = d,        z = 0
@@ -17,7 +18,7 @@ from gguf.quants import Q4_K
 
 from tokenmill.quant.base import DenseKernel, ConcatKernel, GGUFTensor, LinearKernel, QuantMethod, Source, as_float
 from tokenmill.quant.int4 import int4_kernel
-from tokenmill.quant.int8 import Int8WeightKernel, quantize_per_channel
+from tokenmill.quant.int8 import int8_weight_kernel
 
 INT4_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K)
 DENSE_TYPES = (T.F32, T.F16, T.BF16)
@@ -81,5 +82,5 @@ class GGUFMethod(QuantMethod):
             return int4_kernel(q, s, z, 32, device, label=f"{label} -> int4")
         w = torch.cat([as_float(p) for p in parts])
         if kinds[0] == "int8" and device.type == "cpu":
-            return Int8WeightKernel(*quantize_per_channel(w), label=f"{label} -> int8 per-row")
+            return int8_weight_kernel(w, label)
         return DenseKernel(w.to(device=device, dtype=dtype))

@@ -1,16 +1,20 @@
-"""Group-wise int4 weights on PyTorch's int4 CPU kernel, and "int4": round-to-nearest made at load.
+"""Group-wise int4 weights on a CPU kernel, and "int4": round-to-nearest made at load.
 
 Every int4 format we run (GGUF Q4_0/Q4_1/Q4_K, GPTQ, AWQ, RTN) is brought to one form:
 q in [0, 15], and per group of input columns a scale s and a zero z with w = (q - 8) * s + z.
-That is what `aten._weight_int4pack_mm_for_cpu` computes; its fast path wants bfloat16
-activations (float32 activations take a path about 15x slower), so the kernel computes in
-bfloat16 and casts back.
+Two kernels run it:
+  - tokenmill's own (quant/native.py, x86-64 with AVX2 and FMA): float32 activations, ~2x faster than
+    PyTorch's at batch 1 on AVX2 (docs/benchmarks.md);
+  - elsewhere `aten._weight_int4pack_mm_for_cpu`, which computes exactly that form; its fast path
+    wants bfloat16 activations (float32 ones take a path about 15x slower), so it computes in
+    bfloat16 and casts back.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from tokenmill import kernels as native
 from tokenmill.quant.base import DenseKernel, LinearKernel, QuantMethod, Source, as_float
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
@@ -110,9 +114,53 @@ class Int4Kernel(LinearKernel):
         return f"{self.label} g{self.group}"
 
 
+class NativeInt4Kernel(LinearKernel):
+    """The same weights on tokenmill's own kernel (native.int4_mm): packed two per byte in GGUF's nibble
+    order, w = q * scale + offset with offset = zero - 8 * scale, float32 per (row, group).
+
+    Up to `DENSE_ROWS` rows the kernel (its cost per extra row is ~0.6x the first row's; it stays at or
+    ahead of PyTorch's int4 kernel to 64 rows); more rows are compute-bound, where the dense float32
+    product of the weights unpacked for the call wins."""
+    DENSE_ROWS = 64
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                 perm: torch.Tensor | None = None, label: str = "int4"):
+        super().__init__()
+        n, k = q.shape
+        if group % 32 or k % group:
+            scale, zero, group = regroup(scale, zero, group, k)
+        self.out_features, self.in_features, self.group, self.label = n, k, group, label
+        offset = zero.double() - 8 * scale.double()
+        self.register_buffer("packed", native.pack_int4(q))                                   # [N, K / 2]
+        self.register_buffer("scale_offset", torch.stack([scale.float(), offset.float()], dim=-1).contiguous())
+        self.register_buffer("perm", perm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.dtype != torch.float32:        # the model's own calls are [T, K] float32
+            return self(x.reshape(-1, self.in_features).float()).to(x.dtype).reshape(*x.shape[:-1], -1)
+        if self.perm is not None:
+            x = x[:, self.perm]
+        if x.shape[0] > self.DENSE_ROWS:
+            return F.linear(x, self.dense_weight())
+        return native.int4_mm(x, self.packed, self.scale_offset, self.group)
+
+    def dense_weight(self) -> torch.Tensor:
+        """float32 [N, K] from the packed bytes."""
+        n, k = self.out_features, self.in_features
+        w = native.unpack_int4(self.packed).view(n, k // self.group, self.group).float()
+        w.mul_(self.scale_offset[..., 0:1]).add_(self.scale_offset[..., 1:2])
+        return w.view(n, k)
+
+    def describe(self) -> str:
+        return f"{self.label} g{self.group}"
+
+
 def int4_kernel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, device: torch.device,
                 perm: torch.Tensor | None = None, label: str = "int4") -> LinearKernel:
-    """The int4 kernel on CPU; elsewhere (no int4 kernel of ours yet) the same weights dequantized."""
+    """tokenmill's int4 kernel where it runs, else PyTorch's on CPU; elsewhere (no int4 kernel of
+    ours on GPUs yet) the same weights dequantized."""
+    if device.type == "cpu" and native.library() is not None and q.shape[1] % 32 == 0:
+        return NativeInt4Kernel(q, scale, zero, group, perm, label=label)
     if device.type == "cpu":
         return Int4Kernel(q, scale, zero, group, perm, label=label)
     w = dequantize_int4(q, scale, zero, group)

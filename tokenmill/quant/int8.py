@@ -2,9 +2,12 @@
 made at load ("int8"), and int8 weight-only for GGUF types the int4 kernel cannot hold."""
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
+from tokenmill import kernels as native
 from tokenmill.quant.base import DenseKernel, LinearKernel, QuantMethod, Source, as_float
 
 
@@ -14,13 +17,25 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+def quantize_per_group(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per `group` columns of each row: w ~= q * scale[:, k // group]. Exact for GGUF Q8_0
+    (whose blocks are 32 int8 values times one scale)."""
+    n, k = w.shape
+    g = w.float().view(n, k // group, group)
+    scale = (g.abs().amax(dim=-1) / 127).clamp(min=1e-12)
+    return torch.round(g / scale[..., None]).clamp(-127, 127).to(torch.int8).view(n, k), scale
+
+
 class Int8WeightKernel(LinearKernel):
-    """int8 weights with a scale per output row; activations stay floating. Rows of the same storage
+    """int8 weights with a scale per output row (`scale` [N]) or per row and group of 32 columns
+    ([N, K / 32], quant/native.py's kernel only); activations stay floating. Rows of the same storage
     serve an embedding lookup, so a tied embedding and lm_head share it.
 
-    Few rows (decode): aten._weight_int8pack_mm on bfloat16 activations (its float32 path is ~30x
-    slower). Many rows (prefill, prompt scoring): dequantize a slab of weight rows at a time and use
-    the dense product, which is faster there (benchmarks/quantization.py)."""
+    Returns float32 for int16 activations (W8A8's integers, multiplied exactly by tokenmill's kernel), else
+    x's dtype. Few rows (decode): tokenmill's kernel (native.int8_mm, float32 activations) where it runs, else
+    aten._weight_int8pack_mm on bfloat16 activations (its float32 path is ~30x slower). Many rows
+    (prefill, prompt scoring): dequantize a slab of weight rows at a time and use the dense product,
+    which is faster there (benchmarks/quantization.py)."""
     MAX_KERNEL_ROWS = 32
     serves_rows = True
     SLAB = 4096
@@ -28,53 +43,99 @@ class Int8WeightKernel(LinearKernel):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 weight-only"):
         super().__init__()
         self.out_features, self.label = q.shape[0], label
+        self.native = native.library() is not None and q.shape[1] % 32 == 0
+        if scale.dim() == 2 and not self.native:
+            raise ValueError("int8 weights with group scales need tokenmill's CPU kernel (quant/native.py)")
+        self.group = q.shape[1] // scale.shape[1] if scale.dim() == 2 else q.shape[1]
         self.register_buffer("q", q.contiguous())                 # [N, K] int8
-        self.register_buffer("scale", scale.float().contiguous())  # [N]
+        self.register_buffer("scale", scale.float().contiguous())  # [N] or [N, K / group]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        dtype = torch.float32 if x.dtype == torch.int16 else x.dtype
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] <= self.MAX_KERNEL_ROWS and x.device.type == "cpu":
+        if x2.shape[0] <= self.MAX_KERNEL_ROWS and self.native:
+            y = native.int8_mm(x2 if x2.dtype == torch.int16 else x2.float(), self.q, self.scale, self.group).to(dtype)
+        elif x2.shape[0] <= self.MAX_KERNEL_ROWS and x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.scale.to(torch.bfloat16))
-            y = y.to(x.dtype)
+            y = y.to(dtype)
         else:
-            y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+            x2 = x2.to(dtype)
+            y = torch.empty(x2.shape[0], self.out_features, dtype=dtype, device=x.device)
             for i in range(0, self.out_features, self.SLAB):
-                w = self.q[i:i + self.SLAB].to(x.dtype) * self.scale[i:i + self.SLAB, None].to(x.dtype)
-                y[:, i:i + self.SLAB] = x2 @ w.t()
+                y[:, i:i + self.SLAB] = x2 @ self._dense(slice(i, i + self.SLAB), dtype).t()
         return y.reshape(*shape[:-1], self.out_features)
 
+    def _dense(self, rows, dtype: torch.dtype) -> torch.Tensor:
+        q, scale = self.q[rows], self.scale[rows]
+        if scale.dim() == 1:
+            return q.to(dtype) * scale[:, None].to(dtype)
+        return (q.float().view(*q.shape[:-1], -1, self.group) * scale[..., None]).view(q.shape).to(dtype)
+
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return (self.q[ids].float() * self.scale[ids, None]).to(dtype)
+        return self._dense(ids, dtype)
 
     def describe(self) -> str:
         return self.label
+
+
+def int8_weight_kernel(w: torch.Tensor, label: str) -> Int8WeightKernel:
+    """int8 weight-only from float weights: a scale per 32 columns where tokenmill's kernel runs (Q8_0's
+    values come back exactly), else a scale per row."""
+    native_ok = native.library() is not None and w.shape[1] % 32 == 0
+    if native_ok:
+        return Int8WeightKernel(*quantize_per_group(w, 32), label=f"{label} -> int8 g32")
+    return Int8WeightKernel(*quantize_per_channel(w), label=f"{label} -> int8 per-row")
+
+
+log = logging.getLogger("tokenmill")
+_SAID: list[bool] = []
+
+
+def int_mm_is_fast() -> bool:
+    """torch._int_mm has a fast CPU path only with VNNI (AVX512-VNNI / AVX-VNNI) or AMX; without them it
+    is ~30x slower than float32 here (12.8 ms against 0.43 ms at 17 rows, docs/benchmarks.md)."""
+    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
 
 
 class W8A8Kernel(LinearKernel):
     """y = (sx * sw) * (int8(x / sx) @ q^T), sx per token (absmax / act_range), sw per output row.
 
     act_range 127 maps absmax onto +-127 (vLLM's dynamic quantization); compressed-tensors checkpoints
-    use 127.5 with rounding clamped to [-128, 127], which is what their reference computes."""
+    use 127.5 with rounding clamped to [-128, 127], which is what their reference computes.
+
+    The int8 x int8 product is torch._int_mm where it is fast (`int_mm_is_fast`). Elsewhere the same
+    quantized activations meet the same int8 weights in the weight-only kernel (float accumulation:
+    every int8 x int8 term is exact, the sum rounds like float32), which is ~10-30x faster there."""
 
     serves_rows = True
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 w8a8", act_range: float = 127.0):
         super().__init__()
         self.out_features, self.label, self.act_range = q.shape[0], label, act_range
-        self.register_buffer("qt", q.t().contiguous().t())         # [N, K], stored K-major for _int_mm
-        self.register_buffer("scale", scale.float().contiguous())   # [N]
+        self.weight_only = None if int_mm_is_fast() else Int8WeightKernel(q, scale, label)
+        if self.weight_only is not None and not _SAID:
+            _SAID.append(True)
+            log.info("W8A8: torch._int_mm has no fast path on this CPU (no VNNI or AMX); its int8 x int8 "
+                     "products run on the int8 weight kernel instead")
+        if self.weight_only is None:
+            self.register_buffer("qt", q.t().contiguous().t())         # [N, K], stored K-major for _int_mm
+            self.register_buffer("scale", scale.float().contiguous())   # [N]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xf = x.reshape(-1, shape[-1]).float()
         sx = (xf.abs().amax(dim=1, keepdim=True) / self.act_range).clamp(min=1e-12)     # [M, 1]
-        xq = torch.round(xf / sx).clamp(-128, 127).to(torch.int8)
-        acc = torch._int_mm(xq, self.qt.t())                                   # [M, N] int32
-        y = acc.float() * sx * self.scale
+        xq = torch.round(xf / sx).clamp(-128, 127)
+        if self.weight_only is not None:       # integer operands: exact in int16, and in bfloat16 too
+            y = self.weight_only(xq.to(torch.int16) if self.weight_only.native else xq) * sx
+        else:
+            y = torch._int_mm(xq.to(torch.int8), self.qt.t()).float() * sx * self.scale     # [M, N]
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.weight_only is not None:
+            return self.weight_only.rows(ids, dtype)
         return (self.qt[ids].float() * self.scale[ids, None]).to(dtype)
 
     def describe(self) -> str:

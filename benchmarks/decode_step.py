@@ -1,0 +1,137 @@
+"""Where a batch-1 decode step goes, with tokenmill's CPU kernels (kernels/cpu.c) and without them (PyTorch's
+int4/int8 kernels, ATen's flash attention, PyTorch norms and rope), beside llama.cpp's own llama-bench on the
+same file. Each mode runs in its own process (TOKENMILL_NATIVE_KERNELS=0 turns the kernels off).
+
+  tok/s:      one request, --tokens new tokens after a 7-token prompt, greedy; median of --runs
+  per step:   milliseconds per decode step in each part, from timers around the model's calls (a timer costs
+              ~1 us a call; the parts are measured in a separate run from tok/s)
+
+python benchmarks/decode_step.py [--model smollm2-135m] [--tokens 128] [--runs 5] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from quantization import machine  # noqa: E402
+
+PARTS = ["linears", "lm_head", "attention", "norms", "rope", "rest of the forward", "runner + sampler + scheduler"]
+
+
+def measure(model: str, tokens: int, runs: int) -> dict:
+    """In this process: tok/s, then the per-part breakdown."""
+    from tokenmill import LLM, SamplingParams, kernels
+    import tokenmill.model.layers as layers
+    import tokenmill.model.llama as llama
+    from tokenmill.model.linear import QLinear
+    from tokenmill.runner import Runner
+
+    llm = LLM(model, kv_cache_memory_gb=0.25, progress=False)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    prompt = "The history of the Roman empire"
+    llm.generate([prompt], SamplingParams(max_tokens=8), use_tqdm=False)
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        rates.append(tokens / (time.perf_counter() - start))
+
+    spent, calls = collections.Counter(), collections.Counter()
+
+    def timed(owner, name, part, when=lambda *a: True):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if not when(*args):
+                return original(*args, **kwargs)
+            t = time.perf_counter()
+            out = original(*args, **kwargs)
+            spent[part] += time.perf_counter() - t
+            calls[part] += 1
+            return out
+        setattr(owner, name, wrapper)
+
+    model_obj = llm.engine.model
+    timed(QLinear, "forward", "linears", lambda self, *a: self is not model_obj.lm_head)
+    timed(QLinear, "forward", "lm_head", lambda self, *a: self is model_obj.lm_head)
+    timed(type(llm.engine.runner.backend), "forward", "attention")
+    timed(layers.RMSNorm, "forward", "norms")
+    timed(llama, "apply_rope", "rope")
+    timed(type(model_obj), "forward", "forward")
+    timed(Runner, "execute", "execute")
+    start = time.perf_counter()
+    llm.generate([prompt], params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    steps = calls["execute"]
+    per_step = {p: 1e3 * spent[p] / steps for p in ("linears", "lm_head", "attention", "norms", "rope")}
+    inner = sum(spent[p] for p in ("linears", "attention", "norms", "rope"))
+    per_step["rest of the forward"] = 1e3 * (spent["forward"] - inner) / steps
+    per_step["runner + sampler + scheduler"] = 1e3 * (wall - spent["forward"] - spent["lm_head"]) / steps
+    per_step["step (wall)"] = 1e3 * wall / steps
+    return {"tok_s": statistics.median(rates), "per_step": per_step, "native": kernels.library() is not None}
+
+
+def llama_bench(model_path: Path, tokens: int, threads: int) -> float | None:
+    home = Path(os.environ.get("TOKENMILL_HOME", Path.home() / ".cache" / "tokenmill"))
+    exe = next(iter(sorted(home.glob("llama.cpp-*/bin/llama-bench"))), None)
+    if exe is None:
+        return None
+    out = subprocess.run([str(exe), "-m", str(model_path), "-t", str(threads), "-p", "0", "-n", str(tokens)],
+                         capture_output=True, text=True).stdout
+    m = re.search(r"tg\d+\s*\|\s*([\d.]+)", out)
+    return float(m.group(1)) if m else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(measure(args.model, args.tokens, args.runs)))
+        return
+    from tokenmill.model_files import resolve_model
+    results = {}
+    for label, switch in (("PyTorch's kernels", "0"), ("tokenmill's kernels", "1")):
+        print(f"[{label}] measuring", file=sys.stderr)
+        env = dict(os.environ, TOKENMILL_NATIVE_KERNELS=switch)
+        out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--tokens", str(args.tokens),
+                              "--runs", str(args.runs), "--threads", str(args.threads)],
+                             env=env, capture_output=True, text=True, check=True).stdout
+        results[label] = json.loads(out.strip().splitlines()[-1])
+    print("[llama-bench] measuring", file=sys.stderr)
+    ref = llama_bench(resolve_model(args.model), args.tokens, args.threads)
+    print(f"\nmachine: {machine()}")
+    print(f"model: {args.model}; batch 1, {args.tokens} new tokens, median of {args.runs}; "
+          f"llama.cpp: llama-bench -t {args.threads} -p 0 -n {args.tokens}, run right after\n")
+    labels = list(results)
+    print("| per decode step (ms) | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    for part in PARTS + ["step (wall)"]:
+        print(f"| {part} | " + " | ".join(f"{results[l]['per_step'][part]:.2f}" for l in labels) + " |")
+    print("| **tok/s** | " + " | ".join(f"**{results[l]['tok_s']:.1f}**" for l in labels) + " |")
+    if ref:
+        print("| vs llama.cpp (" + f"{ref:.1f} tok/s) | " + " | ".join(f"{results[l]['tok_s'] / ref:.2f}x" for l in labels)
+              + " |")
+
+
+if __name__ == "__main__":
+    main()

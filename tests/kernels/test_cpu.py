@@ -1,0 +1,154 @@
+"""tokenmill's own CPU kernels (kernels/cpu.c) against dense float64 math, gguf-py's block layout and
+attention/reference.py. On an x86-64 CPU with AVX2/FMA and a C compiler (every machine this project
+runs on) the kernels must build: a failed build fails here rather than silently falling back."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+from gguf.quants import quantize as gguf_quantize, dequantize as gguf_dequantize
+
+from tokenmill import kernels
+from tokenmill.attention.reference import ReferenceBackend
+from tokenmill.attention.testing import random_paged_case
+from tokenmill.loader.gguf import GGUFTensor
+from tokenmill.model.layers import apply_rope
+from tokenmill.quant.gguf import int4_groups
+from tokenmill.quant.int8 import quantize_per_group
+
+pytestmark = pytest.mark.skipif(not kernels.cpu_supports(), reason="tokenmill's CPU kernels need AVX2 and FMA")
+
+
+def test_the_kernels_build_and_load():
+    assert kernels.library() is not None
+
+
+def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The most the kernels' int16 activations can move x @ w^T: each value rounds by at most half a step
+    of its 32-column block (block absmax / 32767), plus float32 summation."""
+    m, k = x.shape
+    step = x.abs().view(m, k // 32, 32).amax(-1).repeat_interleave(32, dim=1) / 32767    # [M, K]
+    return (0.5 * step.double() @ w.abs().double().t()) * 1.001 + 1e-6 * (x.abs().double() @ w.abs().double().t())
+
+
+def random_int4(n, k, group, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
+    zero = torch.randn(n, k // group, generator=g) * 0.05
+    return q, scale, zero
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("n,k,group", [(64, 64, 32), (36, 576, 32), (20, 512, 64), (12, 384, 128), (8, 256, 256),
+                                       (10, 96, 96)])
+def test_int4_mm_is_dequantize_then_matmul(m, n, k, group):
+    q, scale, zero = random_int4(n, k, group, seed=m)
+    w = ((q.double().view(n, k // group, group) - 8) * scale.double()[..., None] + zero.double()[..., None]).view(n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    x[0, :7] = torch.tensor([0.0, 1e-6, -50.0, 2.5, 0.0, -1e-9, 7.0])         # outliers and tiny values
+    so = torch.stack([scale, (zero.double() - 8 * scale.double()).float()], -1).contiguous()
+    y = kernels.int4_mm(x, kernels.pack_int4(q), so, group)
+    ref = x.double() @ w.t()
+    assert ((y.double() - ref).abs() <= activation_bound(x, w.float())).all()
+
+
+def test_int4_packing_is_ggufs_nibble_order():
+    """pack_int4 of the values int4_groups reads from a Q4_0 / Q4_1 tensor is the file's own qs bytes."""
+    w = np.random.default_rng(0).standard_normal((8, 128)).astype(np.float32)
+    for qtype, head in ((T.Q4_0, 2), (T.Q4_1, 4)):
+        data = gguf_quantize(w, qtype)
+        q, _, _ = int4_groups(GGUFTensor(qtype, data, (8, 128)))
+        qs = data.reshape(8, 4, -1)[..., head:].reshape(8, 64)
+        assert np.array_equal(kernels.pack_int4(q).numpy(), qs)
+        assert torch.equal(kernels.unpack_int4(kernels.pack_int4(q)), q)
+
+
+@pytest.mark.parametrize("m", [1, 4, 7])
+@pytest.mark.parametrize("group", [32, 160])
+def test_int8_mm_is_dequantize_then_matmul(m, group):
+    n, k = 24, 320
+    g = torch.Generator().manual_seed(m)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, k // group, generator=g) * 0.01
+    w = (q.double().view(n, k // group, group) * scale.double()[..., None]).view(n, k)
+    x = torch.randn(m, k, generator=g)
+    y = kernels.int8_mm(x, q, scale, group)
+    assert ((y.double() - x.double() @ w.t()).abs() <= activation_bound(x, w.float())).all()
+
+
+def test_int8_mm_on_int16_activations_is_integer_math():
+    """W8A8's path: int8 activations as int16 are used as they are: every 32-column block's sum is exact,
+    the sum over blocks is float32 (48 roundings here)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (40, 1536), generator=g, dtype=torch.int8)
+    xq = torch.randint(-128, 128, (3, 1536), generator=g, dtype=torch.int16)
+    scale = torch.rand(40, 1, generator=g)
+    y = kernels.int8_mm(xq, q, scale, 1536)
+    exact = (xq.long() @ q.long().t()).double() * scale.double().t()
+    magnitude = (xq.long().abs() @ q.long().abs().t()).double() * scale.double().t()
+    assert ((y.double() - exact).abs() <= 48 * 2 ** -24 * magnitude).all()
+
+
+def test_q8_0_comes_back_exactly_as_int8_groups():
+    w = np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32)
+    data = gguf_quantize(w, T.Q8_0)                         # blocks: f16 d, 32 int8
+    q, scale = quantize_per_group(torch.from_numpy(gguf_dequantize(data, T.Q8_0)), 32)
+    blocks = data.reshape(16, 8, 34)
+    assert np.array_equal(q.numpy().reshape(16, 8, 32), blocks[..., 2:].view(np.int8))
+    assert np.array_equal(scale.numpy(), blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
+
+
+@pytest.mark.parametrize("heads,head_dim", [((9, 3), 64), ((8, 8), 128), ((4, 1), 256), ((16, 1), 32)])
+@pytest.mark.parametrize("seq_lens,window", [([1], None), ([37], None), ([1, 16, 17, 300], None),
+                                             ([70, 64, 5], 16), ([130], 100)])
+def test_paged_decode_matches_reference(heads, head_dim, seq_lens, window):
+    q, k, v, kc, vc, meta = random_paged_case([1] * len(seq_lens), seq_lens, *heads, head_dim, torch.float32,
+                                              block_size=16, spare_blocks=3, seed=len(seq_lens))
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    meta_ref = dataclasses.replace(meta, sliding_window=window)
+    ref = ReferenceBackend().forward(q, k, v, kc_ref, vc_ref, meta_ref, head_dim ** -0.5)
+    starts = torch.tensor([0 if window is None else max(0, n - window) for n in seq_lens], dtype=torch.int32)
+    if window is not None:      # entries before each window are never read: poison them
+        for b, s in enumerate(starts.tolist()):
+            meta.block_tables[b, :s // 16] = -1
+    out = kernels.paged_decode(q, k, v, meta.slot_mapping, kc, vc, meta.block_tables.contiguous(),
+                               meta.seq_lens.to(torch.int32), starts, head_dim ** -0.5)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)        # the new rows were written, and only they
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_paged_decode_skips_slot_minus_one():
+    q, k, v, kc, vc, meta = random_paged_case([1, 1], [20, 9], 4, 2, 64, torch.float32, block_size=16,
+                                              spare_blocks=1, seed=3)
+    before = kc.clone()
+    slots = torch.tensor([-1, -1])
+    kernels.paged_decode(q, k, v, slots, kc, vc, meta.block_tables.contiguous(), meta.seq_lens.to(torch.int32),
+                         torch.zeros(2, dtype=torch.int32), 0.125)
+    assert torch.equal(kc, before)
+
+
+def test_rms_norm_rope_silu_mul_match_pytorch():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 576, generator=g) * 4, torch.randn(576, generator=g)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), rtol=1e-5, atol=1e-5)
+    qkv = torch.randn(3, 15 * 64, generator=g)
+    qk = qkv[:, :12 * 64].view(3, 12, 64)                            # a strided view, as the model passes it
+    cos, sin = torch.randn(3, 1, 32, generator=g), torch.randn(3, 1, 32, generator=g)
+    x1, x2 = qk.chunk(2, dim=-1)
+    torch.testing.assert_close(apply_rope(qk, cos, sin), torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1))
+    gate_up = torch.randn(4, 2 * 1536, generator=g) * 8
+    gate_up[0, :6] = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-8, -90.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+def test_shapes_the_kernels_do_not_take_fall_back():
+    assert kernels.rms_norm(torch.randn(2, 12), torch.ones(12), 1e-5) is None                 # K % 8
+    assert kernels.rms_norm(torch.randn(2, 16, dtype=torch.bfloat16), torch.ones(16), 1e-5) is None
+    assert kernels.silu_mul(torch.randn(2, 20)) is None
+    assert not kernels.paged_decode_fits(torch.randn(1, 4, 60), torch.zeros(2, 16, 2, 60))       # D % 8
+    assert not kernels.paged_decode_fits(torch.randn(1, 4, 64, dtype=torch.bfloat16),
+                                         torch.zeros(2, 16, 2, 64, dtype=torch.bfloat16))

@@ -1,0 +1,206 @@
+"""tokenmill's own CPU kernels (kernels/cpu.c): int4 and int8 weight-only products that unpack the
+weights in registers and accumulate in float32, for x86-64 CPUs with AVX2 and FMA.
+
+PyTorch's int4 CPU kernel is compute-bound on AVX2 (~5 GB/s of weights, docs/benchmarks.md) and its
+int8 one wants bfloat16 activations; these read the packed weights at close to memory speed at
+batch 1 and keep float32 activations. The C file is compiled once per machine with the system C
+compiler (the same one pip uses for packages that compile) into $TOKENMILL_HOME/kernels and loaded
+with ctypes, which releases the GIL while a kernel runs. Where there is no compiler, no AVX2/FMA, or
+TOKENMILL_NATIVE_KERNELS=0, `library()` is None and the quant methods use PyTorch's kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("tokenmill")
+
+SOURCE = Path(__file__).with_name("cpu.c")
+# explicit ISA flags, never -march=native: a VM may advertise AVX-512 it then traps (see the Makefile)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+ENV_SWITCH = "TOKENMILL_NATIVE_KERNELS"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cpu_supports() -> bool:
+    """AVX2 with FMA, by PyTorch's own run-time dispatch check (its AVX2 level requires both)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(out, target)          # atomic: a concurrent process sees the old file or the new one
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    if not cpu_supports():
+        log.info("native CPU kernels off: this CPU lacks AVX2/FMA (PyTorch's kernels run instead)")
+        return None
+    from tokenmill.model_files import home
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    path = home() / "kernels" / f"cpu-{key}.so"
+    try:
+        if not path.exists():
+            start = time.perf_counter()
+            log.info("compiling tokenmill's CPU kernels (once per machine) into %s", path)
+            _build(path)
+            log.info("compiled the CPU kernels in %.1f s", time.perf_counter() - start)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as e:
+        log.warning("native CPU kernels unavailable (%s); PyTorch's kernels run instead", e)
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.tm_int4_mm.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i32]
+    lib.tm_int8_mm.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32]
+    lib.tm_int4_mm.restype = lib.tm_int8_mm.restype = i32
+    lib.tm_paged_decode.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
+    lib.tm_silu_mul.argtypes = [p, p, i64, i64]
+    lib.tm_silu_mul.restype = None
+    lib.tm_paged_decode.restype = None
+    lib.tm_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
+    lib.tm_rope.argtypes = [p, i64, p, p, p, i64, i64, i64]
+    lib.tm_rms_norm.restype = lib.tm_rope.restype = None
+    log.info("CPU kernels: tokenmill's own (AVX2/FMA) for int4/int8 products, decode attention over pages, "
+             "norms and rope")
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built on first call; None where they cannot run (see the module doc)."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"] = _load()
+    return _state["lib"]
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("tokenmill CPU kernel: no memory for the activations' scratch copy")
+
+
+def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] float32, q uint8 [N, K / 2] (kernels/cpu.c's layout), scale_offset float32 [N, K / group, 2]
+    -> [M, N] float32."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = q.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    _check(_state["lib"].tm_int4_mm(x.data_ptr(), q.data_ptr(), scale_offset.data_ptr(), y.data_ptr(),
+                                    m, n, k, group, n, torch.get_num_threads()))
+    return y
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] float32 (or int16: integer activations used exactly, W8A8's math), q int8 [N, K],
+    scale float32 [N, K / group] -> [M, N] float32."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = q.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    exact = x.dtype == torch.int16
+    _check(_state["lib"].tm_int8_mm(None if exact else x.data_ptr(), x.data_ptr() if exact else None, q.data_ptr(),
+                                    scale.data_ptr(), y.data_ptr(), m, n, k, group, n, torch.get_num_threads()))
+    return y
+
+
+MAX_GROUP, MAX_DIM = 16, 256        # cpu.c's bounds for paged_decode
+
+
+def paged_decode_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `paged_decode` takes these shapes and dtypes (float32, head_dim a multiple of 8 up to
+    MAX_DIM, at most MAX_GROUP query heads per KV head)."""
+    d, hq, hkv = q.shape[-1], q.shape[-2], k_cache.shape[2]
+    return (library() is not None and q.dtype == k_cache.dtype == torch.float32 and k_cache.is_contiguous()
+            and d % 8 == 0 and d <= MAX_DIM and hq % hkv == 0 and hq // hkv <= MAX_GROUP)
+
+
+def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Decode rows: row b's new k, v [B, Hkv, D] are written at cache slot slots[b] (int64; -1: skipped),
+    then its query q [B, Hq, D] attends to its positions starts[b] .. seq_lens[b] - 1 of the paged cache
+    [num_blocks, block_size, Hkv, D] through block_tables [B, width] (int32; seq_lens, starts int32 [B])
+    -> [B, Hq, D]. Only the pages of those positions are read."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, hq, d = q.shape
+    out = torch.empty_like(q)
+    _state["lib"].tm_paged_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
+                                  v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(), starts.data_ptr(),
+                                  out.data_ptr(), b, hq, k_cache.shape[2], d, k_cache.shape[1], block_tables.shape[1],
+                                  scale, torch.get_num_threads())
+    return out
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up of x [T, 2I] = [gate | up] -> [T, I]; None where the kernel does not take it."""
+    half = x.shape[-1] // 2
+    if x.dtype != torch.float32 or half % 8 or x.dim() != 2 or x.device.type != "cpu" or library() is None:
+        return None
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], half, dtype=torch.float32)
+    _state["lib"].tm_silu_mul(x.data_ptr(), out.data_ptr(), x.shape[0], half)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x [..., K] / rms(x) * weight in one pass; None where the kernel does not take it (not float32 on the
+    CPU, K not a multiple of 8, no kernels): the caller runs PyTorch's."""
+    k = x.shape[-1]
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or k % 8 or x.device.type != "cpu"
+            or library() is None):
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _state["lib"].tm_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // k, k, eps)
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """Rotate-half rope of x [T, H, D] (heads contiguous, any token stride) by cos, sin [T, 1, D / 2] ->
+    a new [T, H, D]; None where the kernel does not take it (the caller runs PyTorch's)."""
+    t, h, d = x.shape
+    if (x.dtype != torch.float32 or cos.dtype != torch.float32 or (d // 2) % 8 or x.device.type != "cpu"
+            or x.stride(2) != 1 or x.stride(1) != d or library() is None):
+        return None
+    cos, sin = cos.reshape(t, d // 2).contiguous(), sin.reshape(t, d // 2).contiguous()
+    out = torch.empty(t, h, d, dtype=torch.float32)
+    _state["lib"].tm_rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, h, d)
+    return out
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in 0..15 -> uint8 [N, K / 2]: per 32 columns, 16 bytes with columns 0..15 in the low
+    nibbles and 16..31 in the high ones."""
+    n, k = q.shape
+    g = q.to(torch.uint8).view(n, k // 32, 2, 16)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """pack_int4's inverse: uint8 [N, K / 2] -> uint8 [N, K]."""
+    n, half = packed.shape
+    b = packed.view(n, half // 16, 1, 16)
+    return torch.cat((b & 15, b >> 4), dim=2).reshape(n, 2 * half)

@@ -1,0 +1,401 @@
+/* Weight-only int4 and int8 products for x86-64 CPUs with AVX2 and FMA: y[M, N] = x[M, K] @ W^T.
+
+   Built by tokenmill/kernels/__init__.py with the machine's C compiler on first use and loaded with ctypes;
+   OpenMP threads come from the libgomp torch has already loaded (same soname), so they are torch's own.
+
+   Weights: int4 q in [0, 15], two per byte; for each 32 columns, 16 bytes whose low nibbles are columns
+   0..15 and high nibbles columns 16..31 (GGUF's Q4_0/Q4_1 order); w = q * scale + offset, one (scale,
+   offset) pair per row and group of `group` columns (a multiple of 32). int8 q in [-128, 127], one per
+   byte; w = q * scale, a scale per row and group.
+
+   Activations: each row's 32-column blocks are rounded to int16 with their own scale (absmax / 32767),
+   so a block is multiplied with integer multiply-adds (vpmaddwd) and converted to float once per 32
+   weights; relative rounding of a block is below 2^-15 of its largest value, 64x finer than bfloat16.
+   Sums over blocks and groups, and the int4 offsets' share (offset x the exact float sum of the
+   group's activations), are float32. The weights are unpacked in registers and never written back.
+
+   Rows of x go four at a time, so each unpacked weight vector serves up to four rows. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define ROWS 4
+#define PARALLEL_WORK (1 << 17)     /* weights x rows below which one thread beats waking the others */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE float hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* eight sums: element p of the result is the sum of v[p]'s lanes */
+INLINE __m256 hsum8(const __m256 v[8]) {
+    __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
+    __m256 c = _mm256_hadd_ps(v[4], v[5]), d = _mm256_hadd_ps(v[6], v[7]);
+    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);     /* [v0 v1 v2 v3 | v0 v1 v2 v3] halves, likewise */
+    __m256 lo = _mm256_permute2f128_ps(ab, cd, 0x20), hi = _mm256_permute2f128_ps(ab, cd, 0x31);
+    return _mm256_add_ps(lo, hi);
+}
+
+/* x [M, K] -> xq int16 [M, K], dx [M, K / 32] (xq * dx ~= x, rounded to nearest even), and when xsum is
+   given the float sum of each row's columns in each group [M, K / group]. */
+static void quantize_rows(const float *x, int16_t *xq, float *dx, float *xsum, int64_t M, int64_t K,
+                          int64_t group) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < K; b += 32) {
+            const float *xb = x + m * K + b;
+            __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_loadu_ps(xb + 8 * i);
+                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+                sum = _mm256_add_ps(sum, v[i]);
+            }
+            const float a = hmax(amax);
+            const __m256 inv = _mm256_set1_ps(a > 0.f ? 32767.f / a : 0.f);
+            for (int i = 0; i < 4; i += 2) {
+                __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+                __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inv));
+                __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+                _mm256_storeu_si256((__m256i *)(xq + m * K + b + 8 * i), packed);
+            }
+            dx[m * (K / 32) + b / 32] = a / 32767.f;
+            if (xsum) {
+                if (b % group == 0) xsum[m * (K / group) + b / group] = 0.f;
+                xsum[m * (K / group) + b / group] += hsum(sum);
+            }
+        }
+    }
+}
+
+/* 32 weights as two vectors of 16 int16 */
+INLINE void unpack_int4(const uint8_t *p, __m256i w[2]) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    w[0] = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
+    w[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+}
+
+INLINE void unpack_int8(const int8_t *p, __m256i w[2]) {
+    w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+}
+
+INLINE __m256 dot32(const __m256i w[2], const int16_t *xq) {
+    __m256i a = _mm256_madd_epi16(w[0], _mm256_loadu_si256((const __m256i *)xq));
+    __m256i b = _mm256_madd_epi16(w[1], _mm256_loadu_si256((const __m256i *)(xq + 16)));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
+}
+
+/* One weight row n against `rows` activation rows (a compile-time constant after inlining). */
+INLINE void int4_row(const uint8_t *qn, const float *so, const int16_t *xq, const float *dx, const float *xsum,
+                     float *y, int64_t K, int64_t group, int64_t ldy, const int rows) {
+    const int64_t G = K / group, B = K / 32;
+    __m256 total[ROWS];
+    float offset[ROWS];
+    for (int r = 0; r < rows; r++) { total[r] = _mm256_setzero_ps(); offset[r] = 0.f; }
+    for (int64_t g = 0; g < G; g++) {
+        const float s = so[2 * g], o = so[2 * g + 1];
+        for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+            __m256i w[2];
+            unpack_int4(qn + b / 2, w);
+            for (int r = 0; r < rows; r++)
+                total[r] = _mm256_fmadd_ps(_mm256_set1_ps(s * dx[r * B + b / 32]), dot32(w, xq + r * K + b), total[r]);
+        }
+        for (int r = 0; r < rows; r++) offset[r] += o * xsum[r * G + g];
+    }
+    for (int r = 0; r < rows; r++) y[r * ldy] = hsum(total[r]) + offset[r];
+}
+
+/* One activation row against weight rows n .. n + 3: four independent accumulation chains, and each
+   activation block loaded once for all four (the shape of a decode step at batch 1). */
+INLINE void int4_quad(const uint8_t *q, const float *so, const int16_t *xq, const float *dx, const float *xsum,
+                      float *y, int64_t K, int64_t group) {
+    const int64_t G = K / group, blocks = group / 32, ldq = K / 2, lds = 2 * G;
+    __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+    float o0 = 0.f, o1 = 0.f, o2 = 0.f, o3 = 0.f;
+    const uint8_t *qp = q;
+    for (int64_t g = 0; g < G; g++) {
+        const float s0 = so[2 * g], s1 = so[lds + 2 * g], s2 = so[2 * lds + 2 * g], s3 = so[3 * lds + 2 * g];
+        for (int64_t j = 0; j < blocks; j++, qp += 16, xq += 32, dx++) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 16));
+            const float d = *dx;
+            __m256i w[2];
+#define ROW(r, t, s) \
+            unpack_int4(qp + r * ldq, w); \
+            t = _mm256_fmadd_ps(_mm256_set1_ps(s * d), _mm256_cvtepi32_ps(_mm256_add_epi32( \
+                    _mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1))), t);
+            ROW(0, t0, s0) ROW(1, t1, s1) ROW(2, t2, s2) ROW(3, t3, s3)
+#undef ROW
+        }
+        o0 += so[2 * g + 1] * xsum[g];
+        o1 += so[lds + 2 * g + 1] * xsum[g];
+        o2 += so[2 * lds + 2 * g + 1] * xsum[g];
+        o3 += so[3 * lds + 2 * g + 1] * xsum[g];
+    }
+    y[0] = hsum(t0) + o0; y[1] = hsum(t1) + o1; y[2] = hsum(t2) + o2; y[3] = hsum(t3) + o3;
+}
+
+INLINE void int8_row(const int8_t *qn, const float *sn, const int16_t *xq, const float *dx, float *y,
+                     int64_t K, int64_t group, int64_t ldy, const int rows) {
+    const int64_t G = K / group, B = K / 32;
+    __m256 total[ROWS];
+    for (int r = 0; r < rows; r++) total[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const float s = sn[g];
+        for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+            __m256i w[2];
+            unpack_int8(qn + b, w);
+            for (int r = 0; r < rows; r++)
+                total[r] = _mm256_fmadd_ps(_mm256_set1_ps(s * dx[r * B + b / 32]), dot32(w, xq + r * K + b), total[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) y[r * ldy] = hsum(total[r]);
+}
+
+/* x [M, K] float32, q [N, K / 2], scale_offset [N, K / group, 2] -> y [M, N] (row stride ldy).
+   Returns 0, or -1 when scratch memory could not be had. */
+int tm_int4_mm(const float *x, const uint8_t *q, const float *scale_offset, float *y,
+               int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy, int threads) {
+    float *dx = malloc(sizeof(float) * M * (K / 32 + K / group) + sizeof(int16_t) * M * K);
+    if (!dx) return -1;
+    float *xsum = dx + M * (K / 32);
+    int16_t *xq = (int16_t *)(xsum + M * (K / group));
+    const int64_t G = K / group, B = K / 32;
+    quantize_rows(x, xq, dx, xsum, M, K, group);
+    if (M == 1 && N % 4 == 0) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= PARALLEL_WORK)
+        for (int64_t n = 0; n < N; n += 4)
+            int4_quad(q + n * (K / 2), scale_offset + n * G * 2, xq, dx, xsum, y + n, K, group);
+        free(dx);
+        return 0;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * K * M >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qn = q + n * (K / 2);
+        const float *so = scale_offset + n * G * 2;
+        for (int64_t m = 0; m < M; m += ROWS) {
+            const int64_t rows = M - m < ROWS ? M - m : ROWS;
+            const int16_t *xr = xq + m * K;
+            const float *dr = dx + m * B, *sr = xsum + m * G;
+            float *yr = y + m * ldy + n;
+            switch (rows) {
+                case 1: int4_row(qn, so, xr, dr, sr, yr, K, group, ldy, 1); break;
+                case 2: int4_row(qn, so, xr, dr, sr, yr, K, group, ldy, 2); break;
+                case 3: int4_row(qn, so, xr, dr, sr, yr, K, group, ldy, 3); break;
+                default: int4_row(qn, so, xr, dr, sr, yr, K, group, ldy, 4); break;
+            }
+        }
+    }
+    free(dx);
+    return 0;
+}
+
+/* x [M, K] float32, q [N, K] int8, scale [N, K / group] -> y [M, N] (row stride ldy).
+   With x_int (int16 [M, K], x unused) the activations are those integers as they are: every product
+   and every block's sum is exact (W8A8's int8 x int8 math). Returns 0, or -1 without scratch memory. */
+int tm_int8_mm(const float *x, const int16_t *x_int, const int8_t *q, const float *scale, float *y,
+               int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy, int threads) {
+    float *dx = malloc(sizeof(float) * M * (K / 32) + sizeof(int16_t) * M * K);
+    if (!dx) return -1;
+    int16_t *xq = (int16_t *)(dx + M * (K / 32));
+    const int64_t G = K / group, B = K / 32;
+    if (x_int) {
+        xq = (int16_t *)x_int;
+        for (int64_t i = 0; i < M * B; i++) dx[i] = 1.f;
+    } else {
+        quantize_rows(x, xq, dx, 0, M, K, group);
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * K * M >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *qn = q + n * K;
+        const float *sn = scale + n * G;
+        for (int64_t m = 0; m < M; m += ROWS) {
+            const int64_t rows = M - m < ROWS ? M - m : ROWS;
+            const int16_t *xr = xq + m * K;
+            const float *dr = dx + m * B;
+            float *yr = y + m * ldy + n;
+            switch (rows) {
+                case 1: int8_row(qn, sn, xr, dr, yr, K, group, ldy, 1); break;
+                case 2: int8_row(qn, sn, xr, dr, yr, K, group, ldy, 2); break;
+                case 3: int8_row(qn, sn, xr, dr, yr, K, group, ldy, 3); break;
+                default: int8_row(qn, sn, xr, dr, yr, K, group, ldy, 4); break;
+            }
+        }
+    }
+    free(dx);
+    return 0;
+}
+
+/* ---- attention of decode rows over the paged KV cache ------------------------------------------------
+
+   exp(x) for x <= 0 (Cephes' polynomial, relative error ~1e-7); below -87 it returns ~0. */
+INLINE __m256 exp_neg(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+#define TILE 64          /* keys scored before a softmax update: online softmax over tiles, as FlashAttention */
+#define MAX_GROUP 16     /* query heads per KV head */
+#define MAX_DIM 256
+
+/* Writes row b's new key and value k_new, v_new [B, Hkv, D] at cache slot slots[b] (skipped when -1; a
+   slot is block id * block_size + offset), then: q [B, Hq, D] -> out [B, Hq, D]: row b's query attends to context positions start[b] .. seq_len[b] - 1,
+   read from k_cache/v_cache [num_blocks, block_size, Hkv, D] through block_tables [B, width] (int32).
+   The Hq / Hkv query heads of a KV head share each key and value row read. Scores never leave a tile
+   of TILE keys; the softmax is online (running max and sum), so no L-long row is ever stored.
+   D a multiple of 8, at most MAX_DIM; Hq / Hkv at most MAX_GROUP. Threads split (row, KV head) pairs. */
+void tm_paged_decode(const float *q, const float *k_new, const float *v_new, const int64_t *slots,
+                     float *k_cache, float *v_cache, const int32_t *block_tables,
+                     const int32_t *seq_lens, const int32_t *starts, float *out, int64_t B, int64_t Hq,
+                     int64_t Hkv, int64_t D, int64_t block_size, int64_t width, float scale, int threads) {
+    const int64_t group = Hq / Hkv, row = Hkv * D;          /* floats per cached token */
+    /* each (row, KV head) writes only its own slot, which no other row reads: the engine copies a
+       shared page before a sequence writes to it */
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) work += seq_lens[b] - starts[b];
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (work * Hq * D >= PARALLEL_WORK)
+    for (int64_t bh = 0; bh < B * Hkv; bh++) {
+        const int64_t b = bh / Hkv, h = bh % Hkv;
+        const int32_t *table = block_tables + b * width;
+        const float *qb = q + (b * Hq + h * group) * D;
+        float acc[MAX_GROUP * MAX_DIM], scores[MAX_GROUP][TILE], m[MAX_GROUP], l[MAX_GROUP];
+        if (slots[b] >= 0)      /* this row's new key and value first: its own query sees them */
+            for (int64_t d = 0; d < D; d++) {
+                k_cache[slots[b] * row + h * D + d] = k_new[(b * Hkv + h) * D + d];
+                v_cache[slots[b] * row + h * D + d] = v_new[(b * Hkv + h) * D + d];
+            }
+        for (int64_t j = 0; j < group; j++) {
+            m[j] = -INFINITY; l[j] = 0.f;
+            for (int64_t d = 0; d < D; d++) acc[j * D + d] = 0.f;
+        }
+        const float *rows_k[TILE], *rows_v[TILE];
+        for (int64_t t0 = starts[b]; t0 < seq_lens[b]; t0 += TILE) {
+            const int64_t n = seq_lens[b] - t0 < TILE ? seq_lens[b] - t0 : TILE;
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t t = t0 + i, at = ((int64_t)table[t / block_size] * block_size + t % block_size) * row + h * D;
+                rows_k[i] = k_cache + at;
+                rows_v[i] = v_cache + at;
+            }
+            for (int64_t j = 0; j < group; j++) {      /* scores of the tile, eight keys at a time */
+                const float *qj = qb + j * D;
+                int64_t i = 0;
+                for (; i + 8 <= n; i += 8) {
+                    __m256 s[8];
+                    for (int p = 0; p < 8; p++) s[p] = _mm256_setzero_ps();
+                    for (int64_t d = 0; d < D; d += 8) {
+                        const __m256 qv = _mm256_loadu_ps(qj + d);
+                        for (int p = 0; p < 8; p++) s[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows_k[i + p] + d), s[p]);
+                    }
+                    _mm256_storeu_ps(scores[j] + i, _mm256_mul_ps(hsum8(s), _mm256_set1_ps(scale)));
+                }
+                for (; i < n; i++) {
+                    __m256 s = _mm256_setzero_ps();
+                    for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), _mm256_loadu_ps(rows_k[i] + d), s);
+                    scores[j][i] = hsum(s) * scale;
+                }
+            }
+            for (int64_t j = 0; j < group; j++) {      /* online softmax: rescale what came before */
+                float mx = m[j];
+                for (int64_t i = 0; i < n; i++) mx = scores[j][i] > mx ? scores[j][i] : mx;
+                const float keep = expf(m[j] - mx);       /* 0 on the first tile (m = -inf) */
+                l[j] *= keep;
+                m[j] = mx;
+                int64_t i = 0;
+                for (; i + 8 <= n; i += 8)
+                    _mm256_storeu_ps(scores[j] + i, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores[j] + i), _mm256_set1_ps(mx))));
+                for (; i < n; i++) scores[j][i] = expf(scores[j][i] - mx);
+                for (i = 0; i < n; i++) l[j] += scores[j][i];
+                /* values of the tile, weighted, 32 columns at a time held in registers */
+                for (int64_t d0 = 0; d0 < D; d0 += 32) {
+                    const int64_t w = D - d0 < 32 ? (D - d0) / 8 : 4;
+                    __m256 a[4];
+                    for (int c = 0; c < w; c++) a[c] = _mm256_mul_ps(_mm256_set1_ps(keep), _mm256_loadu_ps(acc + j * D + d0 + 8 * c));
+                    for (int64_t t = 0; t < n; t++) {
+                        const __m256 p = _mm256_set1_ps(scores[j][t]);
+                        for (int c = 0; c < w; c++) a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(rows_v[t] + d0 + 8 * c), a[c]);
+                    }
+                    for (int c = 0; c < w; c++) _mm256_storeu_ps(acc + j * D + d0 + 8 * c, a[c]);
+                }
+            }
+        }
+        for (int64_t j = 0; j < group; j++) {
+            float *o = out + (b * Hq + h * group + j) * D;
+            const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
+            for (int64_t d = 0; d < D; d++) o[d] = acc[j * D + d] * inv;
+        }
+    }
+}
+
+/* ---- small per-token ops of a decode step (each replaces several PyTorch ops) -------------------------- */
+
+/* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * weight, for M rows of K floats (K a multiple of 8). */
+void tm_rms_norm(const float *x, const float *weight, float *out, int64_t M, int64_t K, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        __m256 ss = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += 8) {
+            const __m256 v = _mm256_loadu_ps(xm + k);
+            ss = _mm256_fmadd_ps(v, v, ss);
+        }
+        const __m256 r = _mm256_set1_ps(1.f / sqrtf(hsum(ss) / (float)K + eps));
+        for (int64_t k = 0; k < K; k += 8)
+            _mm256_storeu_ps(out + m * K + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xm + k), r), _mm256_loadu_ps(weight + k)));
+    }
+}
+
+/* Rotate-half (NeoX) rope: x [T, H, D] with a stride of `ld` floats between tokens (heads contiguous)
+   -> out [T, H, D] contiguous; cos, sin [T, D / 2]. D / 2 a multiple of 8. */
+void tm_rope(const float *x, int64_t ld, const float *cos_t, const float *sin_t, float *out,
+             int64_t T, int64_t H, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++) {
+            const float *a = x + t * ld + h * D, *c = cos_t + t * half, *s = sin_t + t * half;
+            float *o = out + (t * H + h) * D;
+            for (int64_t i = 0; i < half; i += 8) {
+                const __m256 x1 = _mm256_loadu_ps(a + i), x2 = _mm256_loadu_ps(a + half + i);
+                const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+                _mm256_storeu_ps(o + i, _mm256_fmsub_ps(x1, cv, _mm256_mul_ps(x2, sv)));
+                _mm256_storeu_ps(o + half + i, _mm256_fmadd_ps(x2, cv, _mm256_mul_ps(x1, sv)));
+            }
+        }
+}
+
+/* out [M, I] = silu(x[:, :I]) * x[:, I:] for x [M, 2I] (SwiGLU's gate and up halves), I a multiple of 8. */
+void tm_silu_mul(const float *x, float *out, int64_t M, int64_t I) {
+    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < I; i += 8) {
+            const __m256 g = _mm256_loadu_ps(x + m * 2 * I + i), u = _mm256_loadu_ps(x + m * 2 * I + I + i);
+            /* silu(g) = g / (1 + exp(-g)); exp of -|g| keeps the argument <= 0, then e^g = 1 / e^-g if g < 0 */
+            const __m256 e = exp_neg(_mm256_or_ps(g, sign));                         /* exp(-|g|) */
+            const __m256 neg = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+            const __m256 sig = _mm256_blendv_ps(_mm256_div_ps(one, _mm256_add_ps(one, e)),
+                                                _mm256_div_ps(e, _mm256_add_ps(one, e)), neg);
+            _mm256_storeu_ps(out + m * I + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), u));
+        }
+}
