@@ -152,3 +152,31 @@ def test_shapes_the_kernels_do_not_take_fall_back():
     assert not kernels.paged_decode_fits(torch.randn(1, 4, 60), torch.zeros(2, 16, 2, 60))       # D % 8
     assert not kernels.paged_decode_fits(torch.randn(1, 4, 64, dtype=torch.bfloat16),
                                          torch.zeros(2, 16, 2, 64, dtype=torch.bfloat16))
+
+
+def test_int4_kernel_rows_do_not_depend_on_the_batch():
+    """Up to DENSE_ROWS rows every row is computed the same way whatever the others: a sequence's decode
+    output does not change with the batch it runs in."""
+    from tokenmill.quant.int4 import NativeInt4Kernel
+    q, scale, zero = random_int4(96, 576, 32)
+    kernel = NativeInt4Kernel(q, scale, zero, 32)
+    x = torch.randn(kernel.DENSE_ROWS, 576, generator=torch.Generator().manual_seed(1))
+    alone = torch.cat([kernel(x[i:i + 1]) for i in range(len(x))])
+    for m in (2, 3, 5, 17, kernel.DENSE_ROWS):
+        assert torch.equal(kernel(x[:m]), alone[:m])
+
+
+def test_int4_kernel_act_order_and_dense_route():
+    """GPTQ act-order (a column permutation) on the kernel and, above DENSE_ROWS rows, on the weights
+    unpacked from its own bytes."""
+    from tokenmill.quant.int4 import NativeInt4Kernel, dequantize_int4
+    n, k, group = 40, 256, 64
+    q, scale, zero = random_int4(n, k, group, seed=2)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(0))
+    kernel = NativeInt4Kernel(q, scale, zero, group, perm=perm)
+    w = dequantize_int4(q, scale, zero, group)                      # the weights of the permuted columns
+    torch.testing.assert_close(kernel.dense_weight(), w, rtol=0, atol=1e-6)
+    for m in (3, kernel.DENSE_ROWS + 5):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        ref = x[:, perm].double() @ w.double().t()
+        assert ((kernel(x).double() - ref).abs() <= activation_bound(x[:, perm], w)).all()

@@ -108,7 +108,7 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group:
     m, k = x.shape
     n = q.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    _check(_state["lib"].tm_int4_mm(x.data_ptr(), q.data_ptr(), scale_offset.data_ptr(), y.data_ptr(),
+    _check(library().tm_int4_mm(x.data_ptr(), q.data_ptr(), scale_offset.data_ptr(), y.data_ptr(),
                                     m, n, k, group, n, torch.get_num_threads()))
     return y
 
@@ -121,7 +121,7 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -
     n = q.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     exact = x.dtype == torch.int16
-    _check(_state["lib"].tm_int8_mm(None if exact else x.data_ptr(), x.data_ptr() if exact else None, q.data_ptr(),
+    _check(library().tm_int8_mm(None if exact else x.data_ptr(), x.data_ptr() if exact else None, q.data_ptr(),
                                     scale.data_ptr(), y.data_ptr(), m, n, k, group, n, torch.get_num_threads()))
     return y
 
@@ -147,7 +147,7 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, hq, d = q.shape
     out = torch.empty_like(q)
-    _state["lib"].tm_paged_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
+    library().tm_paged_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
                                   v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(), starts.data_ptr(),
                                   out.data_ptr(), b, hq, k_cache.shape[2], d, k_cache.shape[1], block_tables.shape[1],
                                   scale, torch.get_num_threads())
@@ -161,7 +161,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor | None:
         return None
     x = x.contiguous()
     out = torch.empty(x.shape[0], half, dtype=torch.float32)
-    _state["lib"].tm_silu_mul(x.data_ptr(), out.data_ptr(), x.shape[0], half)
+    library().tm_silu_mul(x.data_ptr(), out.data_ptr(), x.shape[0], half)
     return out
 
 
@@ -174,7 +174,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         return None
     x = x.contiguous()
     out = torch.empty_like(x)
-    _state["lib"].tm_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // k, k, eps)
+    library().tm_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // k, k, eps)
     return out
 
 
@@ -187,7 +187,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
         return None
     cos, sin = cos.reshape(t, d // 2).contiguous(), sin.reshape(t, d // 2).contiguous()
     out = torch.empty(t, h, d, dtype=torch.float32)
-    _state["lib"].tm_rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, h, d)
+    library().tm_rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, h, d)
     return out
 
 
