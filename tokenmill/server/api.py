@@ -26,8 +26,8 @@ import tokenmill
 from tokenmill.engine import LLMEngine
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput, SpecDecodeStats
 from tokenmill.sampling_params import BeamSearchParams, SamplingParams
-from tokenmill.server.async_engine import (AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError,
-                                           RequestStream, StepObserver)
+from tokenmill.server.async_engine import (AsyncEngine, EngineDeadError, EngineThread, QueueFullError,
+                                           RequestFailedError, RequestStream, StepObserver)
 from tokenmill.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionChunk, CompletionLogprobs,
@@ -140,8 +140,9 @@ class ServerConfig:
     disconnect_poll_s: float = 0.5
 
 
-def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
-    async_engine = AsyncEngine(engine, config.max_queued_requests)
+def build_app(engine: LLMEngine, config: ServerConfig, engine_thread: EngineThread | None = None) -> FastAPI:
+    """`engine_thread`: the thread that built `engine`, which then steps it too (see EngineThread)."""
+    async_engine = AsyncEngine(engine, config.max_queued_requests, thread=engine_thread)
     metrics = Metrics(lambda: async_engine.stats, config.served_model_name,
                       engine.spec.num_speculative_tokens if engine.spec is not None else 0)
     async_engine.observer = metrics
@@ -581,9 +582,10 @@ def serve(engine_config, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
           log_level: str = "info", timeout_graceful_shutdown: float | None = 60.0) -> None:
     """Load the engine, then serve until SIGINT / SIGTERM; in-flight requests finish first."""
     import uvicorn
-    engine = LLMEngine(engine_config)
+    engine_thread = EngineThread(lambda: LLMEngine(engine_config))
+    engine = engine_thread.built()
     name = served_model_name or default_model_name(engine_config.model)
-    app = build_app(engine, ServerConfig(name, api_key, max_queued_requests))
+    app = build_app(engine, ServerConfig(name, api_key, max_queued_requests), engine_thread)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=timeout_graceful_shutdown))
     # a dead engine (a tensor-parallel rank is gone) shuts the server down, which then exits non-zero
@@ -592,6 +594,7 @@ def serve(engine_config, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
     try:
         server.run()
     finally:
+        engine_thread.hand_over(None)       # when the server never started the loop
         engine.shutdown()
     error = app.state.async_engine.error
     if error is not None:
