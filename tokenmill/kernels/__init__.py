@@ -1,12 +1,14 @@
-"""tokenmill's own CPU kernels (kernels/cpu.c): int4 and int8 weight-only products that unpack the
-weights in registers and accumulate in float32, for x86-64 CPUs with AVX2 and FMA.
+"""tokenmill's own CPU kernels (kernels/cpu.c), for x86-64 CPUs with AVX2 and FMA:
+  - int4 and int8 weight-only products: weights unpacked in registers, float32 activations rounded to
+    int16 per 32 columns, float32 sums (int4_mm, int8_mm; ~3x PyTorch's int4 kernel at batch 1);
+  - decode attention straight over the paged KV cache (paged_decode);
+  - RMSNorm, rotate-half rope and SwiGLU in one pass each (rms_norm, rope, silu_mul).
 
-PyTorch's int4 CPU kernel is compute-bound on AVX2 (~5 GB/s of weights, docs/benchmarks.md) and its
-int8 one wants bfloat16 activations; these read the packed weights at close to memory speed at
-batch 1 and keep float32 activations. The C file is compiled once per machine with the system C
-compiler (the same one pip uses for packages that compile) into $TOKENMILL_HOME/kernels and loaded
-with ctypes, which releases the GIL while a kernel runs. Where there is no compiler, no AVX2/FMA, or
-TOKENMILL_NATIVE_KERNELS=0, `library()` is None and the quant methods use PyTorch's kernels.
+The C file is compiled once per machine with the system C compiler (the one pip uses for packages
+that compile) into $TOKENMILL_HOME/kernels, and loaded with ctypes, which releases the GIL while a
+kernel runs; its OpenMP threads are PyTorch's (the libgomp already loaded). Where there is no
+compiler, no AVX2/FMA, or TOKENMILL_NATIVE_KERNELS=0, `library()` is None and callers run PyTorch's
+path; the helpers that take optional shapes return None for what they do not take.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ log = logging.getLogger("tokenmill")
 SOURCE = Path(__file__).with_name("cpu.c")
 # explicit ISA flags, never -march=native: a VM may advertise AVX-512 it then traps (see the Makefile)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+LIBS = ["-lm"]
 ENV_SWITCH = "TOKENMILL_NATIVE_KERNELS"
 
 _lock = threading.Lock()
@@ -46,7 +49,7 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), *LIBS], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
         os.replace(out, target)          # atomic: a concurrent process sees the old file or the new one
@@ -59,7 +62,7 @@ def _load() -> ctypes.CDLL | None:
         log.info("native CPU kernels off: this CPU lacks AVX2/FMA (PyTorch's kernels run instead)")
         return None
     from tokenmill.model_files import home
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + LIBS).encode()).hexdigest()[:16]
     path = home() / "kernels" / f"cpu-{key}.so"
     try:
         if not path.exists():
