@@ -82,6 +82,8 @@ def _load() -> ctypes.CDLL | None:
     lib.tm_silu_mul.argtypes = [p, p, i64, i64]
     lib.tm_silu_mul.restype = None
     lib.tm_paged_decode.restype = None
+    lib.tm_int4_dequantize.argtypes = [p, p, p, i64, i64, i64, i32]
+    lib.tm_int4_dequantize.restype = None
     lib.tm_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
     lib.tm_rope.argtypes = [p, i64, p, p, p, i64, i64, i64]
     lib.tm_rms_norm.restype = lib.tm_rope.restype = None
@@ -114,6 +116,15 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group:
     _check(library().tm_int4_mm(x.data_ptr(), q.data_ptr(), scale_offset.data_ptr(), y.data_ptr(),
                                     m, n, k, group, n, torch.get_num_threads()))
     return y
+
+
+def int4_dequantize(q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
+    """int4_mm's weights as float32 [N, K] (q * scale + offset), in one pass."""
+    n, k = q.shape[0], 2 * q.shape[1]
+    w = torch.empty(n, k, dtype=torch.float32)
+    library().tm_int4_dequantize(q.data_ptr(), scale_offset.data_ptr(), w.data_ptr(), n, k, group,
+                                 torch.get_num_threads())
+    return w
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:

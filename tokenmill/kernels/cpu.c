@@ -399,3 +399,27 @@ void tm_silu_mul(const float *x, float *out, int64_t M, int64_t I) {
             _mm256_storeu_ps(out + m * I + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), u));
         }
 }
+
+/* ---- the weights themselves, for products with many rows (prefill) ------------------------------------ */
+
+/* w [N, K] float32 = q * scale + offset, from tm_int4_mm's packed layout: one pass, rows split between
+   threads. */
+void tm_int4_dequantize(const uint8_t *q, const float *scale_offset, float *w, int64_t N, int64_t K,
+                        int64_t group, int threads) {
+    const int64_t G = K / group;
+    const __m128i mask = _mm_set1_epi8(0x0F);
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qn = q + n * (K / 2);
+        const float *so = scale_offset + n * G * 2;
+        float *wn = w + n * K;
+        for (int64_t b = 0; b < K; b += 32) {
+            const __m256 s = _mm256_set1_ps(so[2 * (b / group)]), o = _mm256_set1_ps(so[2 * (b / group) + 1]);
+            const __m128i bytes = _mm_loadu_si128((const __m128i *)(qn + b / 2));
+            const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int i = 0; i < 4; i++)
+                _mm256_storeu_ps(wn + b + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), s, o));
+        }
+    }
+}
