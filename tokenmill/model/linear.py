@@ -41,7 +41,7 @@ class QLinear(nn.Module):
         self._pending: dict[int, Source] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.kernel(x)
+        y = self.kernel.forward(x)          # kernels carry no hooks: skip nn.Module.__call__ (~1 us a call)
         if self.reduce.size > 1:
             y = self.reduce.all_reduce(y)
         return y if self.bias is None else y + self.bias
