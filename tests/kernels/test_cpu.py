@@ -180,3 +180,14 @@ def test_int4_kernel_act_order_and_dense_route():
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         ref = x[:, perm].double() @ w.double().t()
         assert ((kernel(x).double() - ref).abs() <= activation_bound(x[:, perm], w)).all()
+
+
+def test_arguments_the_c_code_cannot_take_are_refused():
+    q = kernels.pack_int4(torch.zeros(8, 64, dtype=torch.uint8))
+    so = torch.zeros(8, 2, 2)
+    with pytest.raises(ValueError, match="int4_mm"):
+        kernels.int4_mm(torch.zeros(1, 64, dtype=torch.bfloat16), q, so, 32)
+    with pytest.raises(ValueError, match="int4_mm"):
+        kernels.int4_mm(torch.zeros(1, 96), q, so, 32)                       # K does not match the weights
+    with pytest.raises(ValueError, match="int8_mm"):
+        kernels.int8_mm(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.zeros(8, 1), 32)

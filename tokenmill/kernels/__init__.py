@@ -101,6 +101,12 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
+def _require(ok: bool, kernel: str, *tensors: torch.Tensor) -> None:
+    """The C code trusts its arguments: a caller's mistake is an error here, never a wild read."""
+    if not ok:
+        raise ValueError(f"{kernel}: unsupported arguments " + ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in tensors))
+
+
 def _check(status: int) -> None:
     if status != 0:
         raise MemoryError("tokenmill CPU kernel: no memory for the activations' scratch copy")
@@ -112,6 +118,9 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group:
     x = x.contiguous()
     m, k = x.shape
     n = q.shape[0]
+    _require(x.dtype is torch.float32 and q.dtype is torch.uint8 and 2 * q.shape[1] == k and k % group == 0
+             and group % 32 == 0 and scale_offset.numel() == 2 * n * (k // group) and q.is_contiguous()
+             and scale_offset.dtype is torch.float32 and scale_offset.is_contiguous(), "int4_mm", x, q, scale_offset)
     y = torch.empty(m, n, dtype=torch.float32)
     _check(library().tm_int4_mm(x.data_ptr(), q.data_ptr(), scale_offset.data_ptr(), y.data_ptr(),
                                     m, n, k, group, n, torch.get_num_threads()))
@@ -121,6 +130,9 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group:
 def int4_dequantize(q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
     """int4_mm's weights as float32 [N, K] (q * scale + offset), in one pass."""
     n, k = q.shape[0], 2 * q.shape[1]
+    _require(q.dtype is torch.uint8 and q.is_contiguous() and k % group == 0 and group % 32 == 0
+             and scale_offset.dtype is torch.float32 and scale_offset.is_contiguous()
+             and scale_offset.numel() == 2 * n * (k // group), "int4_dequantize", q, scale_offset)
     w = torch.empty(n, k, dtype=torch.float32)
     library().tm_int4_dequantize(q.data_ptr(), scale_offset.data_ptr(), w.data_ptr(), n, k, group,
                                  torch.get_num_threads())
@@ -133,8 +145,11 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -
     x = x.contiguous()
     m, k = x.shape
     n = q.shape[0]
+    exact = x.dtype is torch.int16
+    _require((exact or x.dtype is torch.float32) and q.dtype is torch.int8 and q.shape[1] == k and k % group == 0
+             and group % 32 == 0 and q.is_contiguous() and scale.dtype is torch.float32 and scale.is_contiguous()
+             and scale.numel() == n * (k // group), "int8_mm", x, q, scale)
     y = torch.empty(m, n, dtype=torch.float32)
-    exact = x.dtype == torch.int16
     _check(library().tm_int8_mm(None if exact else x.data_ptr(), x.data_ptr() if exact else None, q.data_ptr(),
                                     scale.data_ptr(), y.data_ptr(), m, n, k, group, n, torch.get_num_threads()))
     return y
@@ -160,6 +175,12 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     -> [B, Hq, D]. Only the pages of those positions are read."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, hq, d = q.shape
+    _require(paged_decode_fits(q, k_cache) and v_cache.shape == k_cache.shape and v_cache.is_contiguous()
+             and k.shape == v.shape == (b, k_cache.shape[2], d) and k.dtype is v.dtype is torch.float32
+             and slots.dtype is torch.int64 and slots.numel() == b and block_tables.dtype is torch.int32
+             and block_tables.is_contiguous() and block_tables.shape[0] == b
+             and seq_lens.dtype is starts.dtype is torch.int32 and seq_lens.numel() == starts.numel() == b,
+             "paged_decode", q, k, slots, k_cache, block_tables, seq_lens, starts)
     out = torch.empty_like(q)
     library().tm_paged_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
                                   v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(), starts.data_ptr(),
