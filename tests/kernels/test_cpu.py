@@ -191,3 +191,13 @@ def test_arguments_the_c_code_cannot_take_are_refused():
         kernels.int4_mm(torch.zeros(1, 96), q, so, 32)                       # K does not match the weights
     with pytest.raises(ValueError, match="int8_mm"):
         kernels.int8_mm(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.zeros(8, 1), 32)
+
+
+def test_dequantize_is_the_kernels_weights():
+    q, scale, zero = random_int4(24, 320, 64, seed=5)
+    so = torch.stack([scale, (zero.double() - 8 * scale.double()).float()], -1).contiguous()
+    expected = (q.float().view(24, 5, 64) * so[..., 0:1] + so[..., 1:2]).view(24, 320)
+    torch.testing.assert_close(kernels.int4_dequantize(kernels.pack_int4(q), so, 64), expected, rtol=1e-6, atol=1e-7)
+    q8 = torch.randint(-128, 128, (24, 320), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    s8 = torch.rand(24, 10)
+    assert torch.equal(kernels.int8_dequantize(q8, s8, 32), (q8.float().view(24, 10, 32) * s8[..., None]).view(24, 320))

@@ -84,6 +84,8 @@ def _load() -> ctypes.CDLL | None:
     lib.tm_paged_decode.restype = None
     lib.tm_int4_dequantize.argtypes = [p, p, p, i64, i64, i64, i32]
     lib.tm_int4_dequantize.restype = None
+    lib.tm_int8_dequantize.argtypes = [p, p, p, i64, i64, i64, i32]
+    lib.tm_int8_dequantize.restype = None
     lib.tm_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
     lib.tm_rope.argtypes = [p, i64, p, p, p, i64, i64, i64]
     lib.tm_rms_norm.restype = lib.tm_rope.restype = None
@@ -136,6 +138,17 @@ def int4_dequantize(q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> 
     w = torch.empty(n, k, dtype=torch.float32)
     library().tm_int4_dequantize(q.data_ptr(), scale_offset.data_ptr(), w.data_ptr(), n, k, group,
                                  torch.get_num_threads())
+    return w
+
+
+def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """int8_mm's weights as float32 [N, K] (q * scale), in one pass."""
+    n, k = q.shape
+    _require(q.dtype is torch.int8 and q.is_contiguous() and k % group == 0 and k % 8 == 0
+             and scale.dtype is torch.float32 and scale.is_contiguous() and scale.numel() == n * (k // group),
+             "int8_dequantize", q, scale)
+    w = torch.empty(n, k, dtype=torch.float32)
+    library().tm_int8_dequantize(q.data_ptr(), scale.data_ptr(), w.data_ptr(), n, k, group, torch.get_num_threads())
     return w
 
 

@@ -423,3 +423,16 @@ void tm_int4_dequantize(const uint8_t *q, const float *scale_offset, float *w, i
         }
     }
 }
+
+/* w [N, K] float32 = q * scale, from tm_int8_mm's layout (a scale per row and group of `group` columns). */
+void tm_int8_dequantize(const int8_t *q, const float *scale, float *w, int64_t N, int64_t K, int64_t group,
+                        int threads) {
+    const int64_t G = K / group;
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t b = 0; b < K; b += 8) {
+            const __m256 s = _mm256_set1_ps(scale[n * G + b / group]);
+            const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + n * K + b))));
+            _mm256_storeu_ps(w + n * K + b, _mm256_mul_ps(v, s));
+        }
+}

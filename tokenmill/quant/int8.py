@@ -71,7 +71,7 @@ class Int8WeightKernel(LinearKernel):
         q, scale = self.q[rows], self.scale[rows]
         if scale.dim() == 1:
             return q.to(dtype) * scale[:, None].to(dtype)
-        return (q.float().view(*q.shape[:-1], -1, self.group) * scale[..., None]).view(q.shape).to(dtype)
+        return native.int8_dequantize(q.contiguous(), scale.contiguous(), self.group).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self._dense(ids, dtype)
