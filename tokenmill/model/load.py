@@ -75,7 +75,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def describe_weights(model: nn.Module) -> str:
-    """What runs where, e.g. "120 linears Q4_1 -> int4 g32, lm_head Q8_0 -> int8 per-row, embedding: lm_head's rows"."""
+    """What runs where, e.g. "210 linears Q4_1 -> int4 g32, lm_head Q8_0 -> int8 g32, embedding: lm_head's rows"."""
     linears = model.linears()
     head = linears.pop("lm_head")
     counts: Counter[str] = Counter()
