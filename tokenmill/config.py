@@ -83,6 +83,7 @@ class SpeculativeConfig:
 class EngineConfig:
     model: str | None = None             # path to a .gguf / HF directory, or a short name; None = the default model
     dtype: str = "float32"               # activations; "auto": bfloat16 on CUDA and on CPUs with AMX-BF16, else float32
+    #                                      (float32 where the weights run on tokenmill's CPU kernels: model/load.py)
     quantization: str | None = None      # None: as stored (GGUF packed, dense in dtype); "dequantize", "int4", "int8", "gguf"
     block_size: int = 16
     max_num_seqs: int = 64

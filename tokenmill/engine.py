@@ -20,7 +20,8 @@ from tokenmill.core.block_manager import BlockManager
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.core.sequence import Sequence, SequenceStatus
 from tokenmill.kv_cache import KVLayout, allocate_kv_cache, bytes_per_block, num_blocks_for_memory
-from tokenmill.model.load import Checkpoint, build_model, describe_weights, open_checkpoint, weight_bytes
+from tokenmill.model.load import (Checkpoint, activation_dtype, build_model, describe_weights, open_checkpoint,
+                                  weight_bytes)
 from tokenmill.model_files import resolve_model
 from tokenmill.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, PromptLogprobs,
                                RequestMetrics, RequestOutput, SpecDecodeStats)
@@ -90,10 +91,12 @@ class LLMEngine:
                              f"this process was started as rank {launched[0]} of {launched[1]}")
         if launched is not None and launched[0] > 0:
             run_launched_rank(config)       # serves rank 0's steps, then exits the process
-        device, dtype = config.torch_device, config.torch_dtype
+        device = config.torch_device
         path = resolve_model(config.model)
         t0 = time.perf_counter()
         ckpt = open_checkpoint(path)
+        method = ckpt.method(config.quantization)
+        dtype = activation_dtype(config, method)
         self.model_config = cfg = ckpt.config
         check_tensor_parallel(cfg, tp)
         self.spec = spec = config.speculative_config
@@ -124,7 +127,7 @@ class LLMEngine:
             cfg, self.block_manager.max_tokens(config.max_num_batched_tokens + lookahead, cfg.max_position_embeddings))
         self.ranks = self._start_ranks(layout, num_blocks) if tp > 1 else None
         try:          # from here on, a failure must not leave the other ranks running
-            self.model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(config.quantization),
+            self.model = build_model(ckpt, dtype, self.max_model_len, device, method,
                                      progress, self.ranks.group if self.ranks else SINGLE)
             if self.ranks is not None:
                 self.ranks.wait_ready()
@@ -132,7 +135,7 @@ class LLMEngine:
             logger.info("loaded %s (%s, %d layers) in %.1f s: %s; weights %.1f MB%s", path.name, cfg.architecture,
                         cfg.num_hidden_layers, time.perf_counter() - t0, describe_weights(self.model),
                         weight_bytes(self.model) / 1e6, f" on each of {tp} ranks (rank 0's shard)" if tp > 1 else "")
-            if dtype == torch.float32 and device.type == "cpu" and cpu_has_amx_bf16():
+            if dtype == torch.float32 and device.type == "cpu" and cpu_has_amx_bf16() and not method.packed:
                 logger.info("this CPU has AMX-BF16: dtype='bfloat16' (or 'auto') gives about 2x the batched "
                             "throughput and half the weight memory, at bfloat16 precision (docs/benchmarks.md)")
             logger.info("KV cache: %d pages of %d tokens, %d KV group(s) %s; max_model_len %d", num_blocks,
@@ -203,7 +206,8 @@ class LLMEngine:
         if ckpt.config.vocab_size != vocab:
             raise ValueError(f"speculative_config.model: the draft's vocabulary ({ckpt.config.vocab_size} tokens, "
                              f"{ckpt.path.name}) differs from the target's ({vocab}); a draft must share the tokenizer")
-        return ckpt, dataclasses.replace(self.config, dtype=spec.dtype or self.config.dtype).torch_dtype
+        return ckpt, activation_dtype(dataclasses.replace(self.config, dtype=spec.dtype or self.config.dtype),
+                                      ckpt.method(spec.quantization))
 
     def _load_draft(self, spec: SpeculativeConfig, ckpt: Checkpoint, dtype: torch.dtype, num_blocks: int,
                     progress: bool) -> DraftModelProposer:

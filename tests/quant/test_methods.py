@@ -77,3 +77,17 @@ def test_made_at_load_matches_dense_math_of_the_same_quantization(tiny_llama, qu
     lost = torch.tensor([dense[i - 1, prompt[i]] - ref[i - 1, prompt[i]] for i in range(1, len(prompt))]).abs()
     assert diff.mean() < tol, diff.mean().item()
     assert lost.mean() > 2 * tol        # the quantization itself moves logprobs far more than the tolerance
+
+
+def test_auto_dtype_is_float32_for_weights_on_tokenmills_kernels(tiny_llama, monkeypatch):
+    """dtype="auto" on a CPU where bfloat16 products are fast (AMX, faked here): dense weights run in
+    bfloat16, weights packed on tokenmill's CPU kernels in float32, the activations those kernels take."""
+    import tokenmill.config
+    from tokenmill import kernels
+    monkeypatch.setattr(tokenmill.config, "cpu_has_amx_bf16", lambda: True)
+    path = str(tiny_llama[0])
+    assert LLM(path, dtype="auto", num_kv_blocks=16, progress=False).engine.model.dtype == torch.bfloat16
+    packed = LLM(path, dtype="auto", quantization="int4", num_kv_blocks=16, progress=False)
+    assert packed.engine.model.dtype == (torch.float32 if kernels.library() is not None else torch.bfloat16)
+    dequantized = LLM(path, dtype="auto", quantization="dequantize", num_kv_blocks=16, progress=False)
+    assert dequantized.engine.model.dtype == torch.bfloat16

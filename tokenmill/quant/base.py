@@ -100,6 +100,7 @@ class QuantMethod:
     """How one checkpoint's linear layers run. Subclasses set `name` and implement `kernel`."""
     name: str = ""
     quantizes_dense: bool = False      # made at load: also shrink a dense embedding table (to int8 rows)
+    packed: bool = True                # linears run on quantized kernels (False: dense weights in `dtype`)
 
     def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
         """One kernel computing the row-concatenation of `parts` ([out_i, in] each) for activations
@@ -125,6 +126,7 @@ class QuantMethod:
 class DenseMethod(QuantMethod):
     """Every weight dequantized to the activation dtype: the transformers-exact reference path."""
     name = "dequantize"
+    packed = False
 
     def kernel(self, parts: list[Source], dtype: torch.dtype, device: torch.device) -> LinearKernel:
         return DenseKernel(torch.cat([as_float(p, dtype) for p in parts]).to(device))

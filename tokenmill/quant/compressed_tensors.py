@@ -39,6 +39,7 @@ class CompressedTensorsInt8Method(QuantMethod):
                    "dynamic, per token, symmetric")
         self.activations = a is not None
         self.dequantize = dequantize
+        self.packed = not dequantize
 
     def source_names(self) -> tuple[str, ...]:
         return ("weight", "weight_scale")
