@@ -14,7 +14,7 @@ from typing import Sequence as Seq
 import torch
 
 from tokenmill.attention import get_backend
-from tokenmill.config import EngineConfig, SpeculativeConfig, cpu_has_amx_bf16
+from tokenmill.config import DTYPES, EngineConfig, SpeculativeConfig, cpu_has_amx_bf16
 from tokenmill.core.beam import BeamGroup
 from tokenmill.core.block_manager import BlockManager
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -125,7 +125,7 @@ class LLMEngine:
         lookahead = spec.num_speculative_tokens if drafting else 0
         self.max_model_len = self._context_length(
             cfg, self.block_manager.max_tokens(config.max_num_batched_tokens + lookahead, cfg.max_position_embeddings))
-        self.ranks = self._start_ranks(layout, num_blocks) if tp > 1 else None
+        self.ranks = self._start_ranks(layout, num_blocks, dtype) if tp > 1 else None
         try:          # from here on, a failure must not leave the other ranks running
             self.model = build_model(ckpt, dtype, self.max_model_len, device, method,
                                      progress, self.ranks.group if self.ranks else SINGLE)
@@ -164,13 +164,14 @@ class LLMEngine:
                 self.ranks.close(kill=True)
             raise
 
-    def _start_ranks(self, layout: KVLayout, num_blocks: int) -> Ranks:
+    def _start_ranks(self, layout: KVLayout, num_blocks: int, dtype: torch.dtype) -> Ranks:
         """Start ranks 1..N-1 (or meet the ones a launcher started) and join the group; each rank uses
-        threads / N CPU threads."""
+        threads / N CPU threads, and rank 0's activation dtype (what "auto" resolved to here)."""
         tp = self.config.tensor_parallel_size
         before = torch.get_num_threads()
         threads = max(1, before // tp)
-        ranks = Ranks(self.config, RankInit(self.config, layout, num_blocks, self.max_model_len, threads))
+        resolved = dataclasses.replace(self.config, dtype=next(k for k, v in DTYPES.items() if v == dtype))
+        ranks = Ranks(self.config, RankInit(resolved, layout, num_blocks, self.max_model_len, threads))
         ranks.threads_before = before               # given back when the ranks stop
         torch.set_num_threads(threads)
         logger.info("tensor parallelism: %d ranks (%s), %d CPU thread(s) each", tp,

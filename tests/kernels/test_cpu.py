@@ -201,3 +201,30 @@ def test_dequantize_is_the_kernels_weights():
     q8 = torch.randint(-128, 128, (24, 320), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
     s8 = torch.rand(24, 10)
     assert torch.equal(kernels.int8_dequantize(q8, s8, 32), (q8.float().view(24, 10, 32) * s8[..., None]).view(24, 320))
+
+
+def test_more_arguments_the_c_code_cannot_take_are_refused():
+    q, k, v, kc, vc, meta = random_paged_case([1], [20], 4, 2, 64, torch.float32, block_size=16, seed=0)
+    args = (meta.slot_mapping, kc, vc, meta.block_tables.contiguous(), meta.seq_lens.to(torch.int32),
+            torch.zeros(1, dtype=torch.int32), 0.125)
+    with pytest.raises(ValueError, match="paged_decode"):       # a cache whose head dim is not q's
+        kernels.paged_decode(q, k, v, args[0], kc[..., :8].contiguous(), vc[..., :8].contiguous(), *args[3:])
+    with pytest.raises(ValueError, match="paged_decode"):       # a bfloat16 value cache
+        kernels.paged_decode(q, k, v, args[0], kc, vc.bfloat16(), *args[3:])
+    with pytest.raises(ValueError, match="rms_norm"):
+        kernels.rms_norm(torch.randn(2, 64), torch.ones(8), 1e-5)
+    from tokenmill.quant.int4 import NativeInt4Kernel
+    with pytest.raises(ValueError, match="not a multiple of the group size 128"):
+        NativeInt4Kernel(*random_int4(8, 576, 32)[:1], torch.rand(8, 5), torch.rand(8, 5), 128)
+
+
+def test_nan_and_inf_activations_give_nan():
+    """A non-finite activation makes its products NaN (as float math would), never a finite number."""
+    q8 = torch.randint(-127, 128, (4, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    q, scale, zero = random_int4(4, 64, 32)
+    so = torch.stack([scale, zero - 8 * scale], -1).contiguous()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(2, 64)
+        x[0, 5] = bad
+        for y in (kernels.int8_mm(x, q8, torch.rand(4, 2), 32), kernels.int4_mm(x, kernels.pack_int4(q), so, 32)):
+            assert y[0].isnan().all() and y[1].isfinite().all()

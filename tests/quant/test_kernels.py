@@ -139,3 +139,18 @@ def test_int4_dense_route_unpacks_the_kernels_own_bytes(n, k, group):
     assert torch.equal(kernel.dense_weight(), expected)
     x = torch.randn(kernel.DENSE_ROWS + 3, k)
     torch.testing.assert_close(kernel(x), x @ expected.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_w8a8_without_tokenmills_kernels_keeps_exact_integer_math(monkeypatch):
+    """Without VNNI and without tokenmill's kernels the int8 x int8 product stays torch._int_mm: exact,
+    never PyTorch's bfloat16 weight-only kernel."""
+    from tokenmill import kernels
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    torch.manual_seed(3)
+    w, x = torch.randn(64, 320), torch.randn(5, 320) * 4
+    qw, sw = quantize_per_channel(w)
+    kernel = W8A8Kernel(qw, sw)
+    assert kernel.weight_only is None
+    sx = x.abs().amax(1, keepdim=True) / 127
+    ref = (torch.round(x / sx).clamp(-127, 127).double() @ qw.double().t()) * sx.double() * sw.double()
+    torch.testing.assert_close(kernel(x).double(), ref, rtol=1e-5, atol=1e-4)

@@ -188,12 +188,15 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     -> [B, Hq, D]. Only the pages of those positions are read."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, hq, d = q.shape
-    _require(paged_decode_fits(q, k_cache) and v_cache.shape == k_cache.shape and v_cache.is_contiguous()
+    _require(paged_decode_fits(q, k_cache) and k_cache.shape[3] == d and v_cache.shape == k_cache.shape
+             and v_cache.dtype is torch.float32 and v_cache.is_contiguous()
              and k.shape == v.shape == (b, k_cache.shape[2], d) and k.dtype is v.dtype is torch.float32
              and slots.dtype is torch.int64 and slots.numel() == b and block_tables.dtype is torch.int32
-             and block_tables.is_contiguous() and block_tables.shape[0] == b
-             and seq_lens.dtype is starts.dtype is torch.int32 and seq_lens.numel() == starts.numel() == b,
-             "paged_decode", q, k, slots, k_cache, block_tables, seq_lens, starts)
+             and block_tables.dim() == 2 and block_tables.shape[0] == b
+             and seq_lens.dtype is starts.dtype is torch.int32 and seq_lens.numel() == starts.numel() == b
+             and all(t.is_contiguous() for t in (slots, block_tables, seq_lens, starts)),
+             "paged_decode", q, k, slots, k_cache, v_cache, block_tables, seq_lens, starts)
+    # the values are trusted: the caller's tables cover seq_lens, slots and page ids lie in the cache
     out = torch.empty_like(q)
     library().tm_paged_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
                                   v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(), starts.data_ptr(),
@@ -220,6 +223,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if (x.dtype != torch.float32 or weight.dtype != torch.float32 or k % 8 or x.device.type != "cpu"
             or library() is None):
         return None
+    _require(weight.numel() == k and weight.is_contiguous(), "rms_norm", x, weight)
     x = x.contiguous()
     out = torch.empty_like(x)
     library().tm_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // k, k, eps)
@@ -233,6 +237,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     if (x.dtype != torch.float32 or cos.dtype != torch.float32 or (d // 2) % 8 or x.device.type != "cpu"
             or x.stride(2) != 1 or x.stride(1) != d or library() is None):
         return None
+    _require(sin.dtype is torch.float32 and cos.numel() == sin.numel() == t * (d // 2), "rope", x, cos, sin)
     cos, sin = cos.reshape(t, d // 2).contiguous(), sin.reshape(t, d // 2).contiguous()
     out = torch.empty(t, h, d, dtype=torch.float32)
     library().tm_rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, h, d)

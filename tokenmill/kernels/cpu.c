@@ -61,18 +61,20 @@ static void quantize_rows(const float *x, int16_t *xq, float *dx, float *xsum, i
                 amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
                 sum = _mm256_add_ps(sum, v[i]);
             }
-            const float a = hmax(amax);
-            const __m256 inv = _mm256_set1_ps(a > 0.f ? 32767.f / a : 0.f);
+            const float a = hmax(amax), total = hsum(sum);
+            /* a NaN or inf in the block (max_ps may drop a NaN; the sum keeps it): its products are NaN */
+            const int finite = a <= 3.4e38f && total == total && total - total == 0.f;
+            const __m256 inv = _mm256_set1_ps(finite && a > 0.f ? 32767.f / a : 0.f);
             for (int i = 0; i < 4; i += 2) {
                 __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
                 __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inv));
                 __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
                 _mm256_storeu_si256((__m256i *)(xq + m * K + b + 8 * i), packed);
             }
-            dx[m * (K / 32) + b / 32] = a / 32767.f;
+            dx[m * (K / 32) + b / 32] = finite ? a / 32767.f : NAN;
             if (xsum) {
                 if (b % group == 0) xsum[m * (K / group) + b / group] = 0.f;
-                xsum[m * (K / group) + b / group] += hsum(sum);
+                xsum[m * (K / group) + b / group] += total;
             }
         }
     }

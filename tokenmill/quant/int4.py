@@ -130,6 +130,8 @@ class NativeInt4Kernel(LinearKernel):
         n, k = q.shape
         if group % 32 or k % group:
             scale, zero, group = regroup(scale, zero, group, k)
+        if k % group:
+            raise ValueError(f"int4 kernel: in_features {k} is not a multiple of the group size {group}")
         self.out_features, self.in_features, self.group, self.label = n, k, group, label
         offset = zero.double() - 8 * scale.double()
         self.register_buffer("packed", native.pack_int4(q))                                   # [N, K / 2]
