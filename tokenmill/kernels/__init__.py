@@ -74,21 +74,20 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as e:
         log.warning("native CPU kernels unavailable (%s); PyTorch's kernels run instead", e)
         return None
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.tm_int4_mm.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i32]
-    lib.tm_int8_mm.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32]
-    lib.tm_int4_mm.restype = lib.tm_int8_mm.restype = i32
-    lib.tm_paged_decode.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
-    lib.tm_silu_mul.argtypes = [p, p, i64, i64]
-    lib.tm_silu_mul.restype = None
-    lib.tm_paged_decode.restype = None
-    lib.tm_int4_dequantize.argtypes = [p, p, p, i64, i64, i64, i32]
-    lib.tm_int4_dequantize.restype = None
-    lib.tm_int8_dequantize.argtypes = [p, p, p, i64, i64, i64, i32]
-    lib.tm_int8_dequantize.restype = None
-    lib.tm_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
-    lib.tm_rope.argtypes = [p, i64, p, p, p, i64, i64, i64]
-    lib.tm_rms_norm.restype = lib.tm_rope.restype = None
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    signatures = {      # name: (argument types, return type), as cpu.c declares them
+        "tm_int4_mm": ([p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
+        "tm_int8_mm": ([p, p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
+        "tm_int4_dequantize": ([p, p, p, i64, i64, i64, i32], None),
+        "tm_int8_dequantize": ([p, p, p, i64, i64, i64, i32], None),
+        "tm_paged_decode": ([p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, f32, i32], None),
+        "tm_rms_norm": ([p, p, p, i64, i64, f32], None),
+        "tm_rope": ([p, i64, p, p, p, i64, i64, i64], None),
+        "tm_silu_mul": ([p, p, i64, i64], None),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
     log.info("CPU kernels: tokenmill's own (AVX2/FMA) for int4/int8 products, decode attention over pages, "
              "norms and rope")
     return lib
@@ -101,6 +100,12 @@ def library() -> ctypes.CDLL | None:
             if "lib" not in _state:
                 _state["lib"] = _load()
     return _state["lib"]
+
+
+def multiplies(in_features: int) -> bool:
+    """Whether int4_mm / int8_mm run here for weights of `in_features` columns: the kernels are loaded and
+    the columns come in blocks of 32."""
+    return library() is not None and in_features % 32 == 0
 
 
 def _require(ok: bool, kernel: str, *tensors: torch.Tensor) -> None:

@@ -39,7 +39,10 @@ class CompressedTensorsInt8Method(QuantMethod):
                    "dynamic, per token, symmetric")
         self.activations = a is not None
         self.dequantize = dequantize
-        self.packed = not dequantize
+
+    @property
+    def packed(self) -> bool:
+        return not self.dequantize
 
     def source_names(self) -> tuple[str, ...]:
         return ("weight", "weight_scale")

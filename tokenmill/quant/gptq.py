@@ -49,7 +49,10 @@ class PackedInt4Method(QuantMethod):
                              f"{'4' if awq else '4 and 8'})")
         self.name, self.bits, self.group_size, self.v1_zeros, self.awq = name, bits, group_size, v1_zeros, awq
         self.dequantize = dequantize            # the dense float reference of the same weights
-        self.packed = not dequantize
+
+    @property
+    def packed(self) -> bool:
+        return not self.dequantize
 
     def source_names(self) -> tuple[str, ...]:
         return ("weight", "qweight", "qzeros", "scales", "g_idx")

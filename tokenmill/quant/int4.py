@@ -3,7 +3,7 @@
 Every int4 format we run (GGUF Q4_0/Q4_1/Q4_K, GPTQ, AWQ, RTN) is brought to one form:
 q in [0, 15], and per group of input columns a scale s and a zero z with w = (q - 8) * s + z.
 Two kernels run it:
-  - tokenmill's own (quant/native.py, x86-64 with AVX2 and FMA): float32 activations, ~2x faster than
+  - tokenmill's own (tokenmill/kernels, x86-64 with AVX2 and FMA): float32 activations, ~2x faster than
     PyTorch's at batch 1 on AVX2 (docs/benchmarks.md);
   - elsewhere `aten._weight_int4pack_mm_for_cpu`, which computes exactly that form; its fast path
     wants bfloat16 activations (float32 ones take a path about 15x slower), so it computes in
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenmill import kernels as native
+from tokenmill import kernels
 from tokenmill.quant.base import DenseKernel, LinearKernel, QuantMethod, Source, as_float
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
@@ -115,12 +115,12 @@ class Int4Kernel(LinearKernel):
 
 
 class NativeInt4Kernel(LinearKernel):
-    """The same weights on tokenmill's own kernel (native.int4_mm): packed two per byte in GGUF's nibble
+    """The same weights on tokenmill's own kernel (kernels.int4_mm): packed two per byte in GGUF's nibble
     order, w = q * scale + offset with offset = zero - 8 * scale, float32 per (row, group).
 
     Up to `DENSE_ROWS` rows the kernel (its cost per extra row is ~0.6x the first row's); more rows are
     compute-bound, where the dense float32 product of the weights dequantized for the call (one pass,
-    native.int4_dequantize) wins: a 128-token prompt of the default model takes 270 ms this way against
+    kernels.int4_dequantize) wins: a 128-token prompt of the default model takes 270 ms this way against
     336 ms on the kernel. Up to DENSE_ROWS a row's result does not depend on the other rows."""
     DENSE_ROWS = 64
 
@@ -134,7 +134,7 @@ class NativeInt4Kernel(LinearKernel):
             raise ValueError(f"int4 kernel: in_features {k} is not a multiple of the group size {group}")
         self.out_features, self.in_features, self.group, self.label = n, k, group, label
         offset = zero.double() - 8 * scale.double()
-        self.register_buffer("packed", native.pack_int4(q))                                   # [N, K / 2]
+        self.register_buffer("packed", kernels.pack_int4(q))                                   # [N, K / 2]
         self.register_buffer("scale_offset", torch.stack([scale.float(), offset.float()], dim=-1).contiguous())
         self.register_buffer("perm", perm)
 
@@ -148,11 +148,11 @@ class NativeInt4Kernel(LinearKernel):
             x = x[:, buffers["perm"]]
         if x.shape[0] > self.DENSE_ROWS:
             return F.linear(x, self.dense_weight())
-        return native.int4_mm(x, buffers["packed"], buffers["scale_offset"], self.group)
+        return kernels.int4_mm(x, buffers["packed"], buffers["scale_offset"], self.group)
 
     def dense_weight(self) -> torch.Tensor:
         """float32 [N, K] from the packed bytes."""
-        return native.int4_dequantize(self.packed, self.scale_offset, self.group)
+        return kernels.int4_dequantize(self.packed, self.scale_offset, self.group)
 
     def describe(self) -> str:
         return f"{self.label} g{self.group}"
@@ -162,7 +162,7 @@ def int4_kernel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group:
                 perm: torch.Tensor | None = None, label: str = "int4") -> LinearKernel:
     """tokenmill's int4 kernel where it runs, else PyTorch's on CPU; elsewhere (no int4 kernel of
     ours on GPUs yet) the same weights dequantized."""
-    if device.type == "cpu" and native.library() is not None and q.shape[1] % 32 == 0:
+    if device.type == "cpu" and kernels.multiplies(q.shape[1]):
         return NativeInt4Kernel(q, scale, zero, group, perm, label=label)
     if device.type == "cpu":
         return Int4Kernel(q, scale, zero, group, perm, label=label)

@@ -7,8 +7,11 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from tokenmill import kernels as native
+from tokenmill import kernels
 from tokenmill.quant.base import DenseKernel, LinearKernel, QuantMethod, Source, as_float
+
+log = logging.getLogger("tokenmill")
+_SAID: list[bool] = []          # the W8A8 route below is logged once per process
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,11 +31,11 @@ def quantize_per_group(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, 
 
 class Int8WeightKernel(LinearKernel):
     """int8 weights with a scale per output row (`scale` [N]) or per row and group of 32 columns
-    ([N, K / 32], quant/native.py's kernel only); activations stay floating. Rows of the same storage
+    ([N, K / 32], tokenmill's CPU kernel only); activations stay floating. Rows of the same storage
     serve an embedding lookup, so a tied embedding and lm_head share it.
 
     Returns float32 for int16 activations (W8A8's integers, multiplied exactly by tokenmill's kernel), else
-    x's dtype. Few rows (decode): tokenmill's kernel (native.int8_mm, float32 activations) where it runs, else
+    x's dtype. Few rows (decode): tokenmill's kernel (kernels.int8_mm, float32 activations) where it runs, else
     aten._weight_int8pack_mm on bfloat16 activations (its float32 path is ~30x slower). Many rows
     (prefill, prompt scoring): dequantize a slab of weight rows at a time and use the dense product,
     which is faster there (benchmarks/quantization.py)."""
@@ -44,9 +47,9 @@ class Int8WeightKernel(LinearKernel):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 weight-only"):
         super().__init__()
         self.out_features, self.label = q.shape[0], label
-        self.native = native.library() is not None and q.shape[1] % 32 == 0
+        self.native = kernels.multiplies(q.shape[1])
         if scale.dim() == 2 and not self.native:
-            raise ValueError("int8 weights with group scales need tokenmill's CPU kernel (quant/native.py)")
+            raise ValueError("int8 weights with group scales need tokenmill's CPU kernel (tokenmill/kernels)")
         self.group = q.shape[1] // scale.shape[1] if scale.dim() == 2 else q.shape[1]
         self.register_buffer("q", q.contiguous())                 # [N, K] int8
         self.register_buffer("scale", scale.float().contiguous())  # [N] or [N, K / group]
@@ -56,7 +59,7 @@ class Int8WeightKernel(LinearKernel):
         dtype = torch.float32 if x.dtype == torch.int16 else x.dtype
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] <= self.MAX_NATIVE_ROWS and self.native:
-            y = native.int8_mm(x2 if x2.dtype == torch.int16 else x2.float(), self.q, self.scale, self.group).to(dtype)
+            y = kernels.int8_mm(x2 if x2.dtype == torch.int16 else x2.float(), self.q, self.scale, self.group).to(dtype)
         elif x2.shape[0] <= self.MAX_KERNEL_ROWS and x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.scale.to(torch.bfloat16))
             y = y.to(dtype)
@@ -71,7 +74,7 @@ class Int8WeightKernel(LinearKernel):
         q, scale = self.q[rows], self.scale[rows]
         if scale.dim() == 1:
             return q.to(dtype) * scale[:, None].to(dtype)
-        return native.int8_dequantize(q.contiguous(), scale.contiguous(), self.group).to(dtype)
+        return kernels.int8_dequantize(q.contiguous(), scale.contiguous(), self.group).to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self._dense(ids, dtype)
@@ -83,14 +86,9 @@ class Int8WeightKernel(LinearKernel):
 def int8_weight_kernel(w: torch.Tensor, label: str) -> Int8WeightKernel:
     """int8 weight-only from float weights: a scale per 32 columns where tokenmill's kernel runs (Q8_0's
     values come back exactly), else a scale per row."""
-    native_ok = native.library() is not None and w.shape[1] % 32 == 0
-    if native_ok:
+    if kernels.multiplies(w.shape[1]):
         return Int8WeightKernel(*quantize_per_group(w, 32), label=f"{label} -> int8 g32")
     return Int8WeightKernel(*quantize_per_channel(w), label=f"{label} -> int8 per-row")
-
-
-log = logging.getLogger("tokenmill")
-_SAID: list[bool] = []
 
 
 def int_mm_is_fast() -> bool:
@@ -117,8 +115,8 @@ class W8A8Kernel(LinearKernel):
         self.out_features, self.label, self.act_range = q.shape[0], label, act_range
         # the weight-only route only where it is exact and fast: tokenmill's kernel takes the integers as
         # int16 (PyTorch's int8 kernel would round scales and sums to bfloat16)
-        native_ok = native.library() is not None and q.shape[1] % 32 == 0
-        self.weight_only = None if int_mm_is_fast() or not native_ok else Int8WeightKernel(q, scale, label)
+        fast_route = kernels.multiplies(q.shape[1]) and not int_mm_is_fast()
+        self.weight_only = Int8WeightKernel(q, scale, label) if fast_route else None
         if self.weight_only is not None and not _SAID:
             _SAID.append(True)
             log.info("W8A8: torch._int_mm has no fast path on this CPU (no VNNI or AMX); its int8 x int8 "
