@@ -14,7 +14,7 @@ from typing import Sequence as Seq
 import torch
 
 from tokenmill.attention import get_backend
-from tokenmill.config import DTYPES, EngineConfig, SpeculativeConfig, cpu_has_amx_bf16
+from tokenmill.config import EngineConfig, SpeculativeConfig, cpu_has_amx_bf16
 from tokenmill.core.beam import BeamGroup
 from tokenmill.core.block_manager import BlockManager
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -170,8 +170,7 @@ class LLMEngine:
         tp = self.config.tensor_parallel_size
         before = torch.get_num_threads()
         threads = max(1, before // tp)
-        resolved = dataclasses.replace(self.config, dtype=next(k for k, v in DTYPES.items() if v == dtype))
-        ranks = Ranks(self.config, RankInit(resolved, layout, num_blocks, self.max_model_len, threads))
+        ranks = Ranks(self.config, RankInit(self.config, layout, num_blocks, self.max_model_len, threads, dtype))
         ranks.threads_before = before               # given back when the ranks stop
         torch.set_num_threads(threads)
         logger.info("tensor parallelism: %d ranks (%s), %d CPU thread(s) each", tp,

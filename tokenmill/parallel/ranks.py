@@ -56,6 +56,7 @@ class RankInit:
     num_blocks: int
     max_model_len: int
     threads: int
+    dtype: torch.dtype           # the activation dtype rank 0 runs (what "auto" resolved to there)
 
 
 @dataclass
@@ -335,13 +336,12 @@ class ShardWorker:
     def __init__(self, init: RankInit, group: TPGroup, device: torch.device):
         from tokenmill.attention import get_backend
         from tokenmill.kv_cache import allocate_kv_cache
-        from tokenmill.model.load import activation_dtype, build_model, open_checkpoint
+        from tokenmill.model.load import build_model, open_checkpoint
         from tokenmill.model_files import resolve_model
         config = init.config
         ckpt = open_checkpoint(resolve_model(config.model))
-        method = ckpt.method(config.quantization)
-        dtype = activation_dtype(config, method)        # as rank 0 decides
-        self.model = build_model(ckpt, dtype, init.max_model_len, device, method,
+        dtype = init.dtype
+        self.model = build_model(ckpt, dtype, init.max_model_len, device, ckpt.method(config.quantization),
                                  progress=False, tp=group)
         self.kv_caches = allocate_kv_cache(ckpt.config, init.num_blocks, config.block_size, dtype, device,
                                            init.layout.num_slots, group.size)
