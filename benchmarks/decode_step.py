@@ -1,6 +1,9 @@
 """Where a batch-1 decode step goes, with tokenmill's CPU kernels (kernels/cpu.c) and without them (PyTorch's
 int4/int8 kernels, ATen's flash attention, PyTorch norms and rope), beside llama.cpp's own llama-bench on the
-same file. Each mode runs in its own process (TOKENMILL_NATIVE_KERNELS=0 turns the kernels off).
+same file. Three modes, each in its own process:
+  PyTorch's kernels       TOKENMILL_NATIVE_KERNELS=0
+  tokenmill's, per op     the model's Python forward calling each kernel (kernels.DecoderStack off)
+  tokenmill's, one call   every decoder layer of the step in one native call (kernels.DecoderStack), the default
 
   tok/s:      one request, --tokens new tokens after a 7-token prompt, greedy; median of --runs
   per step:   milliseconds per decode step in each part, from timers around the model's calls (a timer costs
@@ -29,10 +32,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from quantization import machine  # noqa: E402
 
-PARTS = ["linears", "lm_head", "attention", "norms", "rope", "rest of the forward", "runner + sampler + scheduler"]
+PARTS = ["decoder layers (one native call)", "linears", "lm_head", "attention", "norms", "rope", "rest of the forward",
+         "runner + sampler + scheduler"]
+MODES = {"PyTorch's kernels": ("0", False), "tokenmill's, per op": ("1", False), "tokenmill's, one call": ("1", True)}
 
 
-def measure(model: str, tokens: int, runs: int) -> dict:
+def measure(model: str, tokens: int, runs: int, stack: bool) -> dict:
     """In this process: tok/s, then the per-part breakdown."""
     from tokenmill import LLM, SamplingParams, kernels
     import tokenmill.model.layers as layers
@@ -40,6 +45,8 @@ def measure(model: str, tokens: int, runs: int) -> dict:
     from tokenmill.model.linear import QLinear
     from tokenmill.runner import Runner
 
+    if not stack:
+        llama.LlamaForCausalLM._build_stack = lambda self: (None, 0)
     llm = LLM(model, kv_cache_memory_gb=0.25, progress=False)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     prompt = "The history of the Roman empire"
@@ -73,12 +80,14 @@ def measure(model: str, tokens: int, runs: int) -> dict:
     timed(llama, "apply_rope", "rope")
     timed(type(model_obj), "forward", "forward")
     timed(Runner, "execute", "execute")
+    timed(kernels.DecoderStack, "__call__", "decoder layers (one native call)")
     start = time.perf_counter()
     llm.generate([prompt], params, use_tqdm=False)
     wall = time.perf_counter() - start
     steps = calls["execute"]
-    per_step = {p: 1e3 * spent[p] / steps for p in ("linears", "lm_head", "attention", "norms", "rope")}
-    inner = sum(spent[p] for p in ("linears", "attention", "norms", "rope"))
+    inside = ("decoder layers (one native call)", "linears", "attention", "norms", "rope")
+    per_step = {p: 1e3 * spent[p] / steps for p in inside + ("lm_head",)}
+    inner = sum(spent[p] for p in inside)
     per_step["rest of the forward"] = 1e3 * (spent["forward"] - inner) / steps
     per_step["runner + sampler + scheduler"] = 1e3 * (wall - spent["forward"] - spent["lm_head"]) / steps
     per_step["step (wall)"] = 1e3 * wall / steps
@@ -103,18 +112,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure(args.model, args.tokens, args.runs)))
+        print(json.dumps(measure(args.model, args.tokens, args.runs, stack=not args.per_op)))
         return
     from tokenmill.model_files import resolve_model
     results = {}
-    for label, switch in (("PyTorch's kernels", "0"), ("tokenmill's kernels", "1")):
+    for label, (switch, stack) in MODES.items():
         print(f"[{label}] measuring", file=sys.stderr)
         env = dict(os.environ, TOKENMILL_NATIVE_KERNELS=switch)
         out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--tokens", str(args.tokens),
-                              "--runs", str(args.runs), "--threads", str(args.threads)],
+                              "--runs", str(args.runs), "--threads", str(args.threads)] + ([] if stack else ["--per-op"]),
                              env=env, capture_output=True, text=True, check=True).stdout
         results[label] = json.loads(out.strip().splitlines()[-1])
     print("[llama-bench] measuring", file=sys.stderr)
@@ -126,7 +136,8 @@ def main() -> None:
     print("| per decode step (ms) | " + " | ".join(labels) + " |")
     print("|---|" + "---|" * len(labels))
     for part in PARTS + ["step (wall)"]:
-        print(f"| {part} | " + " | ".join(f"{results[l]['per_step'][part]:.2f}" for l in labels) + " |")
+        cells = [results[l]["per_step"][part] for l in labels]
+        print(f"| {part} | " + " | ".join(f"{c:.2f}" if c else "–" for c in cells) + " |")
     print("| **tok/s** | " + " | ".join(f"**{results[l]['tok_s']:.1f}**" for l in labels) + " |")
     if ref:
         print("| vs llama.cpp (" + f"{ref:.1f} tok/s) | " + " | ".join(f"{results[l]['tok_s'] / ref:.2f}x" for l in labels)

@@ -149,9 +149,9 @@ def test_shapes_the_kernels_do_not_take_fall_back():
     assert kernels.rms_norm(torch.randn(2, 12), torch.ones(12), 1e-5) is None                 # K % 8
     assert kernels.rms_norm(torch.randn(2, 16, dtype=torch.bfloat16), torch.ones(16), 1e-5) is None
     assert kernels.silu_mul(torch.randn(2, 20)) is None
-    assert not kernels.paged_decode_fits(torch.randn(1, 4, 60), torch.zeros(2, 16, 2, 60))       # D % 8
-    assert not kernels.paged_decode_fits(torch.randn(1, 4, 64, dtype=torch.bfloat16),
-                                         torch.zeros(2, 16, 2, 64, dtype=torch.bfloat16))
+    assert not kernels.paged_decode_fits(4, torch.float32, torch.zeros(2, 16, 2, 60))       # D % 8
+    assert not kernels.paged_decode_fits(4, torch.bfloat16, torch.zeros(2, 16, 2, 64, dtype=torch.bfloat16))
+    assert not kernels.paged_decode_fits(34, torch.float32, torch.zeros(2, 16, 2, 64))      # group > MAX_GROUP
 
 
 def test_int4_kernel_rows_do_not_depend_on_the_batch():

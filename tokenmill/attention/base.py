@@ -165,3 +165,10 @@ class AttentionBackend(ABC):
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D], caches [num_blocks, block_size, Hkv, D] -> [T, Hq, D]."""
+
+    def decode_tables(self, meta: AttentionMetadata, num_heads: int, dtype: torch.dtype,
+                      k_cache: torch.Tensor) -> tuple | None:
+        """Where this step's attention would be tokenmill's CPU decode kernel (kernels.paged_decode), its
+        (slots, block_tables, seq_lens, starts): the caller may then run the kernel itself
+        (kernels.DecoderStack). None otherwise."""
+        return None

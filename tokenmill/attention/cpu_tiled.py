@@ -100,13 +100,9 @@ class CPUTiledBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         window = meta.sliding_window
-        if meta.is_pure_decode and kernels.paged_decode_fits(q, k_cache):
-            key = "native decode rows"
-            if key not in meta.derived:
-                starts = [0 if window is None else max(0, n - window) for n in meta.seq_lens_list]
-                meta.derived[key] = (meta.slot_mapping.to(torch.int64), meta.block_tables.contiguous(),
-                                     meta.seq_lens.to(torch.int32), torch.tensor(starts, dtype=torch.int32))
-            slots, tables, lens, starts = meta.derived[key]
+        native = self.decode_tables(meta, q.shape[1], q.dtype, k_cache)
+        if native is not None:
+            slots, tables, lens, starts = native
             return kernels.paged_decode(q, k, v, slots, k_cache, v_cache, tables, lens, starts, scale)
         store_kv(k, v, k_cache, v_cache, meta)
         if meta.is_pure_decode:
@@ -133,6 +129,19 @@ class CPUTiledBackend(AttentionBackend):
                     out[s:s + qlen] = self._prefill(q[s:s + qlen], k_cache, v_cache, meta.block_tables[b], slen,
                                                     scale)
         return out
+
+    def decode_tables(self, meta: AttentionMetadata, num_heads: int, dtype: torch.dtype,
+                      k_cache: torch.Tensor) -> tuple | None:
+        """Pure-decode steps over float32 pages run tokenmill's own kernel; its tables once per step."""
+        if not meta.is_pure_decode or not kernels.paged_decode_fits(num_heads, dtype, k_cache):
+            return None
+        key = "native decode rows"
+        if key not in meta.derived:
+            window = meta.sliding_window
+            starts = [0 if window is None else max(0, n - window) for n in meta.seq_lens_list]
+            meta.derived[key] = (meta.slot_mapping.to(torch.int64), meta.block_tables.contiguous(),
+                                 meta.seq_lens.to(torch.int32), torch.tensor(starts, dtype=torch.int32))
+        return meta.derived[key]
 
     def _prefill(self, q, k_cache, v_cache, block_table, seq_len: int, scale: float) -> torch.Tensor:
         """q [Lq, Hq, D], the last Lq of seq_len positions -> [Lq, Hq, D]."""

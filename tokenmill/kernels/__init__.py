@@ -2,7 +2,9 @@
   - int4 and int8 weight-only products: weights unpacked in registers, float32 activations rounded to
     int16 per 32 columns, float32 sums (int4_mm, int8_mm; ~3x PyTorch's int4 kernel at batch 1);
   - decode attention straight over the paged KV cache (paged_decode);
-  - RMSNorm, rotate-half rope and SwiGLU in one pass each (rms_norm, rope, silu_mul).
+  - RMSNorm, rotate-half rope and SwiGLU in one pass each (rms_norm, rope, silu_mul);
+  - a whole stack of Llama decoder layers for the rows of a decode step in one call (DecoderStack): those
+    kernels in the model's order, without the Python between them (~40 % of a batch-1 step).
 
 The C file is compiled once per machine with the system C compiler (the one pip uses for packages
 that compile) into $TOKENMILL_HOME/kernels, and loaded with ctypes, which releases the GIL while a
@@ -84,6 +86,7 @@ def _load() -> ctypes.CDLL | None:
         "tm_rms_norm": ([p, p, p, i64, i64, f32], None),
         "tm_rope": ([p, i64, p, p, p, i64, i64, i64], None),
         "tm_silu_mul": ([p, p, i64, i64], None),
+        "tm_decode_layers": ([p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, f32, i32], i32),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -176,12 +179,12 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -
 MAX_GROUP, MAX_DIM = 16, 256        # cpu.c's bounds for paged_decode
 
 
-def paged_decode_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether `paged_decode` takes these shapes and dtypes (float32, head_dim a multiple of 8 up to
-    MAX_DIM, at most MAX_GROUP query heads per KV head)."""
-    d, hq, hkv = q.shape[-1], q.shape[-2], k_cache.shape[2]
-    return (library() is not None and q.dtype == k_cache.dtype == torch.float32 and k_cache.is_contiguous()
-            and d % 8 == 0 and d <= MAX_DIM and hq % hkv == 0 and hq // hkv <= MAX_GROUP)
+def paged_decode_fits(num_heads: int, dtype: torch.dtype, k_cache: torch.Tensor) -> bool:
+    """Whether `paged_decode` takes `num_heads` query heads of `dtype` over this cache (float32, head_dim a
+    multiple of 8 up to MAX_DIM, at most MAX_GROUP query heads per KV head)."""
+    d, hkv = k_cache.shape[3], k_cache.shape[2]
+    return (library() is not None and dtype == k_cache.dtype == torch.float32 and k_cache.is_contiguous()
+            and d % 8 == 0 and d <= MAX_DIM and num_heads % hkv == 0 and num_heads // hkv <= MAX_GROUP)
 
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
@@ -193,7 +196,7 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     -> [B, Hq, D]. Only the pages of those positions are read."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, hq, d = q.shape
-    _require(paged_decode_fits(q, k_cache) and k_cache.shape[3] == d and v_cache.shape == k_cache.shape
+    _require(paged_decode_fits(hq, q.dtype, k_cache) and k_cache.shape[3] == d and v_cache.shape == k_cache.shape
              and v_cache.dtype is torch.float32 and v_cache.is_contiguous()
              and k.shape == v.shape == (b, k_cache.shape[2], d) and k.dtype is v.dtype is torch.float32
              and slots.dtype is torch.int64 and slots.numel() == b and block_tables.dtype is torch.int32
@@ -208,6 +211,105 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
                                   out.data_ptr(), b, hq, k_cache.shape[2], d, k_cache.shape[1], block_tables.shape[1],
                                   scale, torch.get_num_threads())
     return out
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("bits", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
+                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("meta", ctypes.c_int64)]
+
+
+class _Tables(ctypes.Structure):
+    _fields_ = [("slots", ctypes.c_void_p), ("block_tables", ctypes.c_void_p), ("seq_lens", ctypes.c_void_p),
+                ("starts", ctypes.c_void_p), ("width", ctypes.c_int64)]
+
+
+PackedWeights = tuple[int, torch.Tensor, torch.Tensor, int]     # (bits, q, scale, group), as int4_mm / int8_mm take them
+
+
+def _linear(name: str, weights: PackedWeights, bias: torch.Tensor | None, n: int, k: int) -> _Linear:
+    bits, q, scale, group = weights
+    if bits == 4:
+        ok = q.dtype is torch.uint8 and tuple(q.shape) == (n, k // 2) and scale.numel() == 2 * n * (k // group)
+    else:
+        ok = bits == 8 and q.dtype is torch.int8 and tuple(q.shape) == (n, k) and scale.numel() == n * (k // group)
+    ok = ok and group % 32 == 0 and k % group == 0 and q.is_contiguous() and scale.dtype is torch.float32 \
+        and scale.is_contiguous() and (bias is None or (bias.dtype is torch.float32 and bias.numel() == n
+                                                         and bias.is_contiguous()))
+    _require(ok, f"decode_layers {name}", q, scale)
+    return _Linear(q.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(), n, k, group, bits)
+
+
+class DecoderStack:
+    """Llama decoder layers (RMSNorm, fused QKV, rotate-half rope, paged attention, o; RMSNorm, SwiGLU) whose
+    linears are packed int4/int8 weights, run for the rows of a decode step by one call (tm_decode_layers):
+    the kernels of the Python forward in its order, so the same results bit for bit, without Python between
+    them. `layers`: per layer a dict of its four linears' PackedWeights and biases ("qkv", "o", "gate_up",
+    "down", "qkv_bias", ...) and its two norm weights ("input_norm", "post_norm")."""
+
+    def __init__(self, layers: list[dict], num_heads: int, num_kv_heads: int, head_dim: int, hidden: int,
+                 intermediate: int, eps: float, scale: float):
+        hq, hkv, d = num_heads, num_kv_heads, head_dim
+        _require(library() is not None and hidden % 8 == 0 and intermediate % 8 == 0 and (d // 2) % 8 == 0
+                 and d <= MAX_DIM and hq % hkv == 0 and hq // hkv <= MAX_GROUP, "decode_layers", torch.empty(hq, hkv, d))
+        self.dims = (hq, hkv, d, hidden, intermediate)
+        self.eps, self.scale = eps, scale
+        shapes = {"qkv": ((hq + 2 * hkv) * d, hidden), "o": (hidden, hq * d), "gate_up": (2 * intermediate, hidden),
+                  "down": (hidden, intermediate)}
+        self._structs = (_Layer * len(layers))()
+        self._keep = layers                         # the tensors the pointers point into
+        for struct, layer in zip(self._structs, layers):
+            for name, (n, k) in shapes.items():
+                setattr(struct, name, _linear(name, layer[name], layer.get(name + "_bias"), n, k))
+            for name in ("input_norm", "post_norm"):
+                w = layer[name]
+                _require(w.dtype is torch.float32 and w.numel() == hidden and w.is_contiguous(), f"decode_layers {name}", w)
+                setattr(struct, name, w.data_ptr())
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _set_caches(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        hq, hkv, d = self.dims[:3]
+        shape = caches[0][0].shape
+        for struct, (k, v) in zip(self._structs, caches):
+            _require(paged_decode_fits(hq, torch.float32, k) and k.shape == v.shape == shape and k.shape[2:] == (hkv, d)
+                     and v.dtype is torch.float32 and v.is_contiguous(), "decode_layers cache", k, v)
+            struct.k_cache, struct.v_cache = k.data_ptr(), v.data_ptr()
+        self._caches = list(caches)
+
+    def __call__(self, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 caches: list[tuple[torch.Tensor, torch.Tensor]], tables: list[tuple], layer_tables: list[int]) -> None:
+        """residual [M, hidden] float32, through every layer in place. cos, sin [M, head_dim / 2]; caches per
+        layer; tables: paged_decode's (slots, block_tables, seq_lens, starts) per KV group; layer_tables[i]:
+        the group of layer i."""
+        hq, hkv, d, hidden, intermediate = self.dims
+        m = residual.shape[0]
+        if self._caches is None or len(caches) != len(self._caches) \
+                or any(a is not b for pair, old in zip(caches, self._caches) for a, b in zip(pair, old)):
+            self._set_caches(caches)
+        _require(residual.dtype is torch.float32 and residual.is_contiguous() and tuple(residual.shape) == (m, hidden)
+                 and cos.dtype is sin.dtype is torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+                 and cos.numel() == sin.numel() == m * (d // 2) and len(layer_tables) == len(self._structs)
+                 and all(0 <= i < len(tables) for i in layer_tables), "decode_layers", residual, cos, sin)
+        metas = (_Tables * len(tables))()
+        for meta, (slots, block_tables, seq_lens, starts) in zip(metas, tables):
+            _require(slots.dtype is torch.int64 and slots.numel() == m and block_tables.dtype is torch.int32
+                     and block_tables.dim() == 2 and block_tables.shape[0] == m
+                     and seq_lens.dtype is starts.dtype is torch.int32 and seq_lens.numel() == starts.numel() == m
+                     and all(t.is_contiguous() for t in (slots, block_tables, seq_lens, starts)),
+                     "decode_layers tables", slots, block_tables, seq_lens, starts)
+            meta.slots, meta.block_tables, meta.seq_lens, meta.starts = (
+                slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(), starts.data_ptr())
+            meta.width = block_tables.shape[1]
+        for struct, i in zip(self._structs, layer_tables):
+            struct.meta = i
+        _check(library().tm_decode_layers(self._structs, len(self._structs), metas, residual.data_ptr(), cos.data_ptr(),
+                                          sin.data_ptr(), m, hidden, hq, hkv, d, intermediate,
+                                          self._caches[0][0].shape[1], self.eps, self.scale, torch.get_num_threads()))
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor | None:

@@ -264,16 +264,17 @@ INLINE __m256 exp_neg(__m256 x) {
 #define MAX_GROUP 16     /* query heads per KV head */
 #define MAX_DIM 256
 
-/* Writes row b's new key and value k_new, v_new [B, Hkv, D] at cache slot slots[b] (skipped when -1; a
-   slot is block id * block_size + offset), then: q [B, Hq, D] -> out [B, Hq, D]: row b's query attends to context positions start[b] .. seq_len[b] - 1,
+/* Writes row b's new key and value k_new, v_new [B, Hkv, D] (rows ldk and ldv floats apart) at cache slot slots[b]
+   (skipped when -1; a slot is block id * block_size + offset), then: q [B, Hq, D] (rows ldq floats apart)
+   -> out [B, Hq, D]: row b's query attends to context positions start[b] .. seq_len[b] - 1,
    read from k_cache/v_cache [num_blocks, block_size, Hkv, D] through block_tables [B, width] (int32).
    The Hq / Hkv query heads of a KV head share each key and value row read. Scores never leave a tile
    of TILE keys; the softmax is online (running max and sum), so no L-long row is ever stored.
    D a multiple of 8, at most MAX_DIM; Hq / Hkv at most MAX_GROUP. Threads split (row, KV head) pairs. */
-void tm_paged_decode(const float *q, const float *k_new, const float *v_new, const int64_t *slots,
-                     float *k_cache, float *v_cache, const int32_t *block_tables,
-                     const int32_t *seq_lens, const int32_t *starts, float *out, int64_t B, int64_t Hq,
-                     int64_t Hkv, int64_t D, int64_t block_size, int64_t width, float scale, int threads) {
+static void paged_decode(const float *q, const float *k_new, const float *v_new, int64_t ldq, int64_t ldk, int64_t ldv,
+                         const int64_t *slots, float *k_cache, float *v_cache, const int32_t *block_tables,
+                         const int32_t *seq_lens, const int32_t *starts, float *out, int64_t B, int64_t Hq,
+                         int64_t Hkv, int64_t D, int64_t block_size, int64_t width, float scale, int threads) {
     const int64_t group = Hq / Hkv, row = Hkv * D;          /* floats per cached token */
     /* each (row, KV head) writes only its own slot, which no other row reads: the engine copies a
        shared page before a sequence writes to it */
@@ -283,12 +284,12 @@ void tm_paged_decode(const float *q, const float *k_new, const float *v_new, con
     for (int64_t bh = 0; bh < B * Hkv; bh++) {
         const int64_t b = bh / Hkv, h = bh % Hkv;
         const int32_t *table = block_tables + b * width;
-        const float *qb = q + (b * Hq + h * group) * D;
+        const float *qb = q + b * ldq + h * group * D;
         float acc[MAX_GROUP * MAX_DIM], scores[MAX_GROUP][TILE], m[MAX_GROUP], l[MAX_GROUP];
         if (slots[b] >= 0)      /* this row's new key and value first: its own query sees them */
             for (int64_t d = 0; d < D; d++) {
-                k_cache[slots[b] * row + h * D + d] = k_new[(b * Hkv + h) * D + d];
-                v_cache[slots[b] * row + h * D + d] = v_new[(b * Hkv + h) * D + d];
+                k_cache[slots[b] * row + h * D + d] = k_new[b * ldk + h * D + d];
+                v_cache[slots[b] * row + h * D + d] = v_new[b * ldv + h * D + d];
             }
         for (int64_t j = 0; j < group; j++) {
             m[j] = -INFINITY; l[j] = 0.f;
@@ -350,6 +351,15 @@ void tm_paged_decode(const float *q, const float *k_new, const float *v_new, con
             for (int64_t d = 0; d < D; d++) o[d] = acc[j * D + d] * inv;
         }
     }
+}
+
+/* q [B, Hq, D], k_new and v_new [B, Hkv, D], all contiguous: see paged_decode. */
+void tm_paged_decode(const float *q, const float *k_new, const float *v_new, const int64_t *slots,
+                     float *k_cache, float *v_cache, const int32_t *block_tables,
+                     const int32_t *seq_lens, const int32_t *starts, float *out, int64_t B, int64_t Hq,
+                     int64_t Hkv, int64_t D, int64_t block_size, int64_t width, float scale, int threads) {
+    paged_decode(q, k_new, v_new, Hq * D, Hkv * D, Hkv * D, slots, k_cache, v_cache, block_tables, seq_lens, starts, out,
+                 B, Hq, Hkv, D, block_size, width, scale, threads);
 }
 
 /* ---- small per-token ops of a decode step (each replaces several PyTorch ops) -------------------------- */
@@ -437,4 +447,77 @@ void tm_int8_dequantize(const int8_t *q, const float *scale, float *w, int64_t N
             const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + n * K + b))));
             _mm256_storeu_ps(w + n * K + b, _mm256_mul_ps(v, s));
         }
+}
+
+/* ---- a stack of Llama decoder layers for the rows of a decode step, in one call ----------------------
+
+   The same kernels, in the same order, on the same values as the model's Python forward (so the same
+   results, bit for bit), without the ~10 us of Python around each of the ~10 kernels of a layer. */
+
+typedef struct {            /* one linear layer's weights, as tm_int4_mm (bits 4) or tm_int8_mm (bits 8) take them */
+    const void *q;
+    const float *scale;     /* int4: scale_offset [N, K / group, 2]; int8: scale [N, K / group] */
+    const float *bias;      /* [N] or NULL */
+    int64_t n, k, group, bits;
+} tm_linear;
+
+typedef struct {
+    tm_linear qkv, o, gate_up, down;
+    const float *input_norm, *post_norm;
+    float *k_cache, *v_cache;   /* [num_blocks, block_size, Hkv, D] */
+    int64_t meta;               /* which of the step's tm_decode_meta this layer's KV group reads */
+} tm_layer;
+
+typedef struct {            /* as tm_paged_decode takes them */
+    const int64_t *slots;
+    const int32_t *block_tables, *seq_lens, *starts;
+    int64_t width;
+} tm_decode_meta;
+
+static int linear(const tm_linear *l, const float *x, float *y, int64_t M, int threads) {
+    const int status = l->bits == 4
+        ? tm_int4_mm(x, (const uint8_t *)l->q, l->scale, y, M, l->n, l->k, l->group, l->n, threads)
+        : tm_int8_mm(x, 0, (const int8_t *)l->q, l->scale, y, M, l->n, l->k, l->group, l->n, threads);
+    if (l->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < l->n; j++) y[m * l->n + j] += l->bias[j];
+    return status;
+}
+
+static void add_into(float *residual, const float *h, int64_t count) {
+    for (int64_t i = 0; i < count; i += 8)
+        _mm256_storeu_ps(residual + i, _mm256_add_ps(_mm256_loadu_ps(residual + i), _mm256_loadu_ps(h + i)));
+}
+
+/* residual [M, H] (M decode rows, one token each) through layers 0 .. L - 1, in place:
+     residual += o(attention(rope(qkv(norm(residual)))));  residual += down(silu(gate) * up)(norm(residual))
+   cos, sin [M, D / 2]; H, I and D / 2 multiples of 8. Returns 0, or -1 without scratch memory. */
+int tm_decode_layers(const tm_layer *layers, int64_t L, const tm_decode_meta *metas, float *residual,
+                     const float *cos_t, const float *sin_t, int64_t M, int64_t H, int64_t Hq, int64_t Hkv,
+                     int64_t D, int64_t I, int64_t block_size, float eps, float scale, int threads) {
+    const int64_t width_qkv = (Hq + 2 * Hkv) * D, width_qk = (Hq + Hkv) * D;
+    float *h = malloc(sizeof(float) * M * (2 * H + width_qkv + width_qk + Hq * D + 3 * I));
+    if (!h) return -1;
+    float *qkv = h + M * H, *qk = qkv + M * width_qkv, *attn = qk + M * width_qk, *o = attn + M * Hq * D;
+    float *gate_up = o + M * H, *act = gate_up + M * 2 * I;
+    int status = 0;
+    for (int64_t i = 0; i < L && status == 0; i++) {
+        const tm_layer *layer = layers + i;
+        const tm_decode_meta *meta = metas + layer->meta;
+        tm_rms_norm(residual, layer->input_norm, h, M, H, eps);
+        status |= linear(&layer->qkv, h, qkv, M, threads);
+        tm_rope(qkv, width_qkv, cos_t, sin_t, qk, M, Hq + Hkv, D);
+        paged_decode(qk, qk + Hq * D, qkv + width_qk, width_qk, width_qk, width_qkv, meta->slots, layer->k_cache,
+                     layer->v_cache, meta->block_tables, meta->seq_lens, meta->starts, attn, M, Hq, Hkv, D,
+                     block_size, meta->width, scale, threads);
+        status |= linear(&layer->o, attn, o, M, threads);
+        add_into(residual, o, M * H);
+        tm_rms_norm(residual, layer->post_norm, h, M, H, eps);
+        status |= linear(&layer->gate_up, h, gate_up, M, threads);
+        tm_silu_mul(gate_up, act, M, I);
+        status |= linear(&layer->down, act, o, M, threads);
+        add_into(residual, o, M * H);
+    }
+    free(h);
+    return status;
 }

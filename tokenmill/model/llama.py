@@ -11,6 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from tokenmill import kernels
 from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
@@ -77,6 +78,7 @@ class LlamaForCausalLM(nn.Module):
         vocab = tp.rows()
         self.lm_head = QLinear(cfg.hidden_size, [vocab.length(cfg.vocab_size)], False, dtype, shards=[vocab])
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self._stack: tuple[kernels.DecoderStack | None, int] | None = None      # built at the first step
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -86,12 +88,69 @@ class LlamaForCausalLM(nn.Module):
         h = self.embed(input_ids, self.dtype)
         residual = h
         rope = self.rope(positions)
+        stacked = self._run_stack(h, rope, kv_caches, backend, metas)
+        if stacked is not None:
+            return self.norm(stacked)
         for layer, cache, meta in zip(self.layers, kv_caches, metas):
             h = layer.attn(layer.input_norm(residual), rope, cache, backend, meta)
             residual = residual + h
             h = layer.mlp(layer.post_attn_norm(residual))
             residual = residual + h
         return self.norm(residual)
+
+    def _run_stack(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                   kv_caches: list[tuple[torch.Tensor, torch.Tensor]], backend: AttentionBackend,
+                   metas: list[AttentionMetadata]) -> torch.Tensor | None:
+        """A decode step whose every layer runs on tokenmill's CPU kernels goes through them in one native call
+        (kernels.DecoderStack: the same kernels in the same order, without ~3 ms of Python between them at
+        batch 1): embeddings h in, the last layer's residual stream out. None where it does not apply."""
+        if self._stack is None:
+            self._stack = self._build_stack()
+        stack, max_rows = self._stack
+        rows = h.shape[0]
+        if stack is None or rows > max_rows:
+            return None
+        attn = self.layers[0].attn
+        tables, index, layer_tables = [], {}, []
+        for meta, cache in zip(metas, kv_caches):
+            i = index.get(id(meta))
+            if i is None:
+                found = backend.decode_tables(meta, attn.num_heads, self.dtype, cache[0])
+                if found is None:
+                    return None
+                i = index[id(meta)] = len(tables)
+                tables.append(found)
+            layer_tables.append(i)
+        cos, sin = (t.reshape(rows, -1) for t in rope)
+        residual = h.clone(memory_format=torch.contiguous_format)
+        stack(residual, cos, sin, kv_caches, tables, layer_tables)
+        return residual
+
+    def _build_stack(self) -> tuple[kernels.DecoderStack | None, int]:
+        """The layers as a kernels.DecoderStack, with the most rows every linear's kernel takes; (None, 0) where
+        a layer is not this file's DecoderLayer or a linear's weights are not packed for tokenmill's kernels."""
+        if (self.dtype != torch.float32 or self.tp.size > 1 or kernels.library() is None
+                or any(type(layer) is not DecoderLayer for layer in self.layers)):
+            return None, 0
+        layers, max_rows = [], 1 << 30
+        for layer in self.layers:
+            entry = {"input_norm": layer.input_norm.weight, "post_norm": layer.post_attn_norm.weight}
+            for name, linear in (("qkv", layer.attn.qkv), ("o", layer.attn.o), ("gate_up", layer.mlp.gate_up),
+                                 ("down", layer.mlp.down)):
+                packed = linear.kernel.packed_weights()
+                if packed is None or linear.reduce.size > 1 or linear.bias is not None and linear.bias.dtype != torch.float32:
+                    return None, 0
+                entry[name], entry[name + "_bias"] = packed[0], linear.bias
+                max_rows = min(max_rows, packed[1])
+            layers.append(entry)
+        attn, cfg = self.layers[0].attn, self.cfg
+        if cfg.hidden_size % 8 or cfg.intermediate_size % 8 or attn.head_dim // 2 % 8 \
+                or not kernels.paged_decode_fits(attn.num_heads, torch.float32,
+                                                 torch.empty(0, 1, attn.num_kv_heads, attn.head_dim)):
+            return None, 0
+        stack = kernels.DecoderStack(layers, attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.hidden_size,
+                                     cfg.intermediate_size, cfg.rms_norm_eps, attn.scale)
+        return stack, max_rows
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

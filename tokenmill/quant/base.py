@@ -58,6 +58,11 @@ class LinearKernel(nn.Module):
     def describe(self) -> str:
         raise NotImplementedError
 
+    def packed_weights(self) -> tuple[tuple, int] | None:
+        """(bits, q, scale, group) as tokenmill's CPU kernels take them (kernels.DecoderStack), and the most
+        rows this kernel runs them for (more go another way); None for weights they do not hold."""
+        return None
+
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """W[ids] for an embedding lookup from the same storage (kernels with `serves_rows`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot serve embedding rows")

@@ -79,6 +79,11 @@ class Int8WeightKernel(LinearKernel):
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self._dense(ids, dtype)
 
+    def packed_weights(self) -> tuple[tuple, int] | None:
+        if not self.native:
+            return None
+        return (8, self.q, self.scale, self.group), self.MAX_NATIVE_ROWS
+
     def describe(self) -> str:
         return self.label
 

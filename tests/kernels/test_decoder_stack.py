@@ -1,0 +1,106 @@
+"""kernels.DecoderStack (every decoder layer of a decode step in one native call) against the model's Python
+forward, which calls the same kernels one by one (itself tested against dense math and transformers): the
+same hidden states bit for bit, step by step, for a batch of rows with uneven contexts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams, kernels
+from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.quant.int8 import int8_weight_kernel
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="tokenmill's CPU kernels do not run here")
+
+PROMPTS = [[5, 9, 13], list(range(20, 61)), [7] * 17, list(range(100, 108)), [3]]
+
+
+def run(directory, monkeypatch, stack: bool, int8_parts: bool, quantization: str | None = "int4",
+        **kwargs) -> tuple[list, list, int]:
+    """Hidden states of every forward, the generated tokens, and how many forwards ran the stack."""
+    hidden, stacked = [], []
+    forward, call = LlamaForCausalLM.forward, kernels.DecoderStack.__call__
+
+    def record(self, *args):
+        out = forward(self, *args)
+        hidden.append(out.clone())
+        return out
+
+    def count(self, *args):
+        stacked.append(1)
+        return call(self, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(LlamaForCausalLM, "forward", record)
+        m.setattr(kernels.DecoderStack, "__call__", count)
+        if not stack:
+            m.setattr(LlamaForCausalLM, "_build_stack", lambda self: (None, 0))
+        llm = LLM(str(directory), quantization=quantization, num_kv_blocks=64, max_num_seqs=8, progress=False, **kwargs)
+        model = llm.engine.model
+        if int8_parts:          # o and down as int8 weights with a scale per 32 columns: the stack's other kind
+            for layer in model.layers:
+                for linear in (layer.attn.o, layer.mlp.down):
+                    linear.kernel = int8_weight_kernel(linear.kernel.dense_weight(), "test")
+            model._stack = None
+        hidden.clear()
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    return hidden, [o.outputs[0].token_ids for o in outs], len(stacked)
+
+
+@pytest.mark.parametrize("kind,int8_parts", [("llama", False), ("qwen2", False), ("mistral", False),
+                                             ("llama", True)])
+def test_stack_equals_the_per_op_forward(kind, int8_parts, tiny_model_builder, tmp_path, monkeypatch):
+    """llama: GQA 4/2, head_dim 32; qwen2: MQA with q/k/v biases; mistral: MHA; and int4 mixed with int8."""
+    tiny_model_builder(kind, tmp_path)
+    h_stack, tokens_stack, calls = run(tmp_path, monkeypatch, True, int8_parts)
+    h_ops, tokens_ops, none = run(tmp_path, monkeypatch, False, int8_parts)
+    assert calls >= 11 and none == 0            # the decode steps ran the stack (and only that run did)
+    assert tokens_stack == tokens_ops
+    assert len(h_stack) == len(h_ops)
+    for a, b in zip(h_stack, h_ops):
+        assert torch.equal(a, b)
+
+
+def test_stack_on_the_real_model_as_stored(smollm2_path, monkeypatch):
+    """SmolLM2's Q4_1 linears on the int4 kernel (its lm_head, Q8_0, stays outside the stack)."""
+    h_stack, tokens_stack, calls = run(smollm2_path, monkeypatch, True, False, quantization=None)
+    h_ops, tokens_ops, _ = run(smollm2_path, monkeypatch, False, False, quantization=None)
+    assert calls >= 11 and tokens_stack == tokens_ops
+    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops)
+
+
+def test_stack_under_a_sliding_window(tiny_model_builder, tmp_path, monkeypatch):
+    """A window shorter than the contexts: the stack reads each row's last `window` positions, as the
+    per-op path does."""
+    import json
+    tiny_model_builder("mistral", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["sliding_window"] = 10
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    h_stack, _, calls = run(tmp_path, monkeypatch, True, False)
+    h_ops, _, _ = run(tmp_path, monkeypatch, False, False)
+    assert calls >= 11
+    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops)
+
+
+def test_stack_is_skipped_where_its_kernels_do_not_run(tiny_model_builder, tmp_path, monkeypatch):
+    """Dense weights, bfloat16 activations: the Python forward runs (and is not wrong for it)."""
+    tiny_model_builder("llama", tmp_path)
+    dense = LLM(str(tmp_path), num_kv_blocks=64, progress=False)
+    assert dense.engine.model._build_stack() == (None, 0)
+    int4 = LLM(str(tmp_path), quantization="int4", num_kv_blocks=64, progress=False)
+    stack, rows = int4.engine.model._build_stack()
+    assert stack is not None and rows == 64
+    bf16 = LLM(str(tmp_path), quantization="int4", dtype="bfloat16", num_kv_blocks=64, progress=False)
+    assert bf16.engine.model._build_stack() == (None, 0)
+
+
+def test_stack_refuses_what_it_cannot_take():
+    """The C code trusts its arguments: shapes that do not match the layers are an error, not a wild read."""
+    q = torch.zeros(8, 16, dtype=torch.uint8)
+    good = (4, q, torch.zeros(8, 1, 2), 32)
+    layer = {"qkv": good, "o": good, "gate_up": good, "down": good, "input_norm": torch.ones(32),
+             "post_norm": torch.ones(32)}
+    with pytest.raises(ValueError, match="decode_layers qkv"):
+        kernels.DecoderStack([layer], 4, 2, 16, 32, 64, 1e-6, 0.25)         # qkv must have (4 + 2 * 2) * 16 rows
