@@ -107,7 +107,7 @@ class Runner:
         if spec:
             for i, toks in zip(spec, self._verify([out.samples[i][0] for i in spec], spec_logits)):
                 sampled[i] = toks
-        candidates = beam_candidates(beam_logits, [g for g, _ in out.beam_groups])
+        candidates = beam_candidates(beam_logits, [g for g, _ in out.beam_groups]) if out.beam_groups else []
         return StepResult(sampled, self._prompt_logprobs(plp_logits, plp_targets), candidates)
 
     @staticmethod

@@ -70,6 +70,17 @@ def test_stack_on_the_real_model_as_stored(smollm2_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops)
 
 
+@pytest.mark.parametrize("name", ["gptq-asym-act", "awq-gemm"])
+def test_stack_on_checkpoints_of_the_reference_tools(name, monkeypatch):
+    """gptqmodel's GPTQ with act-order (the stack gathers x[:, perm] as the per-op path does) and AWQ."""
+    from pathlib import Path
+    directory = Path(__file__).parents[1] / "fixtures" / name
+    h_stack, tokens_stack, calls = run(directory, monkeypatch, True, False, quantization=None)
+    h_ops, tokens_ops, _ = run(directory, monkeypatch, False, False, quantization=None)
+    assert calls >= 11 and tokens_stack == tokens_ops
+    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops)
+
+
 def test_stack_under_a_sliding_window(tiny_model_builder, tmp_path, monkeypatch):
     """A window shorter than the contexts: the stack reads each row's last `window` positions, as the
     per-op path does."""
@@ -99,8 +110,15 @@ def test_stack_is_skipped_where_its_kernels_do_not_run(tiny_model_builder, tmp_p
 def test_stack_refuses_what_it_cannot_take():
     """The C code trusts its arguments: shapes that do not match the layers are an error, not a wild read."""
     q = torch.zeros(8, 16, dtype=torch.uint8)
-    good = (4, q, torch.zeros(8, 1, 2), 32)
+    good = (4, q, torch.zeros(8, 1, 2), 32, None)
     layer = {"qkv": good, "o": good, "gate_up": good, "down": good, "input_norm": torch.ones(32),
              "post_norm": torch.ones(32)}
     with pytest.raises(ValueError, match="decode_layers qkv"):
         kernels.DecoderStack([layer], 4, 2, 16, 32, 64, 1e-6, 0.25)         # qkv must have (4 + 2 * 2) * 16 rows
+    shapes = {"qkv": (128, 32), "o": (32, 64), "gate_up": (64, 32), "down": (32, 32)}
+    layer = {name: (4, torch.zeros(n, k // 2, dtype=torch.uint8), torch.zeros(n, k // 32, 2), 32, None)
+             for name, (n, k) in shapes.items()} | {"input_norm": torch.ones(32), "post_norm": torch.ones(32)}
+    kernels.DecoderStack([layer], 4, 2, 16, 32, 32, 1e-6, 0.25)             # these fit
+    twice = torch.zeros(32, dtype=torch.int64)                                 # not a permutation
+    with pytest.raises(ValueError, match="decode_layers o"):
+        kernels.DecoderStack([layer | {"o": layer["o"][:4] + (twice,)}], 4, 2, 16, 32, 32, 1e-6, 0.25)

@@ -214,7 +214,7 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+    _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("perm", ctypes.c_void_p),
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("bits", ctypes.c_int64)]
 
 
@@ -229,11 +229,13 @@ class _Tables(ctypes.Structure):
                 ("starts", ctypes.c_void_p), ("width", ctypes.c_int64)]
 
 
-PackedWeights = tuple[int, torch.Tensor, torch.Tensor, int]     # (bits, q, scale, group), as int4_mm / int8_mm take them
+# (bits, q, scale, group, perm): as int4_mm / int8_mm take them, and an optional int64 column order [K] (the
+# product takes x[:, perm]: GPTQ act-order)
+PackedWeights = tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor | None]
 
 
 def _linear(name: str, weights: PackedWeights, bias: torch.Tensor | None, n: int, k: int) -> _Linear:
-    bits, q, scale, group = weights
+    bits, q, scale, group, perm = weights
     if bits == 4:
         ok = q.dtype is torch.uint8 and tuple(q.shape) == (n, k // 2) and scale.numel() == 2 * n * (k // group)
     else:
@@ -241,8 +243,11 @@ def _linear(name: str, weights: PackedWeights, bias: torch.Tensor | None, n: int
     ok = ok and group % 32 == 0 and k % group == 0 and q.is_contiguous() and scale.dtype is torch.float32 \
         and scale.is_contiguous() and (bias is None or (bias.dtype is torch.float32 and bias.numel() == n
                                                          and bias.is_contiguous()))
+    ok = ok and (perm is None or (perm.dtype is torch.int64 and perm.numel() == k and perm.is_contiguous()
+                                  and bool((perm.sort().values == torch.arange(k)).all())))
     _require(ok, f"decode_layers {name}", q, scale)
-    return _Linear(q.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(), n, k, group, bits)
+    pointer = lambda t: None if t is None else t.data_ptr()     # noqa: E731
+    return _Linear(q.data_ptr(), scale.data_ptr(), pointer(bias), pointer(perm), n, k, group, bits)
 
 
 class DecoderStack:

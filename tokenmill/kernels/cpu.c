@@ -458,6 +458,7 @@ typedef struct {            /* one linear layer's weights, as tm_int4_mm (bits 4
     const void *q;
     const float *scale;     /* int4: scale_offset [N, K / group, 2]; int8: scale [N, K / group] */
     const float *bias;      /* [N] or NULL */
+    const int64_t *perm;    /* [K] or NULL: the product takes x[:, perm] (GPTQ act-order) */
     int64_t n, k, group, bits;
 } tm_linear;
 
@@ -474,7 +475,13 @@ typedef struct {            /* as tm_paged_decode takes them */
     int64_t width;
 } tm_decode_meta;
 
-static int linear(const tm_linear *l, const float *x, float *y, int64_t M, int threads) {
+/* x [M, K] -> y [M, N]; `gathered` has room for M x K floats (for x[:, perm]) */
+static int linear(const tm_linear *l, const float *x, float *y, float *gathered, int64_t M, int threads) {
+    if (l->perm) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < l->k; j++) gathered[m * l->k + j] = x[m * l->k + l->perm[j]];
+        x = gathered;
+    }
     const int status = l->bits == 4
         ? tm_int4_mm(x, (const uint8_t *)l->q, l->scale, y, M, l->n, l->k, l->group, l->n, threads)
         : tm_int8_mm(x, 0, (const int8_t *)l->q, l->scale, y, M, l->n, l->k, l->group, l->n, threads);
@@ -496,26 +503,27 @@ int tm_decode_layers(const tm_layer *layers, int64_t L, const tm_decode_meta *me
                      const float *cos_t, const float *sin_t, int64_t M, int64_t H, int64_t Hq, int64_t Hkv,
                      int64_t D, int64_t I, int64_t block_size, float eps, float scale, int threads) {
     const int64_t width_qkv = (Hq + 2 * Hkv) * D, width_qk = (Hq + Hkv) * D;
-    float *h = malloc(sizeof(float) * M * (2 * H + width_qkv + width_qk + Hq * D + 3 * I));
+    const int64_t widest = H > Hq * D ? (H > I ? H : I) : (Hq * D > I ? Hq * D : I);
+    float *h = malloc(sizeof(float) * M * (2 * H + width_qkv + width_qk + Hq * D + 3 * I + widest));
     if (!h) return -1;
     float *qkv = h + M * H, *qk = qkv + M * width_qkv, *attn = qk + M * width_qk, *o = attn + M * Hq * D;
-    float *gate_up = o + M * H, *act = gate_up + M * 2 * I;
+    float *gate_up = o + M * H, *act = gate_up + M * 2 * I, *gathered = act + M * I;
     int status = 0;
     for (int64_t i = 0; i < L && status == 0; i++) {
         const tm_layer *layer = layers + i;
         const tm_decode_meta *meta = metas + layer->meta;
         tm_rms_norm(residual, layer->input_norm, h, M, H, eps);
-        status |= linear(&layer->qkv, h, qkv, M, threads);
+        status |= linear(&layer->qkv, h, qkv, gathered, M, threads);
         tm_rope(qkv, width_qkv, cos_t, sin_t, qk, M, Hq + Hkv, D);
         paged_decode(qk, qk + Hq * D, qkv + width_qk, width_qk, width_qk, width_qkv, meta->slots, layer->k_cache,
                      layer->v_cache, meta->block_tables, meta->seq_lens, meta->starts, attn, M, Hq, Hkv, D,
                      block_size, meta->width, scale, threads);
-        status |= linear(&layer->o, attn, o, M, threads);
+        status |= linear(&layer->o, attn, o, gathered, M, threads);
         add_into(residual, o, M * H);
         tm_rms_norm(residual, layer->post_norm, h, M, H, eps);
-        status |= linear(&layer->gate_up, h, gate_up, M, threads);
+        status |= linear(&layer->gate_up, h, gate_up, gathered, M, threads);
         tm_silu_mul(gate_up, act, M, I);
-        status |= linear(&layer->down, act, o, M, threads);
+        status |= linear(&layer->down, act, o, gathered, M, threads);
         add_into(residual, o, M * H);
     }
     free(h);

@@ -82,7 +82,7 @@ class Int8WeightKernel(LinearKernel):
     def packed_weights(self) -> tuple[tuple, int] | None:
         if not self.native:
             return None
-        return (8, self.q, self.scale, self.group), self.MAX_NATIVE_ROWS
+        return (8, self.q, self.scale, self.group, None), self.MAX_NATIVE_ROWS
 
     def describe(self) -> str:
         return self.label
