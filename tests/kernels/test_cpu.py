@@ -130,7 +130,7 @@ def test_paged_decode_skips_slot_minus_one():
     assert torch.equal(kc, before)
 
 
-def test_rms_norm_rope_silu_mul_match_pytorch():
+def test_rms_norm_rope_gated_match_pytorch():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(5, 576, generator=g) * 4, torch.randn(576, generator=g)
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), rtol=1e-5, atol=1e-5)
@@ -142,13 +142,18 @@ def test_rms_norm_rope_silu_mul_match_pytorch():
     gate_up = torch.randn(4, 2 * 1536, generator=g) * 8
     gate_up[0, :6] = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-8, -90.0])
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.gated(gate_up, "silu"), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.gated(gate_up, "gelu_tanh"), F.gelu(gate, approximate="tanh") * up,
+                               rtol=1e-5, atol=1e-5)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0, -30.0, 30.0, 0.0, -0.0])
+    torch.testing.assert_close(kernels.gated(torch.cat([special, torch.ones(8)])[None], "gelu_tanh")[0],
+                               F.gelu(special, approximate="tanh"), equal_nan=True)
 
 
 def test_shapes_the_kernels_do_not_take_fall_back():
     assert kernels.rms_norm(torch.randn(2, 12), torch.ones(12), 1e-5) is None                 # K % 8
     assert kernels.rms_norm(torch.randn(2, 16, dtype=torch.bfloat16), torch.ones(16), 1e-5) is None
-    assert kernels.silu_mul(torch.randn(2, 20)) is None
+    assert kernels.gated(torch.randn(2, 20), "silu") is None
     assert not kernels.paged_decode_fits(4, torch.float32, torch.zeros(2, 16, 2, 60))       # D % 8
     assert not kernels.paged_decode_fits(4, torch.bfloat16, torch.zeros(2, 16, 2, 64, dtype=torch.bfloat16))
     assert not kernels.paged_decode_fits(34, torch.float32, torch.zeros(2, 16, 2, 64))      # group > MAX_GROUP

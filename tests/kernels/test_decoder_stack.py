@@ -1,6 +1,6 @@
 """kernels.DecoderStack (every decoder layer of a decode step in one native call) against the model's Python
 forward, which calls the same kernels one by one (itself tested against dense math and transformers): the
-same hidden states bit for bit, step by step, for a batch of rows with uneven contexts."""
+same logits bit for bit, step by step, for a batch of rows with uneven contexts."""
 from __future__ import annotations
 
 import pytest
@@ -17,12 +17,12 @@ PROMPTS = [[5, 9, 13], list(range(20, 61)), [7] * 17, list(range(100, 108)), [3]
 
 def run(directory, monkeypatch, stack: bool, int8_parts: bool, quantization: str | None = "int4",
         **kwargs) -> tuple[list, list, int]:
-    """Hidden states of every forward, the generated tokens, and how many forwards ran the stack."""
+    """The logits of every step, the generated tokens, and how many forwards ran the stack."""
     hidden, stacked = [], []
-    forward, call = LlamaForCausalLM.forward, kernels.DecoderStack.__call__
+    logits, call = LlamaForCausalLM.compute_logits, kernels.DecoderStack.__call__
 
     def record(self, *args):
-        out = forward(self, *args)
+        out = logits(self, *args)
         hidden.append(out.clone())
         return out
 
@@ -31,7 +31,7 @@ def run(directory, monkeypatch, stack: bool, int8_parts: bool, quantization: str
         return call(self, *args)
 
     with monkeypatch.context() as m:
-        m.setattr(LlamaForCausalLM, "forward", record)
+        m.setattr(LlamaForCausalLM, "compute_logits", record)
         m.setattr(kernels.DecoderStack, "__call__", count)
         if not stack:
             m.setattr(LlamaForCausalLM, "_build_stack", lambda self: (None, 0))
@@ -57,7 +57,7 @@ def test_stack_equals_the_per_op_forward(kind, int8_parts, tiny_model_builder, t
     h_ops, tokens_ops, none = run(tmp_path, monkeypatch, False, int8_parts)
     assert calls >= 11 and none == 0            # the decode steps ran the stack (and only that run did)
     assert tokens_stack == tokens_ops
-    assert len(h_stack) == len(h_ops)
+    assert len(h_stack) == len(h_ops) > 0
     for a, b in zip(h_stack, h_ops):
         assert torch.equal(a, b)
 
@@ -67,7 +67,7 @@ def test_stack_on_the_real_model_as_stored(smollm2_path, monkeypatch):
     h_stack, tokens_stack, calls = run(smollm2_path, monkeypatch, True, False, quantization=None)
     h_ops, tokens_ops, _ = run(smollm2_path, monkeypatch, False, False, quantization=None)
     assert calls >= 11 and tokens_stack == tokens_ops
-    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops)
+    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
 
 
 @pytest.mark.parametrize("name", ["gptq-asym-act", "awq-gemm"])
@@ -78,7 +78,7 @@ def test_stack_on_checkpoints_of_the_reference_tools(name, monkeypatch):
     h_stack, tokens_stack, calls = run(directory, monkeypatch, True, False, quantization=None)
     h_ops, tokens_ops, _ = run(directory, monkeypatch, False, False, quantization=None)
     assert calls >= 11 and tokens_stack == tokens_ops
-    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops)
+    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
 
 
 def test_stack_under_a_sliding_window(tiny_model_builder, tmp_path, monkeypatch):
@@ -92,7 +92,19 @@ def test_stack_under_a_sliding_window(tiny_model_builder, tmp_path, monkeypatch)
     h_stack, _, calls = run(tmp_path, monkeypatch, True, False)
     h_ops, _, _ = run(tmp_path, monkeypatch, False, False)
     assert calls >= 11
-    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops)
+    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_stack_on_gemma3(kv_heads, tmp_path, monkeypatch):
+    """Gemma 3: a norm after each sublayer, per-head q/k norms, GeGLU, local layers (window 10, their own
+    rope base) between global ones."""
+    from test_gemma3 import F, S, build_gemma
+    build_gemma(tmp_path, [S, S, F, S], window=10, kv_heads=kv_heads)
+    h_stack, tokens_stack, calls = run(tmp_path, monkeypatch, True, False)
+    h_ops, tokens_ops, _ = run(tmp_path, monkeypatch, False, False)
+    assert calls >= 11 and tokens_stack == tokens_ops
+    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
 
 
 def test_stack_is_skipped_where_its_kernels_do_not_run(tiny_model_builder, tmp_path, monkeypatch):
@@ -112,12 +124,12 @@ def test_stack_refuses_what_it_cannot_take():
     q = torch.zeros(8, 16, dtype=torch.uint8)
     good = (4, q, torch.zeros(8, 1, 2), 32, None)
     layer = {"qkv": good, "o": good, "gate_up": good, "down": good, "input_norm": torch.ones(32),
-             "post_norm": torch.ones(32)}
+             "mlp_norm": torch.ones(32)}
     with pytest.raises(ValueError, match="decode_layers qkv"):
         kernels.DecoderStack([layer], 4, 2, 16, 32, 64, 1e-6, 0.25)         # qkv must have (4 + 2 * 2) * 16 rows
     shapes = {"qkv": (128, 32), "o": (32, 64), "gate_up": (64, 32), "down": (32, 32)}
     layer = {name: (4, torch.zeros(n, k // 2, dtype=torch.uint8), torch.zeros(n, k // 32, 2), 32, None)
-             for name, (n, k) in shapes.items()} | {"input_norm": torch.ones(32), "post_norm": torch.ones(32)}
+             for name, (n, k) in shapes.items()} | {"input_norm": torch.ones(32), "mlp_norm": torch.ones(32)}
     kernels.DecoderStack([layer], 4, 2, 16, 32, 32, 1e-6, 0.25)             # these fit
     twice = torch.zeros(32, dtype=torch.int64)                                 # not a permutation
     with pytest.raises(ValueError, match="decode_layers o"):

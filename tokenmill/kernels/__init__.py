@@ -2,7 +2,7 @@
   - int4 and int8 weight-only products: weights unpacked in registers, float32 activations rounded to
     int16 per 32 columns, float32 sums (int4_mm, int8_mm; ~3x PyTorch's int4 kernel at batch 1);
   - decode attention straight over the paged KV cache (paged_decode);
-  - RMSNorm, rotate-half rope and SwiGLU in one pass each (rms_norm, rope, silu_mul);
+  - RMSNorm, rotate-half rope and SwiGLU / GeGLU in one pass each (rms_norm, rope, gated);
   - a whole stack of Llama decoder layers for the rows of a decode step in one call (DecoderStack): those
     kernels in the model's order, without the Python between them (~40 % of a batch-1 step).
 
@@ -86,7 +86,8 @@ def _load() -> ctypes.CDLL | None:
         "tm_rms_norm": ([p, p, p, i64, i64, f32], None),
         "tm_rope": ([p, i64, p, p, p, i64, i64, i64], None),
         "tm_silu_mul": ([p, p, i64, i64], None),
-        "tm_decode_layers": ([p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, f32, i32], i32),
+        "tm_gelu_tanh_mul": ([p, p, i64, i64], None),
+        "tm_decode_layers": ([p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, f32, i32, i32], i32),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -218,10 +219,13 @@ class _Linear(ctypes.Structure):
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("bits", ctypes.c_int64)]
 
 
+NORMS = ("input_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm", "q_norm", "k_norm")     # cpu.c's tm_layer
+
+
 class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
-                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
-                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("meta", ctypes.c_int64)]
+    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear)] \
+        + [(name, ctypes.c_void_p) for name in NORMS] \
+        + [("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("meta", ctypes.c_int64), ("rope", ctypes.c_int64)]
 
 
 class _Tables(ctypes.Structure):
@@ -251,19 +255,25 @@ def _linear(name: str, weights: PackedWeights, bias: torch.Tensor | None, n: int
 
 
 class DecoderStack:
-    """Llama decoder layers (RMSNorm, fused QKV, rotate-half rope, paged attention, o; RMSNorm, SwiGLU) whose
-    linears are packed int4/int8 weights, run for the rows of a decode step by one call (tm_decode_layers):
-    the kernels of the Python forward in its order, so the same results bit for bit, without Python between
-    them. `layers`: per layer a dict of its four linears' PackedWeights and biases ("qkv", "o", "gate_up",
-    "down", "qkv_bias", ...) and its two norm weights ("input_norm", "post_norm")."""
+    """Decoder layers of the Llama shape whose linears are packed int4/int8 weights, run for the rows of a
+    decode step by one call (tm_decode_layers): the kernels of the Python forward in its order, so the same
+    results bit for bit, without Python between them. Per layer:
+        residual += [attn_out_norm] o(attention(rope([q_norm, k_norm] qkv(input_norm(residual)))))
+        residual += [mlp_out_norm] down(act(gate) * up)(mlp_norm(residual))
+    (Llama, Mistral, Qwen 2: without the bracketed norms; Gemma 3: with them). `layers`: per layer a dict of
+    its four linears' PackedWeights and optional biases ("qkv", "o", "gate_up", "down", "qkv_bias", ...), its
+    norm weights (NORMS; the bracketed ones optional) and "rope", the index of its rope table (default 0).
+    act: "silu" or "gelu_tanh"."""
 
     def __init__(self, layers: list[dict], num_heads: int, num_kv_heads: int, head_dim: int, hidden: int,
-                 intermediate: int, eps: float, scale: float):
+                 intermediate: int, eps: float, scale: float, act: str = "silu"):
         hq, hkv, d = num_heads, num_kv_heads, head_dim
         _require(library() is not None and hidden % 8 == 0 and intermediate % 8 == 0 and (d // 2) % 8 == 0
                  and d <= MAX_DIM and hq % hkv == 0 and hq // hkv <= MAX_GROUP, "decode_layers", torch.empty(hq, hkv, d))
+        _require(act in ("silu", "gelu_tanh"), f"decode_layers act {act}")
         self.dims = (hq, hkv, d, hidden, intermediate)
-        self.eps, self.scale = eps, scale
+        self.eps, self.scale, self.act = eps, scale, int(act == "gelu_tanh")
+        self.ropes = 1 + max(layer.get("rope", 0) for layer in layers)
         shapes = {"qkv": ((hq + 2 * hkv) * d, hidden), "o": (hidden, hq * d), "gate_up": (2 * intermediate, hidden),
                   "down": (hidden, intermediate)}
         self._structs = (_Layer * len(layers))()
@@ -271,10 +281,17 @@ class DecoderStack:
         for struct, layer in zip(self._structs, layers):
             for name, (n, k) in shapes.items():
                 setattr(struct, name, _linear(name, layer[name], layer.get(name + "_bias"), n, k))
-            for name in ("input_norm", "post_norm"):
-                w = layer[name]
-                _require(w.dtype is torch.float32 and w.numel() == hidden and w.is_contiguous(), f"decode_layers {name}", w)
-                setattr(struct, name, w.data_ptr())
+            for name in NORMS:
+                w = layer.get(name)
+                if w is None and name in ("input_norm", "mlp_norm"):
+                    raise ValueError(f"decode_layers: a layer without {name}")
+                if w is not None:
+                    size = d if name in ("q_norm", "k_norm") else hidden
+                    _require(w.dtype is torch.float32 and w.numel() == size and w.is_contiguous(), f"decode_layers {name}", w)
+                    setattr(struct, name, w.data_ptr())
+            _require((layer.get("q_norm") is None) == (layer.get("k_norm") is None) and layer.get("rope", 0) >= 0,
+                     "decode_layers q_norm / k_norm / rope", torch.empty(0))
+            struct.rope = layer.get("rope", 0)
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _set_caches(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -288,9 +305,9 @@ class DecoderStack:
 
     def __call__(self, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  caches: list[tuple[torch.Tensor, torch.Tensor]], tables: list[tuple], layer_tables: list[int]) -> None:
-        """residual [M, hidden] float32, through every layer in place. cos, sin [M, head_dim / 2]; caches per
-        layer; tables: paged_decode's (slots, block_tables, seq_lens, starts) per KV group; layer_tables[i]:
-        the group of layer i."""
+        """residual [M, hidden] float32, through every layer in place. cos, sin [R, M, head_dim / 2]: the R rope
+        tables the layers pick from; caches per layer; tables: paged_decode's (slots, block_tables, seq_lens,
+        starts) per KV group; layer_tables[i]: the group of layer i."""
         hq, hkv, d, hidden, intermediate = self.dims
         m = residual.shape[0]
         if self._caches is None or len(caches) != len(self._caches) \
@@ -298,7 +315,7 @@ class DecoderStack:
             self._set_caches(caches)
         _require(residual.dtype is torch.float32 and residual.is_contiguous() and tuple(residual.shape) == (m, hidden)
                  and cos.dtype is sin.dtype is torch.float32 and cos.is_contiguous() and sin.is_contiguous()
-                 and cos.numel() == sin.numel() == m * (d // 2) and len(layer_tables) == len(self._structs)
+                 and cos.numel() == sin.numel() == self.ropes * m * (d // 2) and len(layer_tables) == len(self._structs)
                  and all(0 <= i < len(tables) for i in layer_tables), "decode_layers", residual, cos, sin)
         metas = (_Tables * len(tables))()
         for meta, (slots, block_tables, seq_lens, starts) in zip(metas, tables):
@@ -314,17 +331,20 @@ class DecoderStack:
             struct.meta = i
         _check(library().tm_decode_layers(self._structs, len(self._structs), metas, residual.data_ptr(), cos.data_ptr(),
                                           sin.data_ptr(), m, hidden, hq, hkv, d, intermediate,
-                                          self._caches[0][0].shape[1], self.eps, self.scale, torch.get_num_threads()))
+                                          self._caches[0][0].shape[1], self.eps, self.scale, self.act,
+                                          torch.get_num_threads()))
 
 
-def silu_mul(x: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up of x [T, 2I] = [gate | up] -> [T, I]; None where the kernel does not take it."""
+def gated(x: torch.Tensor, act: str) -> torch.Tensor | None:
+    """act(gate) * up of x [T, 2I] = [gate | up] -> [T, I]: act "silu" (SwiGLU) or "gelu_tanh" (GeGLU, gelu's
+    tanh approximation as PyTorch's approximate="tanh"); None where the kernel does not take it."""
     half = x.shape[-1] // 2
     if x.dtype != torch.float32 or half % 8 or x.dim() != 2 or x.device.type != "cpu" or library() is None:
         return None
     x = x.contiguous()
     out = torch.empty(x.shape[0], half, dtype=torch.float32)
-    library().tm_silu_mul(x.data_ptr(), out.data_ptr(), x.shape[0], half)
+    kernel = library().tm_gelu_tanh_mul if act == "gelu_tanh" else library().tm_silu_mul
+    kernel(x.data_ptr(), out.data_ptr(), x.shape[0], half)
     return out
 
 

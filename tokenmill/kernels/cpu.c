@@ -412,6 +412,23 @@ void tm_silu_mul(const float *x, float *out, int64_t M, int64_t I) {
         }
 }
 
+/* out [M, I] = gelu(x[:, :I]) * x[:, I:] (GeGLU, gelu's tanh approximation as PyTorch's
+   approximate="tanh": 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))), I a multiple of 8. */
+void tm_gelu_tanh_mul(const float *x, float *out, int64_t M, int64_t I) {
+    const __m256 one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f), sign = _mm256_set1_ps(-0.f);
+    const __m256 c = _mm256_set1_ps(0.7978845608028654f), c3 = _mm256_set1_ps(0.044715f);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < I; i += 8) {
+            const __m256 g = _mm256_loadu_ps(x + m * 2 * I + i), u = _mm256_loadu_ps(x + m * 2 * I + I + i);
+            const __m256 z = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(c3, g), _mm256_mul_ps(g, g), g));
+            /* tanh |z| = (1 - e) / (1 + e) with e = exp(-2 |z|) <= 1, then z's sign */
+            const __m256 e = exp_neg(_mm256_add_ps(_mm256_or_ps(z, sign), _mm256_or_ps(z, sign)));
+            const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+            const __m256 th = _mm256_or_ps(t, _mm256_and_ps(z, sign));
+            _mm256_storeu_ps(out + m * I + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, g), _mm256_add_ps(one, th)), u));
+        }
+}
+
 /* ---- the weights themselves, for products with many rows (prefill) ------------------------------------ */
 
 /* w [N, K] float32 = q * scale + offset, from tm_int4_mm's packed layout: one pass, rows split between
@@ -464,9 +481,14 @@ typedef struct {            /* one linear layer's weights, as tm_int4_mm (bits 4
 
 typedef struct {
     tm_linear qkv, o, gate_up, down;
-    const float *input_norm, *post_norm;
+    const float *input_norm;    /* [H], before attention */
+    const float *attn_out_norm; /* [H] or NULL: on attention's output before it joins the residual (Gemma 3) */
+    const float *mlp_norm;      /* [H], before the MLP */
+    const float *mlp_out_norm;  /* [H] or NULL: on the MLP's output (Gemma 3) */
+    const float *q_norm, *k_norm;   /* [D] each, or NULL: per-head RMSNorm of q and k before rope */
     float *k_cache, *v_cache;   /* [num_blocks, block_size, Hkv, D] */
     int64_t meta;               /* which of the step's tm_decode_meta this layer's KV group reads */
+    int64_t rope;               /* which of the step's rope tables this layer rotates by */
 } tm_layer;
 
 typedef struct {            /* as tm_paged_decode takes them */
@@ -497,33 +519,44 @@ static void add_into(float *residual, const float *h, int64_t count) {
 }
 
 /* residual [M, H] (M decode rows, one token each) through layers 0 .. L - 1, in place:
-     residual += o(attention(rope(qkv(norm(residual)))));  residual += down(silu(gate) * up)(norm(residual))
-   cos, sin [M, D / 2]; H, I and D / 2 multiples of 8. Returns 0, or -1 without scratch memory. */
+     residual += [attn_out_norm] o(attention(rope([q/k_norm] qkv(input_norm(residual)))))
+     residual += [mlp_out_norm] down(act(gate) * up)(mlp_norm(residual))
+   act: 0 silu, 1 gelu (tanh approximation). cos, sin [R, M, D / 2]: R rope tables (layer->rope picks one).
+   H, I and D / 2 multiples of 8. Returns 0, or -1 without scratch memory. */
 int tm_decode_layers(const tm_layer *layers, int64_t L, const tm_decode_meta *metas, float *residual,
                      const float *cos_t, const float *sin_t, int64_t M, int64_t H, int64_t Hq, int64_t Hkv,
-                     int64_t D, int64_t I, int64_t block_size, float eps, float scale, int threads) {
+                     int64_t D, int64_t I, int64_t block_size, float eps, float scale, int act, int threads) {
     const int64_t width_qkv = (Hq + 2 * Hkv) * D, width_qk = (Hq + Hkv) * D;
     const int64_t widest = H > Hq * D ? (H > I ? H : I) : (Hq * D > I ? Hq * D : I);
     float *h = malloc(sizeof(float) * M * (2 * H + width_qkv + width_qk + Hq * D + 3 * I + widest));
     if (!h) return -1;
     float *qkv = h + M * H, *qk = qkv + M * width_qkv, *attn = qk + M * width_qk, *o = attn + M * Hq * D;
-    float *gate_up = o + M * H, *act = gate_up + M * 2 * I, *gathered = act + M * I;
+    float *gate_up = o + M * H, *glu = gate_up + M * 2 * I, *gathered = glu + M * I;
     int status = 0;
     for (int64_t i = 0; i < L && status == 0; i++) {
         const tm_layer *layer = layers + i;
         const tm_decode_meta *meta = metas + layer->meta;
         tm_rms_norm(residual, layer->input_norm, h, M, H, eps);
         status |= linear(&layer->qkv, h, qkv, gathered, M, threads);
-        tm_rope(qkv, width_qkv, cos_t, sin_t, qk, M, Hq + Hkv, D);
+        if (layer->q_norm)          /* in place, head by head */
+            for (int64_t m = 0; m < M; m++) {
+                tm_rms_norm(qkv + m * width_qkv, layer->q_norm, qkv + m * width_qkv, Hq, D, eps);
+                tm_rms_norm(qkv + m * width_qkv + Hq * D, layer->k_norm, qkv + m * width_qkv + Hq * D, Hkv, D, eps);
+            }
+        const int64_t rope = layer->rope * M * (D / 2);
+        tm_rope(qkv, width_qkv, cos_t + rope, sin_t + rope, qk, M, Hq + Hkv, D);
         paged_decode(qk, qk + Hq * D, qkv + width_qk, width_qk, width_qk, width_qkv, meta->slots, layer->k_cache,
                      layer->v_cache, meta->block_tables, meta->seq_lens, meta->starts, attn, M, Hq, Hkv, D,
                      block_size, meta->width, scale, threads);
         status |= linear(&layer->o, attn, o, gathered, M, threads);
+        if (layer->attn_out_norm) tm_rms_norm(o, layer->attn_out_norm, o, M, H, eps);
         add_into(residual, o, M * H);
-        tm_rms_norm(residual, layer->post_norm, h, M, H, eps);
+        tm_rms_norm(residual, layer->mlp_norm, h, M, H, eps);
         status |= linear(&layer->gate_up, h, gate_up, gathered, M, threads);
-        tm_silu_mul(gate_up, act, M, I);
-        status |= linear(&layer->down, act, o, gathered, M, threads);
+        if (act == 1) tm_gelu_tanh_mul(gate_up, glu, M, I);
+        else tm_silu_mul(gate_up, glu, M, I);
+        status |= linear(&layer->down, glu, o, gathered, M, threads);
+        if (layer->mlp_out_norm) tm_rms_norm(o, layer->mlp_out_norm, o, M, H, eps);
         add_into(residual, o, M * H);
     }
     free(h);

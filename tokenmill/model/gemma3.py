@@ -9,7 +9,7 @@ from torch import nn
 from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
-from tokenmill.model.llama import Attention, LlamaForCausalLM
+from tokenmill.model.llama import Attention, LlamaForCausalLM, stack_linears
 from tokenmill.model.linear import QLinear
 from tokenmill.parallel.comm import SINGLE, TPGroup
 
@@ -24,6 +24,16 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_mlp_norm = RMSNorm(cfg.hidden_size, eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, cfg.hidden_act, tp)
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps)
+
+    def stack_entry(self) -> tuple[dict, int] | None:
+        """This layer for kernels.DecoderStack (its linears, norms by their role there), or None."""
+        found = stack_linears(self.attn, self.mlp)
+        if found is None:
+            return None
+        entry, max_rows = found
+        norms = {"input_norm": self.input_norm, "attn_out_norm": self.post_attn_norm, "mlp_norm": self.pre_mlp_norm,
+                 "mlp_out_norm": self.post_mlp_norm, "q_norm": self.attn.q_norm, "k_norm": self.attn.k_norm}
+        return entry | {name: norm.weight for name, norm in norms.items()}, max_rows
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):
@@ -43,11 +53,17 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         """input_ids, positions [T] -> final hidden states [T, hidden] (see LlamaForCausalLM.forward)."""
         h = self.embed(input_ids, self.dtype) * self.embed_scale
         global_rope, local_rope = self.rope(positions), self.local_rope(positions)
+        stacked = self._run_stack(h, [global_rope, local_rope], kv_caches, backend, metas)
+        if stacked is not None:
+            return self.norm(stacked)
         for layer, window, cache, meta in zip(self.layers, self.cfg.layer_windows, kv_caches, metas):
             x = layer.attn(layer.input_norm(h), global_rope if window is None else local_rope, cache, backend, meta)
             h = h + layer.post_attn_norm(x)
             h = h + layer.post_mlp_norm(layer.mlp(layer.pre_mlp_norm(h)))
         return self.norm(h)
+
+    def layer_ropes(self) -> list[int]:
+        return [0 if window is None else 1 for window in self.cfg.layer_windows]
 
     def expected_weight_names(self) -> list[str]:
         names = super().expected_weight_names()

@@ -54,6 +54,19 @@ class Attention(nn.Module):
         return self.o(out.reshape(-1, self.q_size))
 
 
+def stack_linears(attn: Attention, mlp: GatedMLP) -> tuple[dict, int] | None:
+    """A layer's four linears as kernels.DecoderStack takes them (PackedWeights and biases), with the most rows
+    their kernels run; None where one is not packed for tokenmill's CPU kernels or is split across ranks."""
+    entry, max_rows = {}, 1 << 30
+    for name, linear in (("qkv", attn.qkv), ("o", attn.o), ("gate_up", mlp.gate_up), ("down", mlp.down)):
+        packed = linear.kernel.packed_weights()
+        if packed is None or linear.reduce.size > 1 or (linear.bias is not None and linear.bias.dtype != torch.float32):
+            return None
+        entry[name], entry[name + "_bias"] = packed[0], linear.bias
+        max_rows = min(max_rows, packed[1])
+    return entry, max_rows
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup = SINGLE):
         super().__init__()
@@ -61,6 +74,14 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg, dtype, tp=tp)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, tp=tp)
+
+    def stack_entry(self) -> tuple[dict, int] | None:
+        """This layer for kernels.DecoderStack (its linears, norms by their role there), or None."""
+        found = stack_linears(self.attn, self.mlp)
+        if found is None:
+            return None
+        entry, max_rows = found
+        return entry | {"input_norm": self.input_norm.weight, "mlp_norm": self.post_attn_norm.weight}, max_rows
 
 
 class LlamaForCausalLM(nn.Module):
@@ -88,7 +109,7 @@ class LlamaForCausalLM(nn.Module):
         h = self.embed(input_ids, self.dtype)
         residual = h
         rope = self.rope(positions)
-        stacked = self._run_stack(h, rope, kv_caches, backend, metas)
+        stacked = self._run_stack(h, [rope], kv_caches, backend, metas)
         if stacked is not None:
             return self.norm(stacked)
         for layer, cache, meta in zip(self.layers, kv_caches, metas):
@@ -98,12 +119,17 @@ class LlamaForCausalLM(nn.Module):
             residual = residual + h
         return self.norm(residual)
 
-    def _run_stack(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def layer_ropes(self) -> list[int]:
+        """Per layer, which of the rope tables `forward` hands `_run_stack` it rotates by."""
+        return [0] * len(self.layers)
+
+    def _run_stack(self, h: torch.Tensor, ropes: list[tuple[torch.Tensor, torch.Tensor]],
                    kv_caches: list[tuple[torch.Tensor, torch.Tensor]], backend: AttentionBackend,
                    metas: list[AttentionMetadata]) -> torch.Tensor | None:
         """A decode step whose every layer runs on tokenmill's CPU kernels goes through them in one native call
         (kernels.DecoderStack: the same kernels in the same order, without ~3 ms of Python between them at
-        batch 1): embeddings h in, the last layer's residual stream out. None where it does not apply."""
+        batch 1): embeddings h in, the last layer's residual stream out. None where it does not apply.
+        ropes: the step's (cos, sin) tables, picked per layer by `layer_ropes`."""
         if self._stack is None:
             self._stack = self._build_stack()
         stack, max_rows = self._stack
@@ -121,35 +147,33 @@ class LlamaForCausalLM(nn.Module):
                 i = index[id(meta)] = len(tables)
                 tables.append(found)
             layer_tables.append(i)
-        cos, sin = (t.reshape(rows, -1) for t in rope)
+        if len(ropes) == 1:
+            cos, sin = (t.reshape(rows, -1) for t in ropes[0])
+        else:
+            cos, sin = (torch.stack([rope[i].reshape(rows, -1) for rope in ropes]) for i in (0, 1))
         residual = h.clone(memory_format=torch.contiguous_format)
         stack(residual, cos, sin, kv_caches, tables, layer_tables)
         return residual
 
     def _build_stack(self) -> tuple[kernels.DecoderStack | None, int]:
         """The layers as a kernels.DecoderStack, with the most rows every linear's kernel takes; (None, 0) where
-        a layer is not this file's DecoderLayer or a linear's weights are not packed for tokenmill's kernels."""
-        if (self.dtype != torch.float32 or self.tp.size > 1 or kernels.library() is None
-                or any(type(layer) is not DecoderLayer for layer in self.layers)):
+        a layer cannot say how it goes there or a linear's weights are not packed for tokenmill's kernels."""
+        if self.dtype != torch.float32 or self.tp.size > 1 or kernels.library() is None:
             return None, 0
         layers, max_rows = [], 1 << 30
-        for layer in self.layers:
-            entry = {"input_norm": layer.input_norm.weight, "post_norm": layer.post_attn_norm.weight}
-            for name, linear in (("qkv", layer.attn.qkv), ("o", layer.attn.o), ("gate_up", layer.mlp.gate_up),
-                                 ("down", layer.mlp.down)):
-                packed = linear.kernel.packed_weights()
-                if packed is None or linear.reduce.size > 1 or linear.bias is not None and linear.bias.dtype != torch.float32:
-                    return None, 0
-                entry[name], entry[name + "_bias"] = packed[0], linear.bias
-                max_rows = min(max_rows, packed[1])
-            layers.append(entry)
+        for layer, rope in zip(self.layers, self.layer_ropes()):
+            found = layer.stack_entry() if hasattr(layer, "stack_entry") else None
+            if found is None:
+                return None, 0
+            layers.append(found[0] | {"rope": rope})
+            max_rows = min(max_rows, found[1])
         attn, cfg = self.layers[0].attn, self.cfg
         if cfg.hidden_size % 8 or cfg.intermediate_size % 8 or attn.head_dim // 2 % 8 \
                 or not kernels.paged_decode_fits(attn.num_heads, torch.float32,
                                                  torch.empty(0, 1, attn.num_kv_heads, attn.head_dim)):
             return None, 0
         stack = kernels.DecoderStack(layers, attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.hidden_size,
-                                     cfg.intermediate_size, cfg.rms_norm_eps, attn.scale)
+                                     cfg.intermediate_size, cfg.rms_norm_eps, attn.scale, self.layers[0].mlp.act)
         return stack, max_rows
 
     @torch.inference_mode()
