@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Hugging Face models saved to disk, and the real SmolLM2 GGUF."""
+"""Shared fixtures: tiny random Hugging Face models saved to disk, the real SmolLM2 GGUF, and Triton's CPU interpreter."""
 from __future__ import annotations
 
 import json
@@ -244,3 +244,38 @@ def tiny_chat_llama(tmp_path_factory):
     model.save_pretrained(directory)
     return directory, model, eos, prompt
 
+
+# ---- Triton kernels on CPU tensors ----------------------------------------------------------------------
+# The Triton kernels run on CPU tensors through the interpreter. Triton reads TRITON_INTERPRET when
+# a kernel is defined and again while it runs, so the variable is set while the kernels are imported
+# and around each test that uses them (`triton_interpreter`), and put back as it was after.
+
+
+def _set_interpret(value: str | None) -> str | None:
+    saved = os.environ.get("TRITON_INTERPRET")
+    if value is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = value
+    return saved
+
+
+def _import_kernels_interpreted() -> None:
+    saved = _set_interpret("1")
+    try:
+        import tokenmill.attention.triton_backend  # noqa: F401
+        import tokenmill.kernels.triton_int4  # noqa: F401
+    except ImportError:
+        pass                        # no triton: the tests that need it are skipped
+    finally:
+        _set_interpret(saved)
+
+
+_import_kernels_interpreted()      # conftest loads before the test modules that import the kernels
+
+
+@pytest.fixture
+def triton_interpreter():
+    saved = _set_interpret("1")
+    yield
+    _set_interpret(saved)

@@ -1,4 +1,6 @@
-"""tokenmill's own CPU kernels (kernels/cpu.c), for x86-64 CPUs with AVX2 and FMA:
+"""tokenmill's own kernels. On GPUs: triton_int4.py, the int4 weight-only product in Triton (imported by its
+users, as it needs triton). The rest of this module: the CPU kernels (kernels/cpu.c), for x86-64 CPUs with
+AVX2 and FMA:
   - int4 and int8 weight-only products: weights unpacked in registers, float32 activations rounded to
     int16 per 32 columns, float32 sums (int4_mm, int8_mm; ~3x PyTorch's int4 kernel at batch 1);
   - decode attention straight over the paged KV cache (paged_decode);
@@ -244,7 +246,8 @@ def _linear(name: str, weights: PackedWeights, bias: torch.Tensor | None, n: int
         ok = q.dtype is torch.uint8 and tuple(q.shape) == (n, k // 2) and scale.numel() == 2 * n * (k // group)
     else:
         ok = bits == 8 and q.dtype is torch.int8 and tuple(q.shape) == (n, k) and scale.numel() == n * (k // group)
-    ok = ok and group % 32 == 0 and k % group == 0 and q.is_contiguous() and scale.dtype is torch.float32 \
+    ok = ok and group % 32 == 0 and k % group == 0 and q.is_contiguous() and q.device.type == "cpu" \
+        and scale.dtype is torch.float32 and scale.device.type == "cpu" \
         and scale.is_contiguous() and (bias is None or (bias.dtype is torch.float32 and bias.numel() == n
                                                          and bias.is_contiguous()))
     ok = ok and (perm is None or (perm.dtype is torch.int64 and perm.numel() == k and perm.is_contiguous()

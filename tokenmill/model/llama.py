@@ -158,7 +158,8 @@ class LlamaForCausalLM(nn.Module):
     def _build_stack(self) -> tuple[kernels.DecoderStack | None, int]:
         """The layers as a kernels.DecoderStack, with the most rows every linear's kernel takes; (None, 0) where
         a layer cannot say how it goes there or a linear's weights are not packed for tokenmill's kernels."""
-        if self.dtype != torch.float32 or self.tp.size > 1 or kernels.library() is None:
+        if (self.dtype != torch.float32 or self.tp.size > 1 or kernels.library() is None
+                or self.norm.weight.device.type != "cpu"):
             return None, 0
         layers, max_rows = [], 1 << 30
         for layer, rope in zip(self.layers, self.layer_ropes()):

@@ -161,14 +161,53 @@ class NativeInt4Kernel(LinearKernel):
         return f"{self.label} g{self.group}"
 
 
+class TritonInt4Kernel(NativeInt4Kernel):
+    """The same packed weights on a GPU, multiplied by tokenmill's Triton kernel (kernels/triton_int4.py), which
+    dequantizes them in registers: ~0.75 bytes a weight stay resident and are read per product, not 2."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, device: torch.device,
+                 perm: torch.Tensor | None = None, label: str = "int4"):
+        super().__init__(q, scale, zero, group, perm, label)
+        self.to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from tokenmill.kernels import triton_int4
+        x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2[:, self.perm]
+        y = triton_int4.int4_mm(x2, self.packed, self.scale_offset, self.group)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """float32 [N, K] from the packed bytes."""
+        q = kernels.unpack_int4(self.packed).view(self.out_features, -1, self.group).float()
+        return (q * self.scale_offset[..., :1] + self.scale_offset[..., 1:]).view(self.out_features, self.in_features)
+
+    def packed_weights(self) -> tuple[tuple, int] | None:
+        return None                 # kernels.DecoderStack is CPU code
+
+    def describe(self) -> str:
+        return f"{self.label} g{self.group} (triton)"
+
+
+def triton_runs() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def int4_kernel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, device: torch.device,
                 perm: torch.Tensor | None = None, label: str = "int4") -> LinearKernel:
-    """tokenmill's int4 kernel where it runs, else PyTorch's on CPU; elsewhere (no int4 kernel of
-    ours on GPUs yet) the same weights dequantized."""
+    """tokenmill's int4 kernel where it runs (CPU: kernels/cpu.c; CUDA: the Triton kernel), else PyTorch's on
+    CPU; a GPU without triton gets the same weights dequantized to bfloat16."""
     if device.type == "cpu" and kernels.multiplies(q.shape[1]):
         return NativeInt4Kernel(q, scale, zero, group, perm, label=label)
     if device.type == "cpu":
         return Int4Kernel(q, scale, zero, group, perm, label=label)
+    if device.type == "cuda" and q.shape[1] % 32 == 0 and triton_runs():
+        return TritonInt4Kernel(q, scale, zero, group, device, perm, label=label)
     w = dequantize_int4(q, scale, zero, group)
     if perm is not None:
         w = torch.empty_like(w).index_copy_(1, perm, w)

@@ -1,0 +1,76 @@
+"""The Triton int4 product (kernels/triton_int4.py), run by Triton's interpreter on CPU tensors, against
+dequantize-then-matmul in float32 on random and real (SmolLM2 Q4_1) weights; and the GPU kernel class
+against the CPU one on the same packed bytes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill import kernels
+
+triton_int4 = pytest.importorskip("tokenmill.kernels.triton_int4")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+
+def reference(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
+    n, k = q.shape
+    w = q.view(n, k // group, group).double() * scale_offset[..., :1].double() + scale_offset[..., 1:].double()
+    return (x.double() @ w.view(n, k).t()).float()
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 96, 64, 32), (5, 70, 128, 64), (33, 48, 96, 32), (17, 40, 256, 128),
+                                         (70, 33, 160, 32)])
+def test_matches_dequantized_matmul(m, n, k, group):
+    """Odd row counts, N not a multiple of the tile, K with an odd number of 32-column blocks (BK = 32)."""
+    g = torch.Generator().manual_seed(m * n)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale_offset = torch.randn(n, k // group, 2, generator=g)
+    x = torch.randn(m, k, generator=g)
+    want = reference(x, q, scale_offset, group)
+    got = triton_int4.int4_mm(x, kernels.pack_int4(q), scale_offset, group)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    half = triton_int4.int4_mm(x.bfloat16(), kernels.pack_int4(q), scale_offset, group)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), reference(x.bfloat16().float(), q, scale_offset, group),
+                               rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_real_q4_1_rows_match_gguf_py(smollm2_path):
+    """A slice of the default model's first gate projection, packed from the file's own blocks."""
+    from tokenmill.loader.gguf import GGUFCheckpoint, GGUFTensor
+    from tokenmill.quant.gguf import int4_groups
+    t = GGUFTensor(*GGUFCheckpoint(smollm2_path).raw_tensor("model.layers.0.mlp.gate_proj.weight"))
+    q, scale, zero = (a[:64] for a in int4_groups(t))
+    scale_offset = torch.stack([scale.float(), (zero.double() - 8 * scale.double()).float()], dim=-1).contiguous()
+    x = torch.randn(3, q.shape[1], generator=torch.Generator().manual_seed(0))
+    dense = t.dequantize()[:64]                                          # gguf-py's dequantization
+    torch.testing.assert_close(triton_int4.int4_mm(x, kernels.pack_int4(q), scale_offset, 32), x @ dense.t(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_class_equals_the_cpu_kernel_with_act_order():
+    from tokenmill.quant.int4 import NativeInt4Kernel, TritonInt4Kernel
+    g = torch.Generator().manual_seed(1)
+    n, k, group = 48, 128, 32
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(n, k // group, generator=g) / 10, torch.randn(n, k // group, generator=g) / 10
+    perm = torch.randperm(k, generator=g)
+    gpu = TritonInt4Kernel(q, scale, zero, group, torch.device("cpu"), perm)
+    x = torch.randn(2, 3, k, generator=g)
+    want = x.reshape(-1, k)[:, perm] @ gpu.dense_weight().t()
+    torch.testing.assert_close(gpu(x), want.view(2, 3, n), rtol=1e-5, atol=1e-5)
+    assert gpu.packed_weights() is None and "triton" in gpu.describe()
+    if kernels.library() is not None:
+        cpu = NativeInt4Kernel(q, scale, zero, group, perm)
+        assert torch.equal(cpu.packed, gpu.packed)
+        # the CPU kernel rounds activations to int16 per 32 columns (error < 2^-15 of a block's largest value)
+        torch.testing.assert_close(gpu(x), cpu(x), rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+def test_refuses_what_it_cannot_take():
+    with pytest.raises(ValueError, match="triton int4_mm"):         # K = 32 against bytes of 16 columns
+        triton_int4.int4_mm(torch.randn(1, 32), torch.zeros(8, 8, dtype=torch.uint8), torch.zeros(8, 1, 2), 32)
+    with pytest.raises(ValueError, match="triton int4_mm"):         # a group that is not a multiple of 32
+        triton_int4.int4_mm(torch.randn(1, 32), torch.zeros(8, 16, dtype=torch.uint8), torch.zeros(8, 2, 2), 16)
+    with pytest.raises(ValueError, match="triton int4_mm"):
+        triton_int4.int4_mm(torch.randn(1, 32).double(), torch.zeros(8, 16, dtype=torch.uint8), torch.zeros(8, 1, 2), 32)

@@ -1,0 +1,74 @@
+"""tokenmill's int4 weight-only product for GPUs, in Triton: y [M, N] = x [M, K] @ W^T with W kept packed.
+
+The weights are the CPU kernel's (kernels/cpu.c): uint8 [N, K / 2], per 32 columns 16 bytes whose low
+nibbles are columns 0..15 and high nibbles columns 16..31 (GGUF's Q4_0/Q4_1 order), and float32
+scale_offset [N, K / group, 2] with w = q * scale + offset. A program computes a [BM, BN] tile of y: per BK
+columns it loads BK / 2 bytes of each of its BN weight rows, splits them into the low and the high nibbles,
+dequantizes both halves in registers (float32, then the activations' dtype) and multiplies each with the
+matching columns of x (the low-nibble columns and the ones 16 further), accumulating in float32. The
+weights never exist unpacked in memory, so a decode step reads ~0.75 bytes per weight instead of 2.
+
+Under TRITON_INTERPRET=1 it runs on CPU tensors (the tests do this); the interpreter computes tl.dot on
+bfloat16 wrongly (numpy has no bfloat16), so there the dot takes float32 operands.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _int4_mm_kernel(x_ptr, q_ptr, so_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                    GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    F32_DOT: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    j = tl.arange(0, BK // 2)                      # bytes of the tile
+    low_col = (j // 16) * 32 + j % 16              # the column of byte j's low nibble; its high one is 16 further
+    row_in, col_in = rm[:, None] < M, rn[:, None] < N
+    groups = K // GROUP
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        packed = tl.load(q_ptr + rn[:, None] * (K // 2) + (k0 // 2 + j)[None, :], mask=col_in, other=0)
+        so = so_ptr + rn[:, None] * (2 * groups) + ((k0 + low_col) // GROUP)[None, :] * 2      # [BN, BK / 2]
+        scale = tl.load(so, mask=col_in, other=0.0)
+        offset = tl.load(so + 1, mask=col_in, other=0.0)
+        w_low = (packed & 15).to(tl.float32) * scale + offset
+        w_high = (packed >> 4).to(tl.float32) * scale + offset
+        x_row = x_ptr + rm[:, None] * stride_xm + (k0 + low_col)[None, :]
+        x_low = tl.load(x_row, mask=row_in, other=0.0)
+        x_high = tl.load(x_row + 16, mask=row_in, other=0.0)
+        if F32_DOT:
+            acc += tl.dot(x_low.to(tl.float32), tl.trans(w_low), input_precision="ieee")
+            acc += tl.dot(x_high.to(tl.float32), tl.trans(w_high), input_precision="ieee")
+        else:
+            acc += tl.dot(x_low, tl.trans(w_low.to(x_low.dtype)))
+            acc += tl.dot(x_high, tl.trans(w_high.to(x_high.dtype)))
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=row_in & (rn[None, :] < N))
+
+
+def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] (float16, bfloat16 or float32), q uint8 [N, K / 2], scale_offset float32 [N, K / group, 2], all
+    on one device -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = q.shape[0]
+    if not (q.dtype == torch.uint8 and 2 * q.shape[1] == k and group % 32 == 0 and k % group == 0
+            and scale_offset.dtype == torch.float32 and scale_offset.numel() == 2 * n * (k // group)
+            and q.is_contiguous() and scale_offset.is_contiguous() and q.device == x.device == scale_offset.device
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        raise ValueError("triton int4_mm: unsupported arguments " + ", ".join(
+            f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in (x, q, scale_offset)))
+    x = x if x.stride(1) == 1 else x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bn = 32 if m <= 32 else 64
+    bk = 64 if k % 64 == 0 else 32
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _int4_mm_kernel[grid](x, q, scale_offset, y, m, n, k, x.stride(0), y.stride(0), GROUP=group, BM=bm, BN=bn, BK=bk,
+                          F32_DOT=INTERPRETING or x.dtype == torch.float32)
+    return y
