@@ -8,7 +8,7 @@ import torch
 
 from tokenmill import LLM, SamplingParams, kernels
 from tokenmill.model.llama import LlamaForCausalLM
-from tokenmill.quant.int8 import int8_weight_kernel
+from tokenmill.quant.int8 import int8_weight_kernel, int_mm_is_fast
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="tokenmill's CPU kernels do not run here")
 
@@ -48,14 +48,17 @@ def run(directory, monkeypatch, stack: bool, int8_parts: bool, quantization: str
     return hidden, [o.outputs[0].token_ids for o in outs], len(stacked)
 
 
-@pytest.mark.parametrize("kind,int8_parts", [("llama", False), ("qwen2", False), ("mistral", False),
-                                             ("llama", True)])
-def test_stack_equals_the_per_op_forward(kind, int8_parts, tiny_model_builder, tmp_path, monkeypatch):
-    """llama: GQA 4/2, head_dim 32; qwen2: MQA with q/k/v biases; mistral: MHA; and int4 mixed with int8."""
+@pytest.mark.parametrize("kind,int8_parts,quantization", [
+    ("llama", False, "int4"), ("qwen2", False, "int4"), ("mistral", False, "int4"), ("llama", True, "int4"),
+    ("llama", False, "int8"), ("qwen2", False, "int8")])
+def test_stack_equals_the_per_op_forward(kind, int8_parts, quantization, tiny_model_builder, tmp_path, monkeypatch):
+    """llama: GQA 4/2, head_dim 32; qwen2: MQA with q/k/v biases; mistral: MHA; int4 mixed with int8 weights;
+    W8A8 ("int8": activations rounded per token, integer products), where it runs on tokenmill's kernel."""
     tiny_model_builder(kind, tmp_path)
-    h_stack, tokens_stack, calls = run(tmp_path, monkeypatch, True, int8_parts)
-    h_ops, tokens_ops, none = run(tmp_path, monkeypatch, False, int8_parts)
-    assert calls >= 11 and none == 0            # the decode steps ran the stack (and only that run did)
+    h_stack, tokens_stack, calls = run(tmp_path, monkeypatch, True, int8_parts, quantization)
+    h_ops, tokens_ops, none = run(tmp_path, monkeypatch, False, int8_parts, quantization)
+    w8a8_elsewhere = quantization == "int8" and int_mm_is_fast()       # torch._int_mm: the Python path
+    assert (calls >= 11 or w8a8_elsewhere) and none == 0     # the decode steps ran the stack (and only that run did)
     assert tokens_stack == tokens_ops
     assert len(h_stack) == len(h_ops) > 0
     for a, b in zip(h_stack, h_ops):
@@ -70,14 +73,15 @@ def test_stack_on_the_real_model_as_stored(smollm2_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
 
 
-@pytest.mark.parametrize("name", ["gptq-asym-act", "awq-gemm"])
+@pytest.mark.parametrize("name", ["gptq-asym-act", "awq-gemm", "w8a8"])
 def test_stack_on_checkpoints_of_the_reference_tools(name, monkeypatch):
-    """gptqmodel's GPTQ with act-order (the stack gathers x[:, perm] as the per-op path does) and AWQ."""
+    """gptqmodel's GPTQ with act-order (the stack gathers x[:, perm] as the per-op path does), AWQ, and
+    llm-compressor's W8A8 (activations rounded per token with range 127.5, as its reference does)."""
     from pathlib import Path
     directory = Path(__file__).parents[1] / "fixtures" / name
     h_stack, tokens_stack, calls = run(directory, monkeypatch, True, False, quantization=None)
     h_ops, tokens_ops, _ = run(directory, monkeypatch, False, False, quantization=None)
-    assert calls >= 11 and tokens_stack == tokens_ops
+    assert (calls >= 11 or (name == "w8a8" and int_mm_is_fast())) and tokens_stack == tokens_ops
     assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
 
 
@@ -122,15 +126,17 @@ def test_stack_is_skipped_where_its_kernels_do_not_run(tiny_model_builder, tmp_p
 def test_stack_refuses_what_it_cannot_take():
     """The C code trusts its arguments: shapes that do not match the layers are an error, not a wild read."""
     q = torch.zeros(8, 16, dtype=torch.uint8)
-    good = (4, q, torch.zeros(8, 1, 2), 32, None)
+    good = kernels.PackedWeights(4, q, torch.zeros(8, 1, 2), 32)
     layer = {"qkv": good, "o": good, "gate_up": good, "down": good, "input_norm": torch.ones(32),
              "mlp_norm": torch.ones(32)}
     with pytest.raises(ValueError, match="decode_layers qkv"):
         kernels.DecoderStack([layer], 4, 2, 16, 32, 64, 1e-6, 0.25)         # qkv must have (4 + 2 * 2) * 16 rows
     shapes = {"qkv": (128, 32), "o": (32, 64), "gate_up": (64, 32), "down": (32, 32)}
-    layer = {name: (4, torch.zeros(n, k // 2, dtype=torch.uint8), torch.zeros(n, k // 32, 2), 32, None)
+    layer = {name: kernels.PackedWeights(4, torch.zeros(n, k // 2, dtype=torch.uint8), torch.zeros(n, k // 32, 2), 32)
              for name, (n, k) in shapes.items()} | {"input_norm": torch.ones(32), "mlp_norm": torch.ones(32)}
     kernels.DecoderStack([layer], 4, 2, 16, 32, 32, 1e-6, 0.25)             # these fit
     twice = torch.zeros(32, dtype=torch.int64)                                 # not a permutation
     with pytest.raises(ValueError, match="decode_layers o"):
-        kernels.DecoderStack([layer | {"o": layer["o"][:4] + (twice,)}], 4, 2, 16, 32, 32, 1e-6, 0.25)
+        kernels.DecoderStack([layer | {"o": layer["o"]._replace(perm=twice)}], 4, 2, 16, 32, 32, 1e-6, 0.25)
+    with pytest.raises(ValueError, match="decode_layers o"):                   # W8A8 rounding needs int8 weights
+        kernels.DecoderStack([layer | {"o": layer["o"]._replace(act_range=127.0)}], 4, 2, 16, 32, 32, 1e-6, 0.25)

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -218,7 +219,8 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
 
 class _Linear(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("perm", ctypes.c_void_p),
-                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("bits", ctypes.c_int64)]
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("bits", ctypes.c_int64),
+                ("act_range", ctypes.c_float)]
 
 
 NORMS = ("input_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm", "q_norm", "k_norm")     # cpu.c's tm_layer
@@ -235,13 +237,19 @@ class _Tables(ctypes.Structure):
                 ("starts", ctypes.c_void_p), ("width", ctypes.c_int64)]
 
 
-# (bits, q, scale, group, perm): as int4_mm / int8_mm take them, and an optional int64 column order [K] (the
-# product takes x[:, perm]: GPTQ act-order)
-PackedWeights = tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor | None]
+class PackedWeights(NamedTuple):
+    """A linear layer's weights as int4_mm (bits 4) or int8_mm (bits 8) take them."""
+    bits: int
+    q: torch.Tensor
+    scale: torch.Tensor
+    group: int
+    perm: torch.Tensor | None = None    # int64 [K]: the product takes x[:, perm] (GPTQ act-order)
+    act_range: float = 0.0              # > 0 (bits 8): W8A8, activations rounded per token to integers with
+                                        # scale max|x| / act_range (quant/int8.py's W8A8Kernel); 0: float
 
 
 def _linear(name: str, weights: PackedWeights, bias: torch.Tensor | None, n: int, k: int) -> _Linear:
-    bits, q, scale, group, perm = weights
+    bits, q, scale, group, perm, act_range = weights
     if bits == 4:
         ok = q.dtype is torch.uint8 and tuple(q.shape) == (n, k // 2) and scale.numel() == 2 * n * (k // group)
     else:
@@ -252,9 +260,10 @@ def _linear(name: str, weights: PackedWeights, bias: torch.Tensor | None, n: int
                                                          and bias.is_contiguous()))
     ok = ok and (perm is None or (perm.dtype is torch.int64 and perm.numel() == k and perm.is_contiguous()
                                   and bool((perm.sort().values == torch.arange(k)).all())))
+    ok = ok and act_range >= 0 and (act_range == 0 or (bits == 8 and perm is None))
     _require(ok, f"decode_layers {name}", q, scale)
     pointer = lambda t: None if t is None else t.data_ptr()     # noqa: E731
-    return _Linear(q.data_ptr(), scale.data_ptr(), pointer(bias), pointer(perm), n, k, group, bits)
+    return _Linear(q.data_ptr(), scale.data_ptr(), pointer(bias), pointer(perm), n, k, group, bits, act_range)
 
 
 class DecoderStack:

@@ -477,6 +477,8 @@ typedef struct {            /* one linear layer's weights, as tm_int4_mm (bits 4
     const float *bias;      /* [N] or NULL */
     const int64_t *perm;    /* [K] or NULL: the product takes x[:, perm] (GPTQ act-order) */
     int64_t n, k, group, bits;
+    float act_range;        /* > 0: W8A8 (bits 8), activations rounded per token to integers in
+                               [-128, 127] with scale max|x| / act_range; 0: float activations */
 } tm_linear;
 
 typedef struct {
@@ -497,16 +499,49 @@ typedef struct {            /* as tm_paged_decode takes them */
     int64_t width;
 } tm_decode_meta;
 
-/* x [M, K] -> y [M, N]; `gathered` has room for M x K floats (for x[:, perm]) */
-static int linear(const tm_linear *l, const float *x, float *y, float *gathered, int64_t M, int threads) {
+/* W8A8's dynamic activations, as quant/int8.py's W8A8Kernel computes them in float32: per row,
+   sx = max(max|x| / act_range, 1e-12), x_int = clamp(round_half_even(x / sx), -128, 127). */
+static void quantize_tokens(const float *x, int16_t *x_int, float *sx, int64_t M, int64_t K, float act_range) {
+    for (int64_t m = 0; m < M; m++) {
+        float amax = 0.f;
+        int nan = 0;
+        for (int64_t k = 0; k < K; k++) {
+            const float a = fabsf(x[m * K + k]);
+            nan |= a != a;
+            amax = a > amax ? a : amax;
+        }
+        float s = nan ? NAN : amax / act_range;
+        s = s < 1e-12f ? 1e-12f : s;
+        sx[m] = s;
+        for (int64_t k = 0; k < K; k++) {
+            float r = nearbyintf(x[m * K + k] / s);
+            r = r < -128.f ? -128.f : (r > 127.f ? 127.f : r);
+            x_int[m * K + k] = (int16_t)(r == r ? r : 0.f);
+        }
+    }
+}
+
+/* x [M, K] -> y [M, N]; `gathered` has room for M x K floats (for x[:, perm], or W8A8's integers) and
+   `token_scales` for M floats. */
+static int linear(const tm_linear *l, const float *x, float *y, float *gathered, float *token_scales, int64_t M,
+                  int threads) {
     if (l->perm) {
         for (int64_t m = 0; m < M; m++)
             for (int64_t j = 0; j < l->k; j++) gathered[m * l->k + j] = x[m * l->k + l->perm[j]];
         x = gathered;
     }
-    const int status = l->bits == 4
-        ? tm_int4_mm(x, (const uint8_t *)l->q, l->scale, y, M, l->n, l->k, l->group, l->n, threads)
-        : tm_int8_mm(x, 0, (const int8_t *)l->q, l->scale, y, M, l->n, l->k, l->group, l->n, threads);
+    int status;
+    if (l->bits == 4) {
+        status = tm_int4_mm(x, (const uint8_t *)l->q, l->scale, y, M, l->n, l->k, l->group, l->n, threads);
+    } else if (l->act_range > 0.f) {
+        quantize_tokens(x, (int16_t *)gathered, token_scales, M, l->k, l->act_range);
+        status = tm_int8_mm(0, (const int16_t *)gathered, (const int8_t *)l->q, l->scale, y, M, l->n, l->k,
+                            l->group, l->n, threads);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < l->n; j++) y[m * l->n + j] *= token_scales[m];
+    } else {
+        status = tm_int8_mm(x, 0, (const int8_t *)l->q, l->scale, y, M, l->n, l->k, l->group, l->n, threads);
+    }
     if (l->bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t j = 0; j < l->n; j++) y[m * l->n + j] += l->bias[j];
@@ -528,16 +563,16 @@ int tm_decode_layers(const tm_layer *layers, int64_t L, const tm_decode_meta *me
                      int64_t D, int64_t I, int64_t block_size, float eps, float scale, int act, int threads) {
     const int64_t width_qkv = (Hq + 2 * Hkv) * D, width_qk = (Hq + Hkv) * D;
     const int64_t widest = H > Hq * D ? (H > I ? H : I) : (Hq * D > I ? Hq * D : I);
-    float *h = malloc(sizeof(float) * M * (2 * H + width_qkv + width_qk + Hq * D + 3 * I + widest));
+    float *h = malloc(sizeof(float) * M * (2 * H + width_qkv + width_qk + Hq * D + 3 * I + widest + 1));
     if (!h) return -1;
     float *qkv = h + M * H, *qk = qkv + M * width_qkv, *attn = qk + M * width_qk, *o = attn + M * Hq * D;
-    float *gate_up = o + M * H, *glu = gate_up + M * 2 * I, *gathered = glu + M * I;
+    float *gate_up = o + M * H, *glu = gate_up + M * 2 * I, *gathered = glu + M * I, *token_scales = gathered + M * widest;
     int status = 0;
     for (int64_t i = 0; i < L && status == 0; i++) {
         const tm_layer *layer = layers + i;
         const tm_decode_meta *meta = metas + layer->meta;
         tm_rms_norm(residual, layer->input_norm, h, M, H, eps);
-        status |= linear(&layer->qkv, h, qkv, gathered, M, threads);
+        status |= linear(&layer->qkv, h, qkv, gathered, token_scales, M, threads);
         if (layer->q_norm)          /* in place, head by head */
             for (int64_t m = 0; m < M; m++) {
                 tm_rms_norm(qkv + m * width_qkv, layer->q_norm, qkv + m * width_qkv, Hq, D, eps);
@@ -548,14 +583,14 @@ int tm_decode_layers(const tm_layer *layers, int64_t L, const tm_decode_meta *me
         paged_decode(qk, qk + Hq * D, qkv + width_qk, width_qk, width_qk, width_qkv, meta->slots, layer->k_cache,
                      layer->v_cache, meta->block_tables, meta->seq_lens, meta->starts, attn, M, Hq, Hkv, D,
                      block_size, meta->width, scale, threads);
-        status |= linear(&layer->o, attn, o, gathered, M, threads);
+        status |= linear(&layer->o, attn, o, gathered, token_scales, M, threads);
         if (layer->attn_out_norm) tm_rms_norm(o, layer->attn_out_norm, o, M, H, eps);
         add_into(residual, o, M * H);
         tm_rms_norm(residual, layer->mlp_norm, h, M, H, eps);
-        status |= linear(&layer->gate_up, h, gate_up, gathered, M, threads);
+        status |= linear(&layer->gate_up, h, gate_up, gathered, token_scales, M, threads);
         if (act == 1) tm_gelu_tanh_mul(gate_up, glu, M, I);
         else tm_silu_mul(gate_up, glu, M, I);
-        status |= linear(&layer->down, glu, o, gathered, M, threads);
+        status |= linear(&layer->down, glu, o, gathered, token_scales, M, threads);
         if (layer->mlp_out_norm) tm_rms_norm(o, layer->mlp_out_norm, o, M, H, eps);
         add_into(residual, o, M * H);
     }

@@ -59,7 +59,7 @@ class LinearKernel(nn.Module):
         raise NotImplementedError
 
     def packed_weights(self) -> tuple[tuple, int] | None:
-        """(bits, q, scale, group, perm) as tokenmill's CPU kernels take them (kernels.DecoderStack), and the most
+        """kernels.PackedWeights, as tokenmill's CPU kernels take them (kernels.DecoderStack), and the most
         rows this kernel runs them for (more go another way); None for weights they do not hold."""
         return None
 

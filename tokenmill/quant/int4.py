@@ -155,7 +155,7 @@ class NativeInt4Kernel(LinearKernel):
         return kernels.int4_dequantize(self.packed, self.scale_offset, self.group)
 
     def packed_weights(self) -> tuple[tuple, int] | None:
-        return (4, self.packed, self.scale_offset, self.group, self.perm), self.DENSE_ROWS
+        return kernels.PackedWeights(4, self.packed, self.scale_offset, self.group, self.perm), self.DENSE_ROWS
 
     def describe(self) -> str:
         return f"{self.label} g{self.group}"

@@ -82,7 +82,7 @@ class Int8WeightKernel(LinearKernel):
     def packed_weights(self) -> tuple[tuple, int] | None:
         if not self.native:
             return None
-        return (8, self.q, self.scale, self.group, None), self.MAX_NATIVE_ROWS
+        return kernels.PackedWeights(8, self.q, self.scale, self.group), self.MAX_NATIVE_ROWS
 
     def describe(self) -> str:
         return self.label
@@ -140,6 +140,13 @@ class W8A8Kernel(LinearKernel):
         else:
             y = torch._int_mm(xq.to(torch.int8), self.qt.t()).float() * sx * self.scale     # [M, N]
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def packed_weights(self) -> tuple[tuple, int] | None:
+        """The int8 weights with this kernel's per-token activation rounding, where they run on tokenmill's kernel."""
+        if self.weight_only is None:
+            return None
+        weights, rows = self.weight_only.packed_weights()
+        return weights._replace(act_range=self.act_range), rows
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.weight_only is not None:
