@@ -99,12 +99,12 @@ def test_stack_under_a_sliding_window(tiny_model_builder, tmp_path, monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2])
-def test_stack_on_gemma3(kv_heads, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kv_heads,global_only", [(1, False), (2, False), (2, True)])
+def test_stack_on_gemma3(kv_heads, global_only, tmp_path, monkeypatch):
     """Gemma 3: a norm after each sublayer, per-head q/k norms, GeGLU, local layers (window 10, their own
-    rope base) between global ones."""
+    rope base) between global ones; and a model of global layers only (one of the two rope tables used)."""
     from test_gemma3 import F, S, build_gemma
-    build_gemma(tmp_path, [S, S, F, S], window=10, kv_heads=kv_heads)
+    build_gemma(tmp_path, [F, F] if global_only else [S, S, F, S], window=10, kv_heads=kv_heads)
     h_stack, tokens_stack, calls = run(tmp_path, monkeypatch, True, False)
     h_ops, tokens_ops, _ = run(tmp_path, monkeypatch, False, False)
     assert calls >= 11 and tokens_stack == tokens_ops
@@ -121,6 +121,26 @@ def test_stack_is_skipped_where_its_kernels_do_not_run(tiny_model_builder, tmp_p
     assert stack is not None and rows == 64
     bf16 = LLM(str(tmp_path), quantization="int4", dtype="bfloat16", num_kv_blocks=64, progress=False)
     assert bf16.engine.model._build_stack() == (None, 0)
+
+
+def test_stack_refuses_caches_that_do_not_match_its_layers(smollm2_path):
+    """Fewer caches than layers, or one of another shape: an error before any pointer changes."""
+    llm = LLM(str(smollm2_path), num_kv_blocks=32, progress=False)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+    model, caches = llm.engine.model, llm.engine.runner.layer_caches
+    stack = model._stack[0]
+    assert stack is not None
+    h = torch.zeros(1, model.cfg.hidden_size)
+    cos = sin = torch.zeros(1, model.cfg.head_dim // 2)
+    tables = [(torch.zeros(1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+               torch.zeros(1, dtype=torch.int32))]
+    with pytest.raises(ValueError, match="caches for"):
+        stack(h, cos, sin, caches[:1], tables, [0] * len(caches))
+    odd = [(k, v[:, :8].contiguous()) for k, v in caches]         # values of another page size
+    with pytest.raises(ValueError, match="decode_layers cache"):
+        stack(h, cos, sin, odd, tables, [0] * len(caches))
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)   # still whole
+    assert len(out[0].outputs[0].token_ids) == 3
 
 
 def test_stack_refuses_what_it_cannot_take():

@@ -33,6 +33,12 @@ def test_matches_dequantized_matmul(m, n, k, group):
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), reference(x.bfloat16().float(), q, scale_offset, group),
                                rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    # float16 runs the branch a GPU runs for half precision: weights rounded to float16 before the dot
+    w16 = (q.view(n, k // group, group).float() * scale_offset[..., :1] + scale_offset[..., 1:]).half().float()
+    f16 = triton_int4.int4_mm(x.half(), kernels.pack_int4(q), scale_offset, group)
+    assert f16.dtype == torch.float16
+    torch.testing.assert_close(f16.float(), x.half().float() @ w16.view(n, k).t(), rtol=2e-3,
+                               atol=2e-3 * want.abs().max().item())
 
 
 def test_real_q4_1_rows_match_gguf_py(smollm2_path):

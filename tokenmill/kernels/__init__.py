@@ -305,13 +305,19 @@ class DecoderStack:
                      "decode_layers q_norm / k_norm / rope", torch.empty(0))
             struct.rope = layer.get("rope", 0)
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._lock = threading.Lock()
 
     def _set_caches(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Every cache checked before any pointer is written: a refused list leaves no layer half-updated."""
         hq, hkv, d = self.dims[:3]
+        self._caches = None
+        _require(len(caches) == len(self._structs), f"decode_layers: {len(caches)} caches for {len(self._structs)} layers")
         shape = caches[0][0].shape
-        for struct, (k, v) in zip(self._structs, caches):
+        for k, v in caches:
             _require(paged_decode_fits(hq, torch.float32, k) and k.shape == v.shape == shape and k.shape[2:] == (hkv, d)
-                     and v.dtype is torch.float32 and v.is_contiguous(), "decode_layers cache", k, v)
+                     and v.dtype is torch.float32 and v.is_contiguous() and k.device.type == v.device.type == "cpu",
+                     "decode_layers cache", k, v)
+        for struct, (k, v) in zip(self._structs, caches):
             struct.k_cache, struct.v_cache = k.data_ptr(), v.data_ptr()
         self._caches = list(caches)
 
@@ -320,18 +326,26 @@ class DecoderStack:
         """residual [M, hidden] float32, through every layer in place. cos, sin [R, M, head_dim / 2]: the R rope
         tables the layers pick from; caches per layer; tables: paged_decode's (slots, block_tables, seq_lens,
         starts) per KV group; layer_tables[i]: the group of layer i."""
+        with self._lock:        # the structs are rewritten per call: one call at a time
+            self._call(residual, cos, sin, caches, tables, layer_tables)
+
+    def _call(self, residual, cos, sin, caches, tables, layer_tables) -> None:
         hq, hkv, d, hidden, intermediate = self.dims
         m = residual.shape[0]
         if self._caches is None or len(caches) != len(self._caches) \
                 or any(a is not b for pair, old in zip(caches, self._caches) for a, b in zip(pair, old)):
             self._set_caches(caches)
+        ropes = cos.shape[0] if cos.dim() == 3 else 1
         _require(residual.dtype is torch.float32 and residual.is_contiguous() and tuple(residual.shape) == (m, hidden)
                  and cos.dtype is sin.dtype is torch.float32 and cos.is_contiguous() and sin.is_contiguous()
-                 and cos.numel() == sin.numel() == self.ropes * m * (d // 2) and len(layer_tables) == len(self._structs)
-                 and all(0 <= i < len(tables) for i in layer_tables), "decode_layers", residual, cos, sin)
+                 and cos.shape == sin.shape and tuple(cos.shape[-2:]) == (m, d // 2) and ropes >= self.ropes
+                 and residual.device.type == cos.device.type == sin.device.type == "cpu"
+                 and len(layer_tables) == len(self._structs) and all(0 <= i < len(tables) for i in layer_tables),
+                 "decode_layers", residual, cos, sin)
         metas = (_Tables * len(tables))()
         for meta, (slots, block_tables, seq_lens, starts) in zip(metas, tables):
-            _require(slots.dtype is torch.int64 and slots.numel() == m and block_tables.dtype is torch.int32
+            _require(all(t.device.type == "cpu" for t in (slots, block_tables, seq_lens, starts))
+                     and slots.dtype is torch.int64 and slots.numel() == m and block_tables.dtype is torch.int32
                      and block_tables.dim() == 2 and block_tables.shape[0] == m
                      and seq_lens.dtype is starts.dtype is torch.int32 and seq_lens.numel() == starts.numel() == m
                      and all(t.is_contiguous() for t in (slots, block_tables, seq_lens, starts)),

@@ -9,7 +9,8 @@ matching columns of x (the low-nibble columns and the ones 16 further), accumula
 weights never exist unpacked in memory, so a decode step reads ~0.75 bytes per weight instead of 2.
 
 Under TRITON_INTERPRET=1 it runs on CPU tensors (the tests do this); the interpreter computes tl.dot on
-bfloat16 wrongly (numpy has no bfloat16), so there the dot takes float32 operands.
+bfloat16 wrongly (numpy has no bfloat16), so there bfloat16 activations meet float32 operands; float16 ones
+take the GPU's own branch (weights rounded to the activations' dtype, then the dot).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 def _int4_mm_kernel(x_ptr, q_ptr, so_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                     GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     F32_DOT: tl.constexpr):
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)       # 64-bit offsets: M x N may pass 2^31
+    rn = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
     j = tl.arange(0, BK // 2)                      # bytes of the tile
     low_col = (j // 16) * 32 + j % 16              # the column of byte j's low nibble; its high one is 16 further
     row_in, col_in = rm[:, None] < M, rn[:, None] < N
@@ -70,5 +71,5 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group:
     bk = 64 if k % 64 == 0 else 32
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _int4_mm_kernel[grid](x, q, scale_offset, y, m, n, k, x.stride(0), y.stride(0), GROUP=group, BM=bm, BN=bn, BK=bk,
-                          F32_DOT=INTERPRETING or x.dtype == torch.float32)
+                          F32_DOT=x.dtype == torch.float32 or (INTERPRETING and x.dtype == torch.bfloat16))
     return y

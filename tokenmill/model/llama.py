@@ -5,6 +5,7 @@ metadata to keep sequences apart and to read/write the paged KV cache.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
@@ -18,6 +19,8 @@ from tokenmill.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rop
 from tokenmill.model.linear import Embedding, QLinear
 from tokenmill.parallel.comm import SINGLE, TPGroup, kv_shards, local_kv_heads
 from tokenmill.quant import QuantMethod, Source
+
+log = logging.getLogger("tokenmill")
 
 
 class Attention(nn.Module):
@@ -131,7 +134,11 @@ class LlamaForCausalLM(nn.Module):
         batch 1): embeddings h in, the last layer's residual stream out. None where it does not apply.
         ropes: the step's (cos, sin) tables, picked per layer by `layer_ropes`."""
         if self._stack is None:
-            self._stack = self._build_stack()
+            try:
+                self._stack = self._build_stack()
+            except ValueError as e:          # a layout the stack does not take: the Python forward runs
+                log.warning("decode steps run layer by layer: %s", e)
+                self._stack = None, 0
         stack, max_rows = self._stack
         rows = h.shape[0]
         if stack is None or rows > max_rows:
@@ -234,6 +241,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
         tied = self.lm_head.kernel if self.cfg.tie_word_embeddings else None
         self.embed.load(embed_src, method, self.dtype, device, tied)
+        self._stack = None          # built again from these weights at the next decode step
 
     def expected_weight_names(self) -> list[str]:
         names = ["model.embed_tokens.weight", "model.norm.weight"]
