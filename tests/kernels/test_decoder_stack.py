@@ -111,16 +111,20 @@ def test_stack_on_gemma3(kv_heads, global_only, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
 
 
-def test_stack_is_skipped_where_its_kernels_do_not_run(tiny_model_builder, tmp_path, monkeypatch):
-    """Dense weights, bfloat16 activations: the Python forward runs (and is not wrong for it)."""
+def test_stack_is_skipped_where_its_kernels_do_not_run(tiny_model_builder, tmp_path, caplog):
+    """Dense weights, bfloat16 activations: the Python forward runs (and is not wrong for it). The start-up
+    log says which."""
+    import logging
     tiny_model_builder("llama", tmp_path)
-    dense = LLM(str(tmp_path), num_kv_blocks=64, progress=False)
-    assert dense.engine.model._build_stack() == (None, 0)
-    int4 = LLM(str(tmp_path), quantization="int4", num_kv_blocks=64, progress=False)
-    stack, rows = int4.engine.model._build_stack()
-    assert stack is not None and rows == 64
+    with caplog.at_level(logging.INFO, logger="tokenmill"):
+        dense = LLM(str(tmp_path), num_kv_blocks=64, progress=False)
+        assert dense.engine.model.stack() == (None, 0) and "native call" not in caplog.text
+        int4 = LLM(str(tmp_path), quantization="int4", num_kv_blocks=64, progress=False)
+        stack, rows = int4.engine.model.stack()
+        assert stack is not None and rows == 64
+        assert "decode steps of up to 64 rows in one native call" in caplog.text
     bf16 = LLM(str(tmp_path), quantization="int4", dtype="bfloat16", num_kv_blocks=64, progress=False)
-    assert bf16.engine.model._build_stack() == (None, 0)
+    assert bf16.engine.model.stack() == (None, 0)
 
 
 def test_stack_refuses_caches_that_do_not_match_its_layers(smollm2_path):
@@ -128,7 +132,7 @@ def test_stack_refuses_caches_that_do_not_match_its_layers(smollm2_path):
     llm = LLM(str(smollm2_path), num_kv_blocks=32, progress=False)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
     model, caches = llm.engine.model, llm.engine.runner.layer_caches
-    stack = model._stack[0]
+    stack = model.stack()[0]
     assert stack is not None
     h = torch.zeros(1, model.cfg.hidden_size)
     cos = sin = torch.zeros(1, model.cfg.head_dim // 2)

@@ -133,13 +133,7 @@ class LlamaForCausalLM(nn.Module):
         (kernels.DecoderStack: the same kernels in the same order, without ~3 ms of Python between them at
         batch 1): embeddings h in, the last layer's residual stream out. None where it does not apply.
         ropes: the step's (cos, sin) tables, picked per layer by `layer_ropes`."""
-        if self._stack is None:
-            try:
-                self._stack = self._build_stack()
-            except ValueError as e:          # a layout the stack does not take: the Python forward runs
-                log.warning("decode steps run layer by layer: %s", e)
-                self._stack = None, 0
-        stack, max_rows = self._stack
+        stack, max_rows = self._stack if self._stack is not None else self.stack()
         rows = h.shape[0]
         if stack is None or rows > max_rows:
             return None
@@ -161,6 +155,17 @@ class LlamaForCausalLM(nn.Module):
         residual = h.clone(memory_format=torch.contiguous_format)
         stack(residual, cos, sin, kv_caches, tables, layer_tables)
         return residual
+
+    def stack(self) -> tuple[kernels.DecoderStack | None, int]:
+        """The kernels.DecoderStack decode steps run through, and the most rows it takes; (None, 0) where they
+        run layer by layer. Built once, at the first call after the weights are loaded."""
+        if self._stack is None:
+            try:
+                self._stack = self._build_stack()
+            except ValueError as e:          # a layout the stack does not take: the Python forward runs
+                log.warning("decode steps run layer by layer: %s", e)
+                self._stack = None, 0
+        return self._stack
 
     def _build_stack(self) -> tuple[kernels.DecoderStack | None, int]:
         """The layers as a kernels.DecoderStack, with the most rows every linear's kernel takes; (None, 0) where
