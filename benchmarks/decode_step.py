@@ -9,7 +9,10 @@ same file. Three modes, each in its own process:
   per step:   milliseconds per decode step in each part, from timers around the model's calls (a timer costs
               ~1 us a call; the parts are measured in a separate run from tok/s)
 
-python benchmarks/decode_step.py [--model smollm2-135m] [--tokens 128] [--runs 5] [--threads 2]
+  --rounds N: then N rounds of (tokenmill one call, llama-bench), alternating, so both see the same spells of a
+              noisy machine; each round's tok/s and ratio, and the medians
+
+python benchmarks/decode_step.py [--model smollm2-135m] [--tokens 128] [--runs 5] [--threads 2] [--rounds 0]
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ PARTS = ["decoder layers (one native call)", "linears", "lm_head", "attention", 
 MODES = {"PyTorch's kernels": ("0", False), "tokenmill's, per op": ("1", False), "tokenmill's, one call": ("1", True)}
 
 
-def measure(model: str, tokens: int, runs: int, stack: bool) -> dict:
-    """In this process: tok/s, then the per-part breakdown."""
+def measure(model: str, tokens: int, runs: int, stack: bool, rate_only: bool = False) -> dict:
+    """In this process: tok/s, then (unless rate_only) the per-part breakdown."""
     from tokenmill import LLM, SamplingParams, kernels
     import tokenmill.model.layers as layers
     import tokenmill.model.llama as llama
@@ -56,6 +59,8 @@ def measure(model: str, tokens: int, runs: int, stack: bool) -> dict:
         start = time.perf_counter()
         llm.generate([prompt], params, use_tqdm=False)
         rates.append(tokens / (time.perf_counter() - start))
+    if rate_only:
+        return {"tok_s": statistics.median(rates)}
 
     spent, calls = collections.Counter(), collections.Counter()
 
@@ -113,20 +118,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rate-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=0, help="alternating rounds of one call and llama-bench")
     args = ap.parse_args()
     if args.child:
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure(args.model, args.tokens, args.runs, stack=not args.per_op)))
+        print(json.dumps(measure(args.model, args.tokens, args.runs, stack=not args.per_op, rate_only=args.rate_only)))
         return
     from tokenmill.model_files import resolve_model
+
+    def child(switch: str, *flags: str) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--tokens", str(args.tokens),
+                              "--runs", str(args.runs), "--threads", str(args.threads), *flags],
+                             env=dict(os.environ, TOKENMILL_NATIVE_KERNELS=switch), capture_output=True, text=True,
+                             check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
     results = {}
     for label, (switch, stack) in MODES.items():
         print(f"[{label}] measuring", file=sys.stderr)
-        env = dict(os.environ, TOKENMILL_NATIVE_KERNELS=switch)
-        out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--tokens", str(args.tokens),
-                              "--runs", str(args.runs), "--threads", str(args.threads)] + ([] if stack else ["--per-op"]),
-                             env=env, capture_output=True, text=True, check=True).stdout
-        results[label] = json.loads(out.strip().splitlines()[-1])
+        results[label] = child(switch, *([] if stack else ["--per-op"]))
     print("[llama-bench] measuring", file=sys.stderr)
     ref = llama_bench(resolve_model(args.model), args.tokens, args.threads)
     print(f"\nmachine: {machine()}")
@@ -142,6 +153,21 @@ def main() -> None:
     if ref:
         print("| vs llama.cpp (" + f"{ref:.1f} tok/s) | " + " | ".join(f"{results[l]['tok_s'] / ref:.2f}x" for l in labels)
               + " |")
+    if args.rounds and ref:          # needs llama.cpp built (benchmarks/build_llama_cpp.sh)
+        pairs = []
+        for i in range(args.rounds):
+            print(f"[round {i + 1} of {args.rounds}] tokenmill one call, then llama-bench", file=sys.stderr)
+            pairs.append((child("1", "--rate-only")["tok_s"], llama_bench(resolve_model(args.model), args.tokens,
+                                                                          args.threads)))
+        print(f"\n{args.rounds} alternating rounds (tokenmill one call: median of {args.runs} runs; llama-bench -t "
+              f"{args.threads} -p 0 -n {args.tokens}):\n")
+        print("| round | tokenmill tok/s | llama-bench tok/s | ratio |")
+        print("|---|---|---|---|")
+        for i, (ours, theirs) in enumerate(pairs):
+            print(f"| {i + 1} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
+        ratios = [a / b for a, b in pairs]
+        print(f"| median | {statistics.median(a for a, _ in pairs):.1f} | {statistics.median(b for _, b in pairs):.1f} | "
+              f"{statistics.median(ratios):.2f}x |")
 
 
 if __name__ == "__main__":
