@@ -264,7 +264,7 @@ def _import_kernels_interpreted() -> None:
     saved = _set_interpret("1")
     try:
         import tokenmill.attention.triton_backend  # noqa: F401
-        import tokenmill.kernels.triton_int4  # noqa: F401
+        import tokenmill.kernels.triton_mm  # noqa: F401
     except ImportError:
         pass                        # no triton: the tests that need it are skipped
     finally:

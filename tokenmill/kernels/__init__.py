@@ -1,5 +1,5 @@
-"""tokenmill's own kernels. On GPUs: triton_int4.py, the int4 weight-only product in Triton (imported by its
-users, as it needs triton). The rest of this module: the CPU kernels (kernels/cpu.c), for x86-64 CPUs with
+"""tokenmill's own kernels. On GPUs: triton_mm.py, the int4 and int8 weight-only products in Triton (imported
+by their users, as it needs triton). The rest of this module: the CPU kernels (kernels/cpu.c), for x86-64 CPUs with
 AVX2 and FMA:
   - int4 and int8 weight-only products: weights unpacked in registers, float32 activations rounded to
     int16 per 32 columns, float32 sums (int4_mm, int8_mm; ~3x PyTorch's int4 kernel at batch 1);

@@ -110,10 +110,9 @@ class Embedding(nn.Module):
             self.table = DenseKernel(src.to(device=device, dtype=dtype))
         elif device.type == "cpu" and isinstance(src, torch.Tensor):
             self.table = Int8WeightKernel(*quantize_per_channel(as_float(src)), label="int8 per-row")
-        elif device.type == "cpu":          # a quantized table as stored (GGUF): Q8_0 comes back exactly
-            self.table = int8_weight_kernel(as_float(src), "embedding")
-        else:
-            self.table = DenseKernel(as_float(src, dtype).to(device))
+        else:           # a quantized table as stored (GGUF): int8 where it runs (Q8_0 comes back exactly), else dense
+            table = int8_weight_kernel(as_float(src), "embedding", device)
+            self.table = table if table is not None else DenseKernel(as_float(src, dtype).to(device))
 
     def describe(self) -> str:
         return self.table.describe()

@@ -81,6 +81,5 @@ class GGUFMethod(QuantMethod):
             q, s, z = (torch.cat(x) for x in zip(*(int4_groups(p) for p in parts)))
             return int4_kernel(q, s, z, 32, device, label=f"{label} -> int4")
         w = torch.cat([as_float(p) for p in parts])
-        if kinds[0] == "int8" and device.type == "cpu":
-            return int8_weight_kernel(w, label)
-        return DenseKernel(w.to(device=device, dtype=dtype))
+        packed = int8_weight_kernel(w, label, device) if kinds[0] == "int8" else None
+        return packed if packed is not None else DenseKernel(w.to(device=device, dtype=dtype))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tokenmill import kernels
 from tokenmill.quant.base import DenseKernel, LinearKernel, QuantMethod, Source, as_float
+from tokenmill.quant.int8 import triton_runs
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -162,7 +163,7 @@ class NativeInt4Kernel(LinearKernel):
 
 
 class TritonInt4Kernel(NativeInt4Kernel):
-    """The same packed weights on a GPU, multiplied by tokenmill's Triton kernel (kernels/triton_int4.py), which
+    """The same packed weights on a GPU, multiplied by tokenmill's Triton kernel (kernels/triton_mm.py), which
     dequantizes them in registers: ~0.75 bytes a weight stay resident and are read per product, not 2."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, device: torch.device,
@@ -171,11 +172,11 @@ class TritonInt4Kernel(NativeInt4Kernel):
         self.to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from tokenmill.kernels import triton_int4
+        from tokenmill.kernels import triton_mm
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2[:, self.perm]
-        y = triton_int4.int4_mm(x2, self.packed, self.scale_offset, self.group)
+        y = triton_mm.int4_mm(x2, self.packed, self.scale_offset, self.group)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
@@ -188,14 +189,6 @@ class TritonInt4Kernel(NativeInt4Kernel):
 
     def describe(self) -> str:
         return f"{self.label} g{self.group} (triton)"
-
-
-def triton_runs() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def int4_kernel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, device: torch.device,

@@ -88,12 +88,51 @@ class Int8WeightKernel(LinearKernel):
         return self.label
 
 
-def int8_weight_kernel(w: torch.Tensor, label: str) -> Int8WeightKernel:
-    """int8 weight-only from float weights: a scale per 32 columns where tokenmill's kernel runs (Q8_0's
-    values come back exactly), else a scale per row."""
-    if kernels.multiplies(w.shape[1]):
+class TritonInt8Kernel(LinearKernel):
+    """int8 weights with a scale per row and group of 32 columns on a GPU, multiplied by tokenmill's Triton kernel
+    (kernels/triton_mm.py), which dequantizes them in registers; rows of the same storage serve a tied
+    embedding."""
+    serves_rows = True
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, device: torch.device, label: str):
+        super().__init__()
+        self.out_features, self.label, self.group = q.shape[0], label, q.shape[1] // scale.shape[1]
+        self.register_buffer("q", q.contiguous().to(device))                     # [N, K] int8
+        self.register_buffer("scale", scale.float().contiguous().to(device))     # [N, K / group]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from tokenmill.kernels import triton_mm
+        y = triton_mm.int8_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale, self.group)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        q, scale = self.q[ids].float(), self.scale[ids]
+        return (q.view(len(ids), -1, self.group) * scale[..., None]).view(len(ids), -1).to(dtype)
+
+    def describe(self) -> str:
+        return self.label
+
+
+def int8_weight_kernel(w: torch.Tensor, label: str, device: torch.device = torch.device("cpu")) -> LinearKernel | None:
+    """int8 weight-only from float weights: a scale per 32 columns where tokenmill's kernels run (Q8_0's
+    values come back exactly: its CPU kernel, or its Triton kernel on CUDA), else a scale per row on the CPU;
+    None on another device (the caller keeps the weights dense)."""
+    if device.type == "cpu" and kernels.multiplies(w.shape[1]):
         return Int8WeightKernel(*quantize_per_group(w, 32), label=f"{label} -> int8 g32")
-    return Int8WeightKernel(*quantize_per_channel(w), label=f"{label} -> int8 per-row")
+    if device.type == "cpu":
+        return Int8WeightKernel(*quantize_per_channel(w), label=f"{label} -> int8 per-row")
+    if device.type == "cuda" and w.shape[1] % 32 == 0 and triton_runs():
+        return TritonInt8Kernel(*quantize_per_group(w, 32), device, label=f"{label} -> int8 g32 (triton)")
+    return None
+
+
+def triton_runs() -> bool:
+    """Whether triton imports here (tokenmill's GPU kernels need it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def int_mm_is_fast() -> bool:

@@ -1,5 +1,8 @@
-"""tokenmill's int4 weight-only product for GPUs, in Triton: y [M, N] = x [M, K] @ W^T with W kept packed.
+"""tokenmill's weight-only products for GPUs, in Triton: y [M, N] = x [M, K] @ W^T with W kept as stored,
+int4 (int4_mm) or int8 with a scale per group of columns (int8_mm: GGUF Q8_0 exactly, and Q5/Q6 requantized
+to it, as on the CPU).
 
+int4_mm:
 The weights are the CPU kernel's (kernels/cpu.c): uint8 [N, K / 2], per 32 columns 16 bytes whose low
 nibbles are columns 0..15 and high nibbles columns 16..31 (GGUF's Q4_0/Q4_1 order), and float32
 scale_offset [N, K / group, 2] with w = q * scale + offset. A program computes a [BM, BN] tile of y: per BK
@@ -53,6 +56,11 @@ def _int4_mm_kernel(x_ptr, q_ptr, so_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=row_in & (rn[None, :] < N))
 
 
+def _tiles(m: int, k: int) -> tuple[int, int, int]:
+    """(BM, BN, BK): row tiles of 16 to 64 as the rows need, K in 64s (32s where it must)."""
+    return (16 if m <= 16 else 32 if m <= 32 else 64), (32 if m <= 32 else 64), (64 if k % 64 == 0 else 32)
+
+
 def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
     """x [M, K] (float16, bfloat16 or float32), q uint8 [N, K / 2], scale_offset float32 [N, K / group, 2], all
     on one device -> [M, N] in x's dtype."""
@@ -66,10 +74,49 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group:
             f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in (x, q, scale_offset)))
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bn = 32 if m <= 32 else 64
-    bk = 64 if k % 64 == 0 else 32
+    bm, bn, bk = _tiles(m, k)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _int4_mm_kernel[grid](x, q, scale_offset, y, m, n, k, x.stride(0), y.stride(0), GROUP=group, BM=bm, BN=bn, BK=bk,
                           F32_DOT=x.dtype == torch.float32 or (INTERPRETING and x.dtype == torch.bfloat16))
+    return y
+
+
+@triton.jit
+def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                    GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    F32_DOT: tl.constexpr):
+    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    rn = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    kk = tl.arange(0, BK)
+    row_in, col_in = rm[:, None] < M, rn[:, None] < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q = tl.load(q_ptr + rn[:, None] * K + (k0 + kk)[None, :], mask=col_in, other=0)
+        scale = tl.load(s_ptr + rn[:, None] * (K // GROUP) + ((k0 + kk) // GROUP)[None, :], mask=col_in, other=0.0)
+        w = q.to(tl.float32) * scale
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + kk)[None, :], mask=row_in, other=0.0)
+        if F32_DOT:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=row_in & (rn[None, :] < N))
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] (float16, bfloat16 or float32), q int8 [N, K], scale float32 [N, K / group] (group a multiple
+    of 32), all on one device -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = q.shape[0]
+    if not (q.dtype == torch.int8 and q.shape[1] == k and group % 32 == 0 and k % group == 0
+            and scale.dtype == torch.float32 and scale.numel() == n * (k // group) and q.is_contiguous()
+            and scale.is_contiguous() and q.device == x.device == scale.device
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        raise ValueError("triton int8_mm: unsupported arguments " + ", ".join(
+            f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in (x, q, scale)))
+    x = x if x.stride(1) == 1 else x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm, bn, bk = _tiles(m, k)
+    _int8_mm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        x, q, scale, y, m, n, k, x.stride(0), y.stride(0), GROUP=group, BM=bm, BN=bn, BK=bk,
+        F32_DOT=x.dtype == torch.float32 or (INTERPRETING and x.dtype == torch.bfloat16))
     return y

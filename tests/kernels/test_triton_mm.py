@@ -1,6 +1,6 @@
-"""The Triton int4 product (kernels/triton_int4.py), run by Triton's interpreter on CPU tensors, against
-dequantize-then-matmul in float32 on random and real (SmolLM2 Q4_1) weights; and the GPU kernel class
-against the CPU one on the same packed bytes."""
+"""The Triton int4 and int8 products (kernels/triton_mm.py), run by Triton's interpreter on CPU tensors, against
+dequantize-then-matmul in float32 on random and real (SmolLM2 Q4_1 and Q8_0) weights; and the GPU kernel
+classes against the CPU ones on the same stored weights."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,8 @@ import torch
 
 from tokenmill import kernels
 
-triton_int4 = pytest.importorskip("tokenmill.kernels.triton_int4")
+triton_mm = pytest.importorskip("tokenmill.kernels.triton_mm")
+from tokenmill.quant.int8 import Int8WeightKernel, TritonInt8Kernel, quantize_per_group  # noqa: E402
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
@@ -27,15 +28,15 @@ def test_matches_dequantized_matmul(m, n, k, group):
     scale_offset = torch.randn(n, k // group, 2, generator=g)
     x = torch.randn(m, k, generator=g)
     want = reference(x, q, scale_offset, group)
-    got = triton_int4.int4_mm(x, kernels.pack_int4(q), scale_offset, group)
+    got = triton_mm.int4_mm(x, kernels.pack_int4(q), scale_offset, group)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    half = triton_int4.int4_mm(x.bfloat16(), kernels.pack_int4(q), scale_offset, group)
+    half = triton_mm.int4_mm(x.bfloat16(), kernels.pack_int4(q), scale_offset, group)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), reference(x.bfloat16().float(), q, scale_offset, group),
                                rtol=1e-2, atol=1e-2 * want.abs().max().item())
     # float16 runs the branch a GPU runs for half precision: weights rounded to float16 before the dot
     w16 = (q.view(n, k // group, group).float() * scale_offset[..., :1] + scale_offset[..., 1:]).half().float()
-    f16 = triton_int4.int4_mm(x.half(), kernels.pack_int4(q), scale_offset, group)
+    f16 = triton_mm.int4_mm(x.half(), kernels.pack_int4(q), scale_offset, group)
     assert f16.dtype == torch.float16
     torch.testing.assert_close(f16.float(), x.half().float() @ w16.view(n, k).t(), rtol=2e-3,
                                atol=2e-3 * want.abs().max().item())
@@ -50,7 +51,7 @@ def test_real_q4_1_rows_match_gguf_py(smollm2_path):
     scale_offset = torch.stack([scale.float(), (zero.double() - 8 * scale.double()).float()], dim=-1).contiguous()
     x = torch.randn(3, q.shape[1], generator=torch.Generator().manual_seed(0))
     dense = t.dequantize()[:64]                                          # gguf-py's dequantization
-    torch.testing.assert_close(triton_int4.int4_mm(x, kernels.pack_int4(q), scale_offset, 32), x @ dense.t(),
+    torch.testing.assert_close(triton_mm.int4_mm(x, kernels.pack_int4(q), scale_offset, 32), x @ dense.t(),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -75,8 +76,40 @@ def test_kernel_class_equals_the_cpu_kernel_with_act_order():
 
 def test_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="triton int4_mm"):         # K = 32 against bytes of 16 columns
-        triton_int4.int4_mm(torch.randn(1, 32), torch.zeros(8, 8, dtype=torch.uint8), torch.zeros(8, 1, 2), 32)
+        triton_mm.int4_mm(torch.randn(1, 32), torch.zeros(8, 8, dtype=torch.uint8), torch.zeros(8, 1, 2), 32)
     with pytest.raises(ValueError, match="triton int4_mm"):         # a group that is not a multiple of 32
-        triton_int4.int4_mm(torch.randn(1, 32), torch.zeros(8, 16, dtype=torch.uint8), torch.zeros(8, 2, 2), 16)
+        triton_mm.int4_mm(torch.randn(1, 32), torch.zeros(8, 16, dtype=torch.uint8), torch.zeros(8, 2, 2), 16)
     with pytest.raises(ValueError, match="triton int4_mm"):
-        triton_int4.int4_mm(torch.randn(1, 32).double(), torch.zeros(8, 16, dtype=torch.uint8), torch.zeros(8, 1, 2), 32)
+        triton_mm.int4_mm(torch.randn(1, 32).double(), torch.zeros(8, 16, dtype=torch.uint8), torch.zeros(8, 1, 2), 32)
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 96, 64, 32), (7, 70, 96, 32), (40, 33, 128, 64), (3, 20, 64, 64)])
+def test_int8_matches_dequantized_matmul(m, n, k, group):
+    g = torch.Generator().manual_seed(m + n)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, k // group, generator=g) / 100
+    x = torch.randn(m, k, generator=g)
+    w = (q.view(n, k // group, group).double() * scale[..., None].double()).view(n, k)
+    want = (x.double() @ w.t()).float()
+    torch.testing.assert_close(triton_mm.int8_mm(x, q, scale, group), want, rtol=1e-5, atol=1e-4)
+    f16 = triton_mm.int8_mm(x.half(), q, scale, group)
+    torch.testing.assert_close(f16.float(), x.half().float() @ w.float().half().float().t(), rtol=2e-3,
+                               atol=2e-3 * want.abs().max().item())
+    with pytest.raises(ValueError, match="triton int8_mm"):
+        triton_mm.int8_mm(x, q, scale, 16)
+
+
+def test_int8_kernel_class_on_real_q8_0_rows(smollm2_path):
+    """The default model's Q8_0 embedding rows: the GPU class's products and embedding rows against gguf-py's
+    dequantization and against the CPU class."""
+    from tokenmill.loader.gguf import GGUFCheckpoint, GGUFTensor
+    t = GGUFTensor(*GGUFCheckpoint(smollm2_path).raw_tensor("model.embed_tokens.weight"))
+    dense = t.dequantize()[:96]
+    gpu = TritonInt8Kernel(*quantize_per_group(dense, 32), torch.device("cpu"), "test")
+    ids = torch.tensor([0, 5, 95, 5])
+    assert torch.equal(gpu.rows(ids, torch.float32), dense[ids])              # Q8_0 comes back exactly
+    x = torch.randn(5, dense.shape[1], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(gpu(x), x @ dense.t(), rtol=1e-5, atol=1e-4)
+    if kernels.library() is not None:
+        cpu = Int8WeightKernel(*quantize_per_group(dense, 32))
+        torch.testing.assert_close(gpu(x), cpu(x), rtol=1e-3, atol=1e-3 * (x @ dense.t()).abs().max().item())
