@@ -103,7 +103,8 @@ def test_q8_0_comes_back_exactly_as_int8_groups():
 
 @pytest.mark.parametrize("heads,head_dim", [((9, 3), 64), ((8, 8), 128), ((4, 1), 256), ((16, 1), 32)])
 @pytest.mark.parametrize("seq_lens,window", [([1], None), ([37], None), ([1, 16, 17, 300], None),
-                                             ([70, 64, 5], 16), ([130], 100)])
+                                             ([70, 64, 5], 16), ([130], 100),
+                                             ([513, 3], None), ([1300, 40, 4700], None), ([2100], 1500)])
 def test_paged_decode_matches_reference(heads, head_dim, seq_lens, window):
     q, k, v, kc, vc, meta = random_paged_case([1] * len(seq_lens), seq_lens, *heads, head_dim, torch.float32,
                                               block_size=16, spare_blocks=3, seed=len(seq_lens))
@@ -118,6 +119,26 @@ def test_paged_decode_matches_reference(heads, head_dim, seq_lens, window):
                                meta.seq_lens.to(torch.int32), starts, head_dim ** -0.5)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)        # the new rows were written, and only they
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_paged_decode_rows_do_not_depend_on_the_batch():
+    """Long contexts are cut into chunks by their own length only, so a row's output is the same bits alone
+    and in any batch, with any number of threads."""
+    lens = [1300, 40, 700, 5000, 513]
+    q, k, v, kc, vc, meta = random_paged_case([1] * len(lens), lens, 9, 3, 64, torch.float32, block_size=16,
+                                              spare_blocks=2, seed=5)
+    tables, seq = meta.block_tables.contiguous(), meta.seq_lens.to(torch.int32)
+    starts = torch.zeros(len(lens), dtype=torch.int32)
+    together = kernels.paged_decode(q, k, v, meta.slot_mapping, kc, vc, tables, seq, starts, 0.125)
+    threads = torch.get_num_threads()
+    for b in range(len(lens)):
+        torch.set_num_threads(1 + b % 2)
+        try:
+            alone = kernels.paged_decode(q[b:b + 1], k[b:b + 1], v[b:b + 1], meta.slot_mapping[b:b + 1], kc, vc,
+                                         tables[b:b + 1], seq[b:b + 1], starts[b:b + 1], 0.125)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(alone[0], together[b]), b
 
 
 def test_paged_decode_skips_slot_minus_one():

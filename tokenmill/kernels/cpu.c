@@ -264,93 +264,169 @@ INLINE __m256 exp_neg(__m256 x) {
 #define MAX_GROUP 16     /* query heads per KV head */
 #define MAX_DIM 256
 
+#define CHUNK 512        /* keys per work item, at least: a long context is split at fixed positions */
+#define MAX_CHUNKS 8     /* per row */
+
+/* The keys begin .. end - 1 of one (row, KV head) for its `group` query heads qb [group, D]: an online
+   softmax over tiles of TILE keys, left unnormalized: acc [group, D], running max m and sum l per head. */
+static void attend(const float *qb, const float *k_cache, const float *v_cache, const int32_t *table, int64_t begin,
+                   int64_t end, int64_t h, int64_t group, int64_t D, int64_t row, int64_t block_size, float scale,
+                   float *acc, float *m, float *l) {
+    float scores[MAX_GROUP][TILE];
+    for (int64_t j = 0; j < group; j++) {
+        m[j] = -INFINITY; l[j] = 0.f;
+        for (int64_t d = 0; d < D; d++) acc[j * D + d] = 0.f;
+    }
+    const float *rows_k[TILE], *rows_v[TILE];
+    for (int64_t t0 = begin; t0 < end; t0 += TILE) {
+        const int64_t n = end - t0 < TILE ? end - t0 : TILE;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t t = t0 + i, at = ((int64_t)table[t / block_size] * block_size + t % block_size) * row + h * D;
+            rows_k[i] = k_cache + at;
+            rows_v[i] = v_cache + at;
+        }
+        for (int64_t j = 0; j < group; j++) {      /* scores of the tile, eight keys at a time */
+            const float *qj = qb + j * D;
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) {
+                __m256 s[8];
+                for (int p = 0; p < 8; p++) s[p] = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qj + d);
+                    for (int p = 0; p < 8; p++) s[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows_k[i + p] + d), s[p]);
+                }
+                _mm256_storeu_ps(scores[j] + i, _mm256_mul_ps(hsum8(s), _mm256_set1_ps(scale)));
+            }
+            for (; i < n; i++) {
+                __m256 s = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), _mm256_loadu_ps(rows_k[i] + d), s);
+                scores[j][i] = hsum(s) * scale;
+            }
+        }
+        for (int64_t j = 0; j < group; j++) {      /* online softmax: rescale what came before */
+            float mx = m[j];
+            for (int64_t i = 0; i < n; i++) mx = scores[j][i] > mx ? scores[j][i] : mx;
+            const float keep = expf(m[j] - mx);       /* 0 on the first tile (m = -inf) */
+            l[j] *= keep;
+            m[j] = mx;
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8)
+                _mm256_storeu_ps(scores[j] + i, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores[j] + i), _mm256_set1_ps(mx))));
+            for (; i < n; i++) scores[j][i] = expf(scores[j][i] - mx);
+            for (i = 0; i < n; i++) l[j] += scores[j][i];
+            /* values of the tile, weighted, 32 columns at a time held in registers */
+            for (int64_t d0 = 0; d0 < D; d0 += 32) {
+                const int64_t w = D - d0 < 32 ? (D - d0) / 8 : 4;
+                __m256 a[4];
+                for (int c = 0; c < w; c++) a[c] = _mm256_mul_ps(_mm256_set1_ps(keep), _mm256_loadu_ps(acc + j * D + d0 + 8 * c));
+                for (int64_t t = 0; t < n; t++) {
+                    const __m256 p = _mm256_set1_ps(scores[j][t]);
+                    for (int c = 0; c < w; c++) a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(rows_v[t] + d0 + 8 * c), a[c]);
+                }
+                for (int c = 0; c < w; c++) _mm256_storeu_ps(acc + j * D + d0 + 8 * c, a[c]);
+            }
+        }
+    }
+}
+
+/* How row b's context start .. seq_len - 1 is cut: chunks of a multiple of TILE keys, at least CHUNK, at most
+   MAX_CHUNKS of them. It depends on the row alone, so a row's result never depends on the other rows of the
+   batch or on the threads; a context of up to CHUNK keys is one chunk, attended exactly as one pass. */
+static int64_t chunk_keys(int64_t length) {
+    int64_t chunks = (length + CHUNK - 1) / CHUNK;
+    chunks = chunks > MAX_CHUNKS ? MAX_CHUNKS : (chunks < 1 ? 1 : chunks);
+    const int64_t keys = (length + chunks - 1) / chunks;
+    return (keys + TILE - 1) / TILE * TILE;
+}
+
 /* Writes row b's new key and value k_new, v_new [B, Hkv, D] (rows ldk and ldv floats apart) at cache slot slots[b]
    (skipped when -1; a slot is block id * block_size + offset), then: q [B, Hq, D] (rows ldq floats apart)
    -> out [B, Hq, D]: row b's query attends to context positions start[b] .. seq_len[b] - 1,
    read from k_cache/v_cache [num_blocks, block_size, Hkv, D] through block_tables [B, width] (int32).
    The Hq / Hkv query heads of a KV head share each key and value row read. Scores never leave a tile
    of TILE keys; the softmax is online (running max and sum), so no L-long row is ever stored.
-   D a multiple of 8, at most MAX_DIM; Hq / Hkv at most MAX_GROUP. Threads split (row, KV head) pairs. */
+   D a multiple of 8, at most MAX_DIM; Hq / Hkv at most MAX_GROUP. Threads split (row, KV head, chunk) items;
+   the chunks of a long context (chunk_keys) are merged by their maxima and sums (FlashDecoding's split). */
 static void paged_decode(const float *q, const float *k_new, const float *v_new, int64_t ldq, int64_t ldk, int64_t ldv,
                          const int64_t *slots, float *k_cache, float *v_cache, const int32_t *block_tables,
                          const int32_t *seq_lens, const int32_t *starts, float *out, int64_t B, int64_t Hq,
                          int64_t Hkv, int64_t D, int64_t block_size, int64_t width, float scale, int threads) {
     const int64_t group = Hq / Hkv, row = Hkv * D;          /* floats per cached token */
-    /* each (row, KV head) writes only its own slot, which no other row reads: the engine copies a
-       shared page before a sequence writes to it */
-    int64_t work = 0;
-    for (int64_t b = 0; b < B; b++) work += seq_lens[b] - starts[b];
+    /* the new keys and values first, so every chunk sees its row's own (each row writes only its own slot,
+       which no other row reads: the engine copies a shared page before a sequence writes to it) */
+    int64_t work = 0, items = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (slots[b] >= 0)
+            for (int64_t i = 0; i < row; i++) {
+                k_cache[slots[b] * row + i] = k_new[b * ldk + i];
+                v_cache[slots[b] * row + i] = v_new[b * ldv + i];
+            }
+        const int64_t length = seq_lens[b] - starts[b];
+        work += length;
+        items += (length + chunk_keys(length) - 1) / chunk_keys(length);
+    }
+    const int64_t part = group * (D + 2);       /* a chunk's acc, m and l */
+    float *parts = items > B ? malloc(sizeof(float) * items * Hkv * part) : 0;
+    int64_t *first = parts ? malloc(sizeof(int64_t) * (B + 1)) : 0;
+    if (!first) {           /* no context longer than CHUNK (or no memory for the split): one item per pair */
+        free(parts);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (work * Hq * D >= PARALLEL_WORK)
-    for (int64_t bh = 0; bh < B * Hkv; bh++) {
-        const int64_t b = bh / Hkv, h = bh % Hkv;
-        const int32_t *table = block_tables + b * width;
-        const float *qb = q + b * ldq + h * group * D;
-        float acc[MAX_GROUP * MAX_DIM], scores[MAX_GROUP][TILE], m[MAX_GROUP], l[MAX_GROUP];
-        if (slots[b] >= 0)      /* this row's new key and value first: its own query sees them */
-            for (int64_t d = 0; d < D; d++) {
-                k_cache[slots[b] * row + h * D + d] = k_new[b * ldk + h * D + d];
-                v_cache[slots[b] * row + h * D + d] = v_new[b * ldv + h * D + d];
-            }
-        for (int64_t j = 0; j < group; j++) {
-            m[j] = -INFINITY; l[j] = 0.f;
-            for (int64_t d = 0; d < D; d++) acc[j * D + d] = 0.f;
-        }
-        const float *rows_k[TILE], *rows_v[TILE];
-        for (int64_t t0 = starts[b]; t0 < seq_lens[b]; t0 += TILE) {
-            const int64_t n = seq_lens[b] - t0 < TILE ? seq_lens[b] - t0 : TILE;
-            for (int64_t i = 0; i < n; i++) {
-                const int64_t t = t0 + i, at = ((int64_t)table[t / block_size] * block_size + t % block_size) * row + h * D;
-                rows_k[i] = k_cache + at;
-                rows_v[i] = v_cache + at;
-            }
-            for (int64_t j = 0; j < group; j++) {      /* scores of the tile, eight keys at a time */
-                const float *qj = qb + j * D;
-                int64_t i = 0;
-                for (; i + 8 <= n; i += 8) {
-                    __m256 s[8];
-                    for (int p = 0; p < 8; p++) s[p] = _mm256_setzero_ps();
-                    for (int64_t d = 0; d < D; d += 8) {
-                        const __m256 qv = _mm256_loadu_ps(qj + d);
-                        for (int p = 0; p < 8; p++) s[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows_k[i + p] + d), s[p]);
-                    }
-                    _mm256_storeu_ps(scores[j] + i, _mm256_mul_ps(hsum8(s), _mm256_set1_ps(scale)));
-                }
-                for (; i < n; i++) {
-                    __m256 s = _mm256_setzero_ps();
-                    for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), _mm256_loadu_ps(rows_k[i] + d), s);
-                    scores[j][i] = hsum(s) * scale;
-                }
-            }
-            for (int64_t j = 0; j < group; j++) {      /* online softmax: rescale what came before */
-                float mx = m[j];
-                for (int64_t i = 0; i < n; i++) mx = scores[j][i] > mx ? scores[j][i] : mx;
-                const float keep = expf(m[j] - mx);       /* 0 on the first tile (m = -inf) */
-                l[j] *= keep;
-                m[j] = mx;
-                int64_t i = 0;
-                for (; i + 8 <= n; i += 8)
-                    _mm256_storeu_ps(scores[j] + i, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores[j] + i), _mm256_set1_ps(mx))));
-                for (; i < n; i++) scores[j][i] = expf(scores[j][i] - mx);
-                for (i = 0; i < n; i++) l[j] += scores[j][i];
-                /* values of the tile, weighted, 32 columns at a time held in registers */
-                for (int64_t d0 = 0; d0 < D; d0 += 32) {
-                    const int64_t w = D - d0 < 32 ? (D - d0) / 8 : 4;
-                    __m256 a[4];
-                    for (int c = 0; c < w; c++) a[c] = _mm256_mul_ps(_mm256_set1_ps(keep), _mm256_loadu_ps(acc + j * D + d0 + 8 * c));
-                    for (int64_t t = 0; t < n; t++) {
-                        const __m256 p = _mm256_set1_ps(scores[j][t]);
-                        for (int c = 0; c < w; c++) a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(rows_v[t] + d0 + 8 * c), a[c]);
-                    }
-                    for (int c = 0; c < w; c++) _mm256_storeu_ps(acc + j * D + d0 + 8 * c, a[c]);
-                }
+        for (int64_t bh = 0; bh < B * Hkv; bh++) {
+            const int64_t b = bh / Hkv, h = bh % Hkv;
+            float acc[MAX_GROUP * MAX_DIM], m[MAX_GROUP], l[MAX_GROUP];
+            attend(q + b * ldq + h * group * D, k_cache, v_cache, block_tables + b * width, starts[b], seq_lens[b], h,
+                   group, D, row, block_size, scale, acc, m, l);
+            for (int64_t j = 0; j < group; j++) {
+                float *o = out + (b * Hq + h * group + j) * D;
+                const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
+                for (int64_t d = 0; d < D; d++) o[d] = acc[j * D + d] * inv;
             }
         }
-        for (int64_t j = 0; j < group; j++) {
-            float *o = out + (b * Hq + h * group + j) * D;
-            const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
-            for (int64_t d = 0; d < D; d++) o[d] = acc[j * D + d] * inv;
+        return;
+    }
+    first[0] = 0;           /* row b's chunks are items first[b] .. first[b + 1] - 1 */
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t length = seq_lens[b] - starts[b];
+        first[b + 1] = first[b] + (length + chunk_keys(length) - 1) / chunk_keys(length);
+    }
+#pragma omp parallel num_threads(threads) if (work * Hq * D >= PARALLEL_WORK)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ih = 0; ih < items * Hkv; ih++) {
+            const int64_t item = ih / Hkv, h = ih % Hkv;
+            int64_t b = 0;
+            while (first[b + 1] <= item) b++;
+            const int64_t keys = chunk_keys(seq_lens[b] - starts[b]), begin = starts[b] + (item - first[b]) * keys;
+            const int64_t end = begin + keys < seq_lens[b] ? begin + keys : seq_lens[b];
+            float *p = parts + ih * part;
+            attend(q + b * ldq + h * group * D, k_cache, v_cache, block_tables + b * width, begin, end, h, group, D,
+                   row, block_size, scale, p, p + group * D, p + group * (D + 1));
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * Hkv; bh++) {   /* merge a pair's chunks, in order */
+            const int64_t b = bh / Hkv, h = bh % Hkv;
+            for (int64_t j = 0; j < group; j++) {
+                float mx = -INFINITY, sum = 0.f;
+                for (int64_t c = first[b]; c < first[b + 1]; c++) {
+                    const float mc = parts[(c * Hkv + h) * part + group * D + j];
+                    mx = mc > mx ? mc : mx;
+                }
+                float *o = out + (b * Hq + h * group + j) * D;
+                for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+                for (int64_t c = first[b]; c < first[b + 1]; c++) {
+                    const float *p = parts + (c * Hkv + h) * part;
+                    if (p[group * D + j] == -INFINITY) continue;       /* a chunk of no keys */
+                    const float w = expf(p[group * D + j] - mx);
+                    sum += p[group * (D + 1) + j] * w;
+                    for (int64_t d = 0; d < D; d++) o[d] += p[j * D + d] * w;
+                }
+                const float inv = sum > 0.f ? 1.f / sum : 0.f;
+                for (int64_t d = 0; d < D; d++) o[d] *= inv;
+            }
         }
     }
+    free(first);
+    free(parts);
 }
 
 /* q [B, Hq, D], k_new and v_new [B, Hkv, D], all contiguous: see paged_decode. */
