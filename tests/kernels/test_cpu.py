@@ -254,3 +254,23 @@ def test_nan_and_inf_activations_give_nan():
         x[0, 5] = bad
         for y in (kernels.int8_mm(x, q8, torch.rand(4, 2), 32), kernels.int4_mm(x, kernels.pack_int4(q), so, 32)):
             assert y[0].isnan().all() and y[1].isfinite().all()
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 49152, 262147])
+def test_argmax_is_torch_argmax(vocab):
+    """The first largest index, NaN counting as the largest, on ties, infinities, signed zeros and tails."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=g)
+    x[1] = -float("inf")
+    x[2, vocab // 2:] = float("nan")
+    x[3, vocab - 1] = float("inf")
+    x[4] = 0.0
+    x[4, vocab // 3] = -0.0
+    x[5, ::3] = 7.0                                    # ties: the lowest id wins
+    x[6, -1] = float("nan")
+    x[7] = x[7].round()
+    assert torch.equal(kernels.argmax(x), x.argmax(dim=-1))
+    big = torch.randn(64, 4096, generator=g)             # rows split between threads
+    assert torch.equal(kernels.argmax(big), big.argmax(dim=-1))
+    strided = big[:, ::2]                                # not contiguous: copied first
+    assert torch.equal(kernels.argmax(strided), strided.argmax(dim=-1))

@@ -673,3 +673,41 @@ int tm_decode_layers(const tm_layer *layers, int64_t L, const tm_decode_meta *me
     free(h);
     return status;
 }
+
+/* ---- the sampler's greedy pick ----------------------------------------------------------------------- */
+
+/* out[m] = the index of the first largest value of row m of x [M, N], NaN counting as the largest (as
+   torch.argmax): a vectorized pass for the maximum, then one up to its first occurrence. */
+void tm_argmax_rows(const float *x, int64_t *out, int64_t M, int64_t N, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * N >= (1 << 20))
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * N;
+        __m256 top = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= N; i += 8) {
+            const __m256 v = _mm256_loadu_ps(r + i);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            top = _mm256_max_ps(top, v);
+        }
+        int has_nan = _mm256_movemask_ps(nan) != 0;
+        float best = has_nan ? 0.f : hmax(top);
+        for (; i < N; i++) {
+            if (r[i] != r[i]) has_nan = 1;
+            else if (r[i] > best) best = r[i];
+        }
+        int64_t found = 0;
+        if (has_nan) {
+            while (found < N && r[found] == r[found]) found++;
+        } else {
+            const __m256 b = _mm256_set1_ps(best);
+            int64_t j = 0;
+            for (; j + 8 <= N; j += 8) {
+                const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + j), b, _CMP_EQ_OQ));
+                if (mask) break;
+            }
+            while (j < N && r[j] != best) j++;
+            found = j < N ? j : 0;
+        }
+        out[m] = found;
+    }
+}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill import kernels
 from tokenmill.sample.ops import TokenHistory, apply_filters, apply_penalties, logsumexp, truncate
 from tokenmill.sampling_params import SamplingParams
 
@@ -73,14 +74,14 @@ class Sampler:
         processed = apply_penalties(logits, rows, history)
         drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not drawn:
-            tokens = processed.argmax(dim=-1)                           # the first maximum: ties go to the lowest id
+            tokens = kernels.argmax(processed)                          # the first maximum: ties go to the lowest id
         elif len(drawn) == len(rows):
             tokens = self._draw(processed, rows)
         else:
             greedy = [i for i, r in enumerate(rows) if r.params.greedy]
             tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
             idx = torch.tensor(greedy, device=logits.device)
-            tokens[idx] = processed[idx].argmax(dim=-1)
+            tokens[idx] = kernels.argmax(processed[idx])
             idx = torch.tensor(drawn, device=logits.device)
             tokens[idx] = self._draw(processed[idx], [rows[i] for i in drawn])
         return with_logprobs(logits, tokens, rows, work=self._work(logits))
@@ -112,7 +113,7 @@ class Sampler:
         e = torch.ones_like(weights)
         e[torch.arange(weights.shape[1], device=e.device) < torch.tensor(counts, device=e.device).unsqueeze(1)] = \
             torch.cat(self.exponentials(counts, rows, weights.device))
-        return ids.gather(1, weights.div_(e).argmax(dim=-1, keepdim=True)).squeeze(1)
+        return ids.gather(1, kernels.argmax(weights.div_(e)).unsqueeze(1)).squeeze(1)
 
     def draw(self, probs: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
         """One token per row of `probs` [n, vocab] (any non-negative weights; not written), token i

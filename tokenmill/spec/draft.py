@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tokenmill import kernels
 from tokenmill.attention import AttentionBackend, AttentionMetadata
 from tokenmill.core.sequence import Sequence
 from tokenmill.kv_cache import copy_blocks
@@ -128,7 +129,7 @@ class DraftModelProposer:
     def _sample(runner: Runner, logits: torch.Tensor, rows) -> tuple[list[int], torch.Tensor | None]:
         """Draft tokens with the target's processing; q rows (zeros for greedy rows) when any row samples."""
         processed = apply_penalties(logits, rows, runner.history)
-        tokens = processed.argmax(dim=-1)
+        tokens = kernels.argmax(processed)
         drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not drawn:
             return tokens.tolist(), None

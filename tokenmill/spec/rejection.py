@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill import kernels
 from tokenmill.sample.ops import TokenHistory, apply_filters, apply_penalties
 from tokenmill.sample.sampler import SampledToken, Sampler, SamplerRow, with_logprobs
 
@@ -59,7 +60,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplerRow], spans
 def _accept(sampler: Sampler, processed: torch.Tensor, rows: list[SamplerRow], spans: list[DraftSpan],
             greedy: list[bool]) -> tuple[list[int], list[int]]:
     """Per span: how many drafts are accepted, and the token drawn after them."""
-    argmax = processed.argmax(dim=-1).tolist() if any(greedy) else []
+    argmax = kernels.argmax(processed).tolist() if any(greedy) else []
     drawn_rows = [r for s, g in zip(spans, greedy) if not g
                   for r in range(s.first_row, s.first_row + len(s.draft_token_ids) + 1)]
     probs = torch.zeros_like(processed) if drawn_rows else torch.empty(0)
