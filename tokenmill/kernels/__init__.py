@@ -111,10 +111,21 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
-def multiplies(in_features: int) -> bool:
-    """Whether int4_mm / int8_mm run here for weights of `in_features` columns: the kernels are loaded and
-    the columns come in blocks of 32."""
-    return library() is not None and in_features % 32 == 0
+def multiplies(in_features: int, device: torch.device = torch.device("cpu")) -> bool:
+    """Whether tokenmill's int4 / int8 products run on `device` for weights of `in_features` columns: the
+    columns come in blocks of 32, and on the CPU these kernels are loaded, on CUDA triton imports
+    (triton_mm.py)."""
+    if in_features % 32:
+        return False
+    if device.type == "cpu":
+        return library() is not None
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _require(ok: bool, kernel: str, *tensors: torch.Tensor) -> None:

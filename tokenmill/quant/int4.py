@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from tokenmill import kernels
 from tokenmill.quant.base import DenseKernel, LinearKernel, QuantMethod, Source, as_float
-from tokenmill.quant.int8 import triton_runs
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -199,7 +198,7 @@ def int4_kernel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group:
         return NativeInt4Kernel(q, scale, zero, group, perm, label=label)
     if device.type == "cpu":
         return Int4Kernel(q, scale, zero, group, perm, label=label)
-    if device.type == "cuda" and q.shape[1] % 32 == 0 and triton_runs():
+    if device.type != "cpu" and kernels.multiplies(q.shape[1], device):
         return TritonInt4Kernel(q, scale, zero, group, device, perm, label=label)
     w = dequantize_int4(q, scale, zero, group)
     if perm is not None:

@@ -121,18 +121,10 @@ def int8_weight_kernel(w: torch.Tensor, label: str, device: torch.device = torch
         return Int8WeightKernel(*quantize_per_group(w, 32), label=f"{label} -> int8 g32")
     if device.type == "cpu":
         return Int8WeightKernel(*quantize_per_channel(w), label=f"{label} -> int8 per-row")
-    if device.type == "cuda" and w.shape[1] % 32 == 0 and triton_runs():
+    if device.type != "cpu" and kernels.multiplies(w.shape[1], device):
         return TritonInt8Kernel(*quantize_per_group(w, 32), device, label=f"{label} -> int8 g32 (triton)")
     return None
 
-
-def triton_runs() -> bool:
-    """Whether triton imports here (tokenmill's GPU kernels need it)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def int_mm_is_fast() -> bool:
