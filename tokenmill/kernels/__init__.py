@@ -134,6 +134,16 @@ def _require(ok: bool, kernel: str, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{kernel}: unsupported arguments " + ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in tensors))
 
 
+def packed_fits(bits: int, q: torch.Tensor, scale: torch.Tensor, group: int, in_features: int) -> bool:
+    """Whether q and scale hold a weight of `in_features` columns as the int4 (bits 4: uint8 [N, K / 2], scale and
+    offset [N, K / group, 2]) or int8 (bits 8: int8 [N, K], scale [N, K / group]) products take it: float32 scales,
+    both contiguous, K a multiple of `group`. The callers add what their kernel needs besides."""
+    k, n, int4 = in_features, q.shape[0], bits == 4
+    return (bits in (4, 8) and q.dtype is (torch.uint8 if int4 else torch.int8) and q.dim() == 2
+            and q.shape[1] * (2 if int4 else 1) == k and k % group == 0 and q.is_contiguous()
+            and scale.dtype is torch.float32 and scale.is_contiguous() and scale.numel() == (2 if int4 else 1) * n * (k // group))
+
+
 def _check(status: int) -> None:
     if status != 0:
         raise MemoryError("tokenmill CPU kernel: no memory for the activations' scratch copy")
@@ -145,9 +155,8 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group:
     x = x.contiguous()
     m, k = x.shape
     n = q.shape[0]
-    _require(x.dtype is torch.float32 and q.dtype is torch.uint8 and 2 * q.shape[1] == k and k % group == 0
-             and group % 32 == 0 and scale_offset.numel() == 2 * n * (k // group) and q.is_contiguous()
-             and scale_offset.dtype is torch.float32 and scale_offset.is_contiguous(), "int4_mm", x, q, scale_offset)
+    _require(x.dtype is torch.float32 and group % 32 == 0 and packed_fits(4, q, scale_offset, group, k),
+             "int4_mm", x, q, scale_offset)
     y = torch.empty(m, n, dtype=torch.float32)
     _check(library().tm_int4_mm(x.data_ptr(), q.data_ptr(), scale_offset.data_ptr(), y.data_ptr(),
                                     m, n, k, group, n, torch.get_num_threads()))
@@ -157,9 +166,7 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group:
 def int4_dequantize(q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
     """int4_mm's weights as float32 [N, K] (q * scale + offset), in one pass."""
     n, k = q.shape[0], 2 * q.shape[1]
-    _require(q.dtype is torch.uint8 and q.is_contiguous() and k % group == 0 and group % 32 == 0
-             and scale_offset.dtype is torch.float32 and scale_offset.is_contiguous()
-             and scale_offset.numel() == 2 * n * (k // group), "int4_dequantize", q, scale_offset)
+    _require(group % 32 == 0 and packed_fits(4, q, scale_offset, group, k), "int4_dequantize", q, scale_offset)
     w = torch.empty(n, k, dtype=torch.float32)
     library().tm_int4_dequantize(q.data_ptr(), scale_offset.data_ptr(), w.data_ptr(), n, k, group,
                                  torch.get_num_threads())
@@ -169,9 +176,7 @@ def int4_dequantize(q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> 
 def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
     """int8_mm's weights as float32 [N, K] (q * scale), in one pass."""
     n, k = q.shape
-    _require(q.dtype is torch.int8 and q.is_contiguous() and k % group == 0 and k % 8 == 0
-             and scale.dtype is torch.float32 and scale.is_contiguous() and scale.numel() == n * (k // group),
-             "int8_dequantize", q, scale)
+    _require(k % 8 == 0 and packed_fits(8, q, scale, group, k), "int8_dequantize", q, scale)
     w = torch.empty(n, k, dtype=torch.float32)
     library().tm_int8_dequantize(q.data_ptr(), scale.data_ptr(), w.data_ptr(), n, k, group, torch.get_num_threads())
     return w
@@ -184,9 +189,8 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -
     m, k = x.shape
     n = q.shape[0]
     exact = x.dtype is torch.int16
-    _require((exact or x.dtype is torch.float32) and q.dtype is torch.int8 and q.shape[1] == k and k % group == 0
-             and group % 32 == 0 and q.is_contiguous() and scale.dtype is torch.float32 and scale.is_contiguous()
-             and scale.numel() == n * (k // group), "int8_mm", x, q, scale)
+    _require((exact or x.dtype is torch.float32) and group % 32 == 0 and packed_fits(8, q, scale, group, k),
+             "int8_mm", x, q, scale)
     y = torch.empty(m, n, dtype=torch.float32)
     _check(library().tm_int8_mm(None if exact else x.data_ptr(), x.data_ptr() if exact else None, q.data_ptr(),
                                     scale.data_ptr(), y.data_ptr(), m, n, k, group, n, torch.get_num_threads()))
@@ -263,14 +267,9 @@ class PackedWeights(NamedTuple):
 
 def _linear(name: str, weights: PackedWeights, bias: torch.Tensor | None, n: int, k: int) -> _Linear:
     bits, q, scale, group, perm, act_range = weights
-    if bits == 4:
-        ok = q.dtype is torch.uint8 and tuple(q.shape) == (n, k // 2) and scale.numel() == 2 * n * (k // group)
-    else:
-        ok = bits == 8 and q.dtype is torch.int8 and tuple(q.shape) == (n, k) and scale.numel() == n * (k // group)
-    ok = ok and group % 32 == 0 and k % group == 0 and q.is_contiguous() and q.device.type == "cpu" \
-        and scale.dtype is torch.float32 and scale.device.type == "cpu" \
-        and scale.is_contiguous() and (bias is None or (bias.dtype is torch.float32 and bias.numel() == n
-                                                         and bias.is_contiguous()))
+    ok = packed_fits(bits, q, scale, group, k) and q.shape[0] == n and group % 32 == 0 \
+        and q.device.type == scale.device.type == "cpu" \
+        and (bias is None or (bias.dtype is torch.float32 and bias.numel() == n and bias.is_contiguous()))
     ok = ok and (perm is None or (perm.dtype is torch.int64 and perm.numel() == k and perm.is_contiguous()
                                   and bool((perm.sort().values == torch.arange(k)).all())))
     ok = ok and act_range >= 0 and (act_range == 0 or (bits == 8 and perm is None))

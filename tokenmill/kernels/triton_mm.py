@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.kernels import packed_fits
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -61,12 +63,11 @@ def _tiles(m: int, k: int) -> tuple[int, int, int]:
     return (16 if m <= 16 else 32 if m <= 32 else 64), (32 if m <= 32 else 64), (64 if k % 64 == 0 else 32)
 
 
-def _launch(kernel, name: str, ok: bool, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """Checks shared by both products, then `kernel` over [BM, BN] tiles of y [M, N] in x's dtype."""
+def _launch(kernel, bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """The checks, then `kernel` over [BM, BN] tiles of y [M, N] in x's dtype."""
     m, k = x.shape
-    n = q.shape[0]
-    if not (ok and group % 32 == 0 and k % group == 0 and scales.dtype == torch.float32 and q.is_contiguous()
-            and scales.is_contiguous() and q.device == x.device == scales.device
+    n, name = q.shape[0], f"int{bits}_mm"
+    if not (packed_fits(bits, q, scales, group, k) and group % 32 == 0 and q.device == x.device == scales.device
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         raise ValueError(f"triton {name}: unsupported arguments " + ", ".join(
             f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in (x, q, scales)))
@@ -82,9 +83,7 @@ def _launch(kernel, name: str, ok: bool, x: torch.Tensor, q: torch.Tensor, scale
 def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
     """x [M, K] (float16, bfloat16 or float32), q uint8 [N, K / 2], scale_offset float32 [N, K / group, 2], all
     on one device -> [M, N] in x's dtype."""
-    k, n = x.shape[1], q.shape[0]
-    ok = q.dtype == torch.uint8 and 2 * q.shape[1] == k and k % group == 0 and scale_offset.numel() == 2 * n * (k // group)
-    return _launch(_int4_mm_kernel, "int4_mm", ok, x, q, scale_offset, group)
+    return _launch(_int4_mm_kernel, 4, x, q, scale_offset, group)
 
 
 @triton.jit
@@ -111,6 +110,4 @@ def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
     """x [M, K] (float16, bfloat16 or float32), q int8 [N, K], scale float32 [N, K / group] (group a multiple
     of 32), all on one device -> [M, N] in x's dtype."""
-    k, n = x.shape[1], q.shape[0]
-    ok = q.dtype == torch.int8 and q.shape[1] == k and k % group == 0 and scale.numel() == n * (k // group)
-    return _launch(_int8_mm_kernel, "int8_mm", ok, x, q, scale, group)
+    return _launch(_int8_mm_kernel, 8, x, q, scale, group)
