@@ -208,6 +208,23 @@ def paged_decode_fits(num_heads: int, dtype: torch.dtype, k_cache: torch.Tensor)
             and d % 8 == 0 and d <= MAX_DIM and num_heads % hkv == 0 and num_heads // hkv <= MAX_GROUP)
 
 
+def _caches_fit(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """A key and a value cache paged_decode takes for `num_heads` float32 query heads: alike, on the CPU."""
+    return (paged_decode_fits(num_heads, torch.float32, k_cache) and v_cache.shape == k_cache.shape
+            and v_cache.dtype is torch.float32 and v_cache.is_contiguous() and k_cache.device.type == v_cache.device.type == "cpu")
+
+
+def _tables_fit(rows: int, slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                starts: torch.Tensor) -> bool:
+    """paged_decode's per-row tables for `rows` rows: slots int64 [B], block_tables int32 [B, width], seq_lens and
+    starts int32 [B], contiguous, on the CPU."""
+    tables = (slots, block_tables, seq_lens, starts)
+    return (slots.dtype is torch.int64 and slots.numel() == rows and block_tables.dtype is torch.int32
+            and block_tables.dim() == 2 and block_tables.shape[0] == rows
+            and seq_lens.dtype is starts.dtype is torch.int32 and seq_lens.numel() == starts.numel() == rows
+            and all(t.is_contiguous() and t.device.type == "cpu" for t in tables))
+
+
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: torch.Tensor,
                  scale: float) -> torch.Tensor:
@@ -217,13 +234,9 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     -> [B, Hq, D]. Only the pages of those positions are read."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, hq, d = q.shape
-    _require(paged_decode_fits(hq, q.dtype, k_cache) and k_cache.shape[3] == d and v_cache.shape == k_cache.shape
-             and v_cache.dtype is torch.float32 and v_cache.is_contiguous()
+    _require(q.dtype is torch.float32 and _caches_fit(hq, k_cache, v_cache) and k_cache.shape[3] == d
              and k.shape == v.shape == (b, k_cache.shape[2], d) and k.dtype is v.dtype is torch.float32
-             and slots.dtype is torch.int64 and slots.numel() == b and block_tables.dtype is torch.int32
-             and block_tables.dim() == 2 and block_tables.shape[0] == b
-             and seq_lens.dtype is starts.dtype is torch.int32 and seq_lens.numel() == starts.numel() == b
-             and all(t.is_contiguous() for t in (slots, block_tables, seq_lens, starts)),
+             and _tables_fit(b, slots, block_tables, seq_lens, starts),
              "paged_decode", q, k, slots, k_cache, v_cache, block_tables, seq_lens, starts)
     # the values are trusted: the caller's tables cover seq_lens, slots and page ids lie in the cache
     out = torch.empty_like(q)
@@ -326,9 +339,7 @@ class DecoderStack:
         _require(len(caches) == len(self._structs), f"decode_layers: {len(caches)} caches for {len(self._structs)} layers")
         shape = caches[0][0].shape
         for k, v in caches:
-            _require(paged_decode_fits(hq, torch.float32, k) and k.shape == v.shape == shape and k.shape[2:] == (hkv, d)
-                     and v.dtype is torch.float32 and v.is_contiguous() and k.device.type == v.device.type == "cpu",
-                     "decode_layers cache", k, v)
+            _require(_caches_fit(hq, k, v) and k.shape == shape and k.shape[2:] == (hkv, d), "decode_layers cache", k, v)
         for struct, (k, v) in zip(self._structs, caches):
             struct.k_cache, struct.v_cache = k.data_ptr(), v.data_ptr()
         self._caches = list(caches)
@@ -356,12 +367,8 @@ class DecoderStack:
                  "decode_layers", residual, cos, sin)
         metas = (_Tables * len(tables))()
         for meta, (slots, block_tables, seq_lens, starts) in zip(metas, tables):
-            _require(all(t.device.type == "cpu" for t in (slots, block_tables, seq_lens, starts))
-                     and slots.dtype is torch.int64 and slots.numel() == m and block_tables.dtype is torch.int32
-                     and block_tables.dim() == 2 and block_tables.shape[0] == m
-                     and seq_lens.dtype is starts.dtype is torch.int32 and seq_lens.numel() == starts.numel() == m
-                     and all(t.is_contiguous() for t in (slots, block_tables, seq_lens, starts)),
-                     "decode_layers tables", slots, block_tables, seq_lens, starts)
+            _require(_tables_fit(m, slots, block_tables, seq_lens, starts), "decode_layers tables",
+                     slots, block_tables, seq_lens, starts)
             meta.slots, meta.block_tables, meta.seq_lens, meta.starts = (
                 slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(), starts.data_ptr())
             meta.width = block_tables.shape[1]
