@@ -302,11 +302,17 @@ class DecoderStack:
     norm weights (NORMS; the bracketed ones optional) and "rope", the index of its rope table (default 0).
     act: "silu" or "gelu_tanh"."""
 
+    @staticmethod
+    def takes(num_heads: int, num_kv_heads: int, head_dim: int, hidden: int, intermediate: int) -> bool:
+        """Whether layers of these sizes fit the kernels (loaded; sizes in vectors of 8, rope's half too; the
+        decode kernel's bounds on head_dim and query heads per KV head)."""
+        return (library() is not None and hidden % 8 == 0 and intermediate % 8 == 0 and (head_dim // 2) % 8 == 0
+                and head_dim <= MAX_DIM and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= MAX_GROUP)
+
     def __init__(self, layers: list[dict], num_heads: int, num_kv_heads: int, head_dim: int, hidden: int,
                  intermediate: int, eps: float, scale: float, act: str = "silu"):
         hq, hkv, d = num_heads, num_kv_heads, head_dim
-        _require(library() is not None and hidden % 8 == 0 and intermediate % 8 == 0 and (d // 2) % 8 == 0
-                 and d <= MAX_DIM and hq % hkv == 0 and hq // hkv <= MAX_GROUP, "decode_layers", torch.empty(hq, hkv, d))
+        _require(self.takes(hq, hkv, d, hidden, intermediate), "decode_layers", torch.empty(hq, hkv, d))
         _require(act in ("silu", "gelu_tanh"), f"decode_layers act {act}")
         self.dims = (hq, hkv, d, hidden, intermediate)
         self.eps, self.scale, self.act = eps, scale, int(act == "gelu_tanh")

@@ -77,13 +77,12 @@ class GatedMLP(nn.Module):
         local = intermediate // tp.size
         self.gate_up = QLinear(hidden, [local, local], False, dtype, shards=[tp.rows()] * 2)
         self.down = QLinear(local, [hidden], False, dtype, shards=[tp.columns()], reduce=tp)
-        self.gelu = act == "gelu_pytorch_tanh"
-        self.act = "gelu_tanh" if self.gelu else "silu"         # as kernels.gated names them
+        self.act = "gelu_tanh" if act == "gelu_pytorch_tanh" else "silu"         # as kernels.gated names them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
         act = kernels.gated(gate_up, self.act)
         if act is None:
             gate, up = gate_up.chunk(2, dim=-1)
-            act = (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
+            act = (F.gelu(gate, approximate="tanh") if self.act == "gelu_tanh" else F.silu(gate)) * up
         return self.down(act)

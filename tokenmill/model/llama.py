@@ -133,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
         (kernels.DecoderStack: the same kernels in the same order, without ~3 ms of Python between them at
         batch 1): embeddings h in, the last layer's residual stream out. None where it does not apply.
         ropes: the step's (cos, sin) tables, picked per layer by `layer_ropes`."""
-        stack, max_rows = self._stack if self._stack is not None else self.stack()
+        stack, max_rows = self.stack()
         rows = h.shape[0]
         if stack is None or rows > max_rows:
             return None
@@ -170,8 +170,10 @@ class LlamaForCausalLM(nn.Module):
     def _build_stack(self) -> tuple[kernels.DecoderStack | None, int]:
         """The layers as a kernels.DecoderStack, with the most rows every linear's kernel takes; (None, 0) where
         a layer cannot say how it goes there or a linear's weights are not packed for tokenmill's kernels."""
-        if (self.dtype != torch.float32 or self.tp.size > 1 or kernels.library() is None
-                or self.norm.weight.device.type != "cpu"):
+        attn, cfg = self.layers[0].attn, self.cfg
+        if (self.dtype != torch.float32 or self.tp.size > 1 or self.norm.weight.device.type != "cpu"
+                or not kernels.DecoderStack.takes(attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.hidden_size,
+                                                  cfg.intermediate_size)):
             return None, 0
         layers, max_rows = [], 1 << 30
         for layer, rope in zip(self.layers, self.layer_ropes()):
@@ -180,11 +182,6 @@ class LlamaForCausalLM(nn.Module):
                 return None, 0
             layers.append(found[0] | {"rope": rope})
             max_rows = min(max_rows, found[1])
-        attn, cfg = self.layers[0].attn, self.cfg
-        if cfg.hidden_size % 8 or cfg.intermediate_size % 8 or attn.head_dim // 2 % 8 \
-                or not kernels.paged_decode_fits(attn.num_heads, torch.float32,
-                                                 torch.empty(0, 1, attn.num_kv_heads, attn.head_dim)):
-            return None, 0
         stack = kernels.DecoderStack(layers, attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.hidden_size,
                                      cfg.intermediate_size, cfg.rms_norm_eps, attn.scale, self.layers[0].mlp.act)
         return stack, max_rows
