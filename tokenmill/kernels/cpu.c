@@ -339,6 +339,10 @@ static int64_t chunk_keys(int64_t length) {
     return (keys + TILE - 1) / TILE * TILE;
 }
 
+static int64_t chunk_count(int64_t length) {
+    return (length + chunk_keys(length) - 1) / chunk_keys(length);
+}
+
 /* Writes row b's new key and value k_new, v_new [B, Hkv, D] (rows ldk and ldv floats apart) at cache slot slots[b]
    (skipped when -1; a slot is block id * block_size + offset), then: q [B, Hq, D] (rows ldq floats apart)
    -> out [B, Hq, D]: row b's query attends to context positions start[b] .. seq_len[b] - 1,
@@ -354,22 +358,22 @@ static void paged_decode(const float *q, const float *k_new, const float *v_new,
     const int64_t group = Hq / Hkv, row = Hkv * D;          /* floats per cached token */
     /* the new keys and values first, so every chunk sees its row's own (each row writes only its own slot,
        which no other row reads: the engine copies a shared page before a sequence writes to it) */
-    int64_t work = 0, items = 0;
+    int64_t work = 0;
+    int64_t *first = malloc(sizeof(int64_t) * (B + 1));     /* row b's chunks are items first[b] .. first[b + 1] - 1 */
+    if (first) first[0] = 0;
     for (int64_t b = 0; b < B; b++) {
         if (slots[b] >= 0)
             for (int64_t i = 0; i < row; i++) {
                 k_cache[slots[b] * row + i] = k_new[b * ldk + i];
                 v_cache[slots[b] * row + i] = v_new[b * ldv + i];
             }
-        const int64_t length = seq_lens[b] - starts[b];
-        work += length;
-        items += (length + chunk_keys(length) - 1) / chunk_keys(length);
+        work += seq_lens[b] - starts[b];
+        if (first) first[b + 1] = first[b] + chunk_count(seq_lens[b] - starts[b]);
     }
-    const int64_t part = group * (D + 2);       /* a chunk's acc, m and l */
+    const int64_t items = first ? first[B] : B, part = group * (D + 2);      /* a chunk's acc, m and l */
     float *parts = items > B ? malloc(sizeof(float) * items * Hkv * part) : 0;
-    int64_t *first = parts ? malloc(sizeof(int64_t) * (B + 1)) : 0;
-    if (!first) {           /* no context longer than CHUNK (or no memory for the split): one item per pair */
-        free(parts);
+    if (!parts) {           /* no context longer than CHUNK (or no memory for the split): one item per pair */
+        free(first);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (work * Hq * D >= PARALLEL_WORK)
         for (int64_t bh = 0; bh < B * Hkv; bh++) {
             const int64_t b = bh / Hkv, h = bh % Hkv;
@@ -383,11 +387,6 @@ static void paged_decode(const float *q, const float *k_new, const float *v_new,
             }
         }
         return;
-    }
-    first[0] = 0;           /* row b's chunks are items first[b] .. first[b + 1] - 1 */
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t length = seq_lens[b] - starts[b];
-        first[b + 1] = first[b] + (length + chunk_keys(length) - 1) / chunk_keys(length);
     }
 #pragma omp parallel num_threads(threads) if (work * Hq * D >= PARALLEL_WORK)
     {
