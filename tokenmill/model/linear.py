@@ -82,8 +82,8 @@ class QLinear(nn.Module):
 class Embedding(nn.Module):
     """Token rows from a table that serves `rows(ids)`: the tied lm_head's kernel when it can serve rows;
     else a dense checkpoint table stays dense (unless the method quantizes at load: int8 per row) and a
-    quantized one (GGUF) becomes int8 (a scale per 32 columns on tokenmill's CPU kernels, so Q8_0 stays
-    exact; else per row). Vocabulary-parallel: a rank holds the rows of `shard` and looks
+    quantized one (GGUF) becomes int8 (a scale per 32 columns on tokenmill's kernels, CPU or Triton, so Q8_0
+    stays exact; else per row on the CPU, dense elsewhere). Vocabulary-parallel: a rank holds the rows of `shard` and looks
     up the ids that fall there; the all-reduce adds the other ranks' rows."""
 
     def __init__(self, vocab_size: int, tp: TPGroup = SINGLE):
