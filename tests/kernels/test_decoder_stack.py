@@ -48,6 +48,19 @@ def run(directory, monkeypatch, stack: bool, int8_parts: bool, quantization: str
     return hidden, [o.outputs[0].token_ids for o in outs], len(stacked)
 
 
+def assert_stack_equals_per_op(directory, monkeypatch, int8_parts: bool = False, quantization: str | None = "int4",
+                               stack_runs: bool = True) -> None:
+    """The same model run with the stack and without: the same logits at every step and the same tokens; the decode
+    steps of the first run went through the stack (unless `stack_runs` is False), none of the second's did."""
+    h_stack, tokens_stack, calls = run(directory, monkeypatch, True, int8_parts, quantization)
+    h_ops, tokens_ops, none = run(directory, monkeypatch, False, int8_parts, quantization)
+    assert (calls >= 11 or not stack_runs) and none == 0
+    assert tokens_stack == tokens_ops
+    assert len(h_stack) == len(h_ops) > 0
+    for a, b in zip(h_stack, h_ops):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kind,int8_parts,quantization", [
     ("llama", False, "int4"), ("qwen2", False, "int4"), ("mistral", False, "int4"), ("llama", True, "int4"),
     ("llama", False, "int8"), ("qwen2", False, "int8")])
@@ -55,22 +68,13 @@ def test_stack_equals_the_per_op_forward(kind, int8_parts, quantization, tiny_mo
     """llama: GQA 4/2, head_dim 32; qwen2: MQA with q/k/v biases; mistral: MHA; int4 mixed with int8 weights;
     W8A8 ("int8": activations rounded per token, integer products), where it runs on tokenmill's kernel."""
     tiny_model_builder(kind, tmp_path)
-    h_stack, tokens_stack, calls = run(tmp_path, monkeypatch, True, int8_parts, quantization)
-    h_ops, tokens_ops, none = run(tmp_path, monkeypatch, False, int8_parts, quantization)
     w8a8_elsewhere = quantization == "int8" and int_mm_is_fast()       # torch._int_mm: the Python path
-    assert (calls >= 11 or w8a8_elsewhere) and none == 0     # the decode steps ran the stack (and only that run did)
-    assert tokens_stack == tokens_ops
-    assert len(h_stack) == len(h_ops) > 0
-    for a, b in zip(h_stack, h_ops):
-        assert torch.equal(a, b)
+    assert_stack_equals_per_op(tmp_path, monkeypatch, int8_parts, quantization, stack_runs=not w8a8_elsewhere)
 
 
 def test_stack_on_the_real_model_as_stored(smollm2_path, monkeypatch):
     """SmolLM2's Q4_1 linears on the int4 kernel (its lm_head, Q8_0, stays outside the stack)."""
-    h_stack, tokens_stack, calls = run(smollm2_path, monkeypatch, True, False, quantization=None)
-    h_ops, tokens_ops, _ = run(smollm2_path, monkeypatch, False, False, quantization=None)
-    assert calls >= 11 and tokens_stack == tokens_ops
-    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
+    assert_stack_equals_per_op(smollm2_path, monkeypatch, quantization=None)
 
 
 @pytest.mark.parametrize("name", ["gptq-asym-act", "awq-gemm", "w8a8"])
@@ -79,10 +83,8 @@ def test_stack_on_checkpoints_of_the_reference_tools(name, monkeypatch):
     llm-compressor's W8A8 (activations rounded per token with range 127.5, as its reference does)."""
     from pathlib import Path
     directory = Path(__file__).parents[1] / "fixtures" / name
-    h_stack, tokens_stack, calls = run(directory, monkeypatch, True, False, quantization=None)
-    h_ops, tokens_ops, _ = run(directory, monkeypatch, False, False, quantization=None)
-    assert (calls >= 11 or (name == "w8a8" and int_mm_is_fast())) and tokens_stack == tokens_ops
-    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
+    assert_stack_equals_per_op(directory, monkeypatch, quantization=None,
+                               stack_runs=not (name == "w8a8" and int_mm_is_fast()))
 
 
 def test_stack_under_a_sliding_window(tiny_model_builder, tmp_path, monkeypatch):
@@ -93,10 +95,7 @@ def test_stack_under_a_sliding_window(tiny_model_builder, tmp_path, monkeypatch)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["sliding_window"] = 10
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    h_stack, _, calls = run(tmp_path, monkeypatch, True, False)
-    h_ops, _, _ = run(tmp_path, monkeypatch, False, False)
-    assert calls >= 11
-    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
+    assert_stack_equals_per_op(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("kv_heads,global_only", [(1, False), (2, False), (2, True)])
@@ -105,10 +104,7 @@ def test_stack_on_gemma3(kv_heads, global_only, tmp_path, monkeypatch):
     rope base) between global ones; and a model of global layers only (one of the two rope tables used)."""
     from test_gemma3 import F, S, build_gemma
     build_gemma(tmp_path, [F, F] if global_only else [S, S, F, S], window=10, kv_heads=kv_heads)
-    h_stack, tokens_stack, calls = run(tmp_path, monkeypatch, True, False)
-    h_ops, tokens_ops, _ = run(tmp_path, monkeypatch, False, False)
-    assert calls >= 11 and tokens_stack == tokens_ops
-    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_ops)) and len(h_stack) == len(h_ops) > 0
+    assert_stack_equals_per_op(tmp_path, monkeypatch)
 
 
 def test_stack_is_skipped_where_its_kernels_do_not_run(tiny_model_builder, tmp_path, caplog):
