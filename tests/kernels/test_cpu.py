@@ -25,11 +25,12 @@ def test_the_kernels_build_and_load():
     assert kernels.library() is not None
 
 
-def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The most the kernels' int16 activations can move x @ w^T: each value rounds by at most half a step
-    of its 32-column block (block absmax / 32767), plus float32 summation."""
+def activation_bound(x: torch.Tensor, w: torch.Tensor, levels: int = 32767) -> torch.Tensor:
+    """The most the kernels' rounding of activations can move x @ w^T: each value rounds by at most half a
+    step of its 32-column block (block absmax / 32767 in int16 against int8 weights, / 127 in int8 against
+    int4 ones), plus float32 summation."""
     m, k = x.shape
-    step = x.abs().view(m, k // 32, 32).amax(-1).repeat_interleave(32, dim=1) / 32767    # [M, K]
+    step = x.abs().view(m, k // 32, 32).amax(-1).repeat_interleave(32, dim=1) / levels    # [M, K]
     return (0.5 * step.double() @ w.abs().double().t()) * 1.001 + 1e-6 * (x.abs().double() @ w.abs().double().t())
 
 
@@ -41,7 +42,25 @@ def random_int4(n, k, group, seed=0):
     return q, scale, zero
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 33])
+def int4_tiles(q, scale, zero):
+    return kernels.tile_int4(q, scale, (zero.double() - 8 * scale.double()).float())
+
+
+def test_tiles_hold_the_weights():
+    """tile_int4 / tile_int8 (8 rows a tile, the last one padded) and their inverses, on row counts around 8."""
+    for n in (1, 8, 13, 24):
+        q, scale, zero = random_int4(n, 96, 32, seed=n)
+        offset = zero - 8 * scale
+        back = kernels.untile_int4(*kernels.tile_int4(q, scale, offset), n)
+        assert torch.equal(back[0], q) and torch.equal(back[1], scale) and torch.equal(back[2], offset)
+        q8 = torch.randint(-128, 128, (n, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
+        s8 = torch.rand(n, 2)
+        want = (q8.float().view(n, 2, 32) * s8[..., None]).view(n, 64)
+        assert torch.equal(kernels.int8_dequantize(*kernels.tile_int8(q8, s8), n), want)
+        assert torch.equal(kernels.int8_rows(*kernels.tile_int8(q8, s8), torch.tensor([n - 1, 0])), want[[n - 1, 0]])
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 33, 70])
 @pytest.mark.parametrize("n,k,group", [(64, 64, 32), (36, 576, 32), (20, 512, 64), (12, 384, 128), (8, 256, 256),
                                        (10, 96, 96)])
 def test_int4_mm_is_dequantize_then_matmul(m, n, k, group):
@@ -49,10 +68,9 @@ def test_int4_mm_is_dequantize_then_matmul(m, n, k, group):
     w = ((q.double().view(n, k // group, group) - 8) * scale.double()[..., None] + zero.double()[..., None]).view(n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
     x[0, :7] = torch.tensor([0.0, 1e-6, -50.0, 2.5, 0.0, -1e-9, 7.0])         # outliers and tiny values
-    so = torch.stack([scale, (zero.double() - 8 * scale.double()).float()], -1).contiguous()
-    y = kernels.int4_mm(x, kernels.pack_int4(q), so, group)
+    y = kernels.int4_mm(x, *int4_tiles(q, scale, zero), n, group)
     ref = x.double() @ w.t()
-    assert ((y.double() - ref).abs() <= activation_bound(x, w.float())).all()
+    assert ((y.double() - ref).abs() <= activation_bound(x, w.float(), 127)).all()
 
 
 def test_int4_packing_is_ggufs_nibble_order():
@@ -66,16 +84,16 @@ def test_int4_packing_is_ggufs_nibble_order():
         assert torch.equal(kernels.unpack_int4(kernels.pack_int4(q)), q)
 
 
-@pytest.mark.parametrize("m", [1, 4, 7])
-@pytest.mark.parametrize("group", [32, 160])
-def test_int8_mm_is_dequantize_then_matmul(m, group):
-    n, k = 24, 320
+@pytest.mark.parametrize("m", [1, 4, 7, 70])
+@pytest.mark.parametrize("n,group", [(24, 32), (21, 160), (5, 320)])
+def test_int8_mm_is_dequantize_then_matmul(m, n, group):
+    k = 320
     g = torch.Generator().manual_seed(m)
     q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, k // group, generator=g) * 0.01
     w = (q.double().view(n, k // group, group) * scale.double()[..., None]).view(n, k)
     x = torch.randn(m, k, generator=g)
-    y = kernels.int8_mm(x, q, scale, group)
+    y = kernels.int8_mm(x, *kernels.tile_int8(q, scale), n, group)
     assert ((y.double() - x.double() @ w.t()).abs() <= activation_bound(x, w.float())).all()
 
 
@@ -86,7 +104,7 @@ def test_int8_mm_on_int16_activations_is_integer_math():
     q = torch.randint(-127, 128, (40, 1536), generator=g, dtype=torch.int8)
     xq = torch.randint(-128, 128, (3, 1536), generator=g, dtype=torch.int16)
     scale = torch.rand(40, 1, generator=g)
-    y = kernels.int8_mm(xq, q, scale, 1536)
+    y = kernels.int8_mm(xq, *kernels.tile_int8(q, scale), 40, 1536)
     exact = (xq.long() @ q.long().t()).double() * scale.double().t()
     magnitude = (xq.long().abs() @ q.long().abs().t()).double() * scale.double().t()
     assert ((y.double() - exact).abs() <= 48 * 2 ** -24 * magnitude).all()
@@ -180,21 +198,21 @@ def test_shapes_the_kernels_do_not_take_fall_back():
     assert not kernels.paged_decode_fits(34, torch.float32, torch.zeros(2, 16, 2, 64))      # group > MAX_GROUP
 
 
-def test_int4_kernel_rows_do_not_depend_on_the_batch():
-    """Up to DENSE_ROWS rows every row is computed the same way whatever the others: a sequence's decode
-    output does not change with the batch it runs in."""
+def test_kernel_rows_do_not_depend_on_the_batch():
+    """Every row is computed the same way whatever the others (and however many there are): a sequence's
+    decode output does not change with the batch it runs in, int4 and int8 alike."""
     from tokenmill.quant.int4 import NativeInt4Kernel
-    q, scale, zero = random_int4(96, 576, 32)
-    kernel = NativeInt4Kernel(q, scale, zero, 32)
-    x = torch.randn(kernel.DENSE_ROWS, 576, generator=torch.Generator().manual_seed(1))
-    alone = torch.cat([kernel(x[i:i + 1]) for i in range(len(x))])
-    for m in (2, 3, 5, 17, kernel.DENSE_ROWS):
-        assert torch.equal(kernel(x[:m]), alone[:m])
+    from tokenmill.quant.int8 import Int8WeightKernel
+    q, scale, zero = random_int4(100, 576, 32)
+    x = torch.randn(133, 576, generator=torch.Generator().manual_seed(1))
+    for kernel in (NativeInt4Kernel(q, scale, zero, 32), Int8WeightKernel(*quantize_per_group(torch.randn(100, 576)))):
+        alone = torch.cat([kernel(x[i:i + 1]) for i in range(len(x))])
+        for m in (2, 3, 5, 17, 64, 65, 133):
+            assert torch.equal(kernel(x[:m]), alone[:m])
 
 
-def test_int4_kernel_act_order_and_dense_route():
-    """GPTQ act-order (a column permutation) on the kernel and, above DENSE_ROWS rows, on the weights
-    unpacked from its own bytes."""
+def test_int4_kernel_act_order():
+    """GPTQ act-order (a column permutation) on the kernel, and the weights unpacked from its own bytes."""
     from tokenmill.quant.int4 import NativeInt4Kernel, dequantize_int4
     n, k, group = 40, 256, 64
     q, scale, zero = random_int4(n, k, group, seed=2)
@@ -202,31 +220,31 @@ def test_int4_kernel_act_order_and_dense_route():
     kernel = NativeInt4Kernel(q, scale, zero, group, perm=perm)
     w = dequantize_int4(q, scale, zero, group)                      # the weights of the permuted columns
     torch.testing.assert_close(kernel.dense_weight(), w, rtol=0, atol=1e-6)
-    for m in (3, kernel.DENSE_ROWS + 5):
+    for m in (3, 69):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         ref = x[:, perm].double() @ w.double().t()
-        assert ((kernel(x).double() - ref).abs() <= activation_bound(x[:, perm], w)).all()
+        assert ((kernel(x).double() - ref).abs() <= activation_bound(x[:, perm], w, 127)).all()
 
 
 def test_arguments_the_c_code_cannot_take_are_refused():
-    q = kernels.pack_int4(torch.zeros(8, 64, dtype=torch.uint8))
-    so = torch.zeros(8, 2, 2)
+    q, so = kernels.tile_int4(torch.zeros(8, 64, dtype=torch.uint8), torch.zeros(8, 2), torch.zeros(8, 2))
     with pytest.raises(ValueError, match="int4_mm"):
-        kernels.int4_mm(torch.zeros(1, 64, dtype=torch.bfloat16), q, so, 32)
+        kernels.int4_mm(torch.zeros(1, 64, dtype=torch.bfloat16), q, so, 8, 32)
     with pytest.raises(ValueError, match="int4_mm"):
-        kernels.int4_mm(torch.zeros(1, 96), q, so, 32)                       # K does not match the weights
-    with pytest.raises(ValueError, match="int8_mm"):
-        kernels.int8_mm(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.zeros(8, 1), 32)
+        kernels.int4_mm(torch.zeros(1, 96), q, so, 8, 32)                    # K does not match the weights
+    with pytest.raises(ValueError, match="int4_mm"):
+        kernels.int4_mm(torch.zeros(1, 64), q, so, 9, 32)                    # more rows than the tiles hold
+    with pytest.raises(ValueError, match="int4_mm"):
+        kernels.int4_mm(torch.zeros(1, 64), q, so, 8, 64)                    # group does not match the scales
+    with pytest.raises(ValueError, match="int8_mm"):                         # rows, not tiles
+        kernels.int8_mm(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.zeros(8, 1), 8, 64)
 
 
 def test_dequantize_is_the_kernels_weights():
-    q, scale, zero = random_int4(24, 320, 64, seed=5)
-    so = torch.stack([scale, (zero.double() - 8 * scale.double()).float()], -1).contiguous()
-    expected = (q.float().view(24, 5, 64) * so[..., 0:1] + so[..., 1:2]).view(24, 320)
-    torch.testing.assert_close(kernels.int4_dequantize(kernels.pack_int4(q), so, 64), expected, rtol=1e-6, atol=1e-7)
-    q8 = torch.randint(-128, 128, (24, 320), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
-    s8 = torch.rand(24, 10)
-    assert torch.equal(kernels.int8_dequantize(q8, s8, 32), (q8.float().view(24, 10, 32) * s8[..., None]).view(24, 320))
+    q, scale, zero = random_int4(21, 320, 64, seed=5)
+    offset = (zero.double() - 8 * scale.double()).float()
+    expected = (q.float().view(21, 5, 64) * scale[..., None] + offset[..., None]).view(21, 320)
+    assert torch.equal(kernels.int4_dequantize(*kernels.tile_int4(q, scale, offset), 21, 64), expected)
 
 
 def test_more_arguments_the_c_code_cannot_take_are_refused():
@@ -247,12 +265,12 @@ def test_more_arguments_the_c_code_cannot_take_are_refused():
 def test_nan_and_inf_activations_give_nan():
     """A non-finite activation makes its products NaN (as float math would), never a finite number."""
     q8 = torch.randint(-127, 128, (4, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
-    q, scale, zero = random_int4(4, 64, 32)
-    so = torch.stack([scale, zero - 8 * scale], -1).contiguous()
+    int8 = kernels.tile_int8(q8, torch.rand(4, 2))
+    int4 = int4_tiles(*random_int4(4, 64, 32))
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = torch.randn(2, 64)
         x[0, 5] = bad
-        for y in (kernels.int8_mm(x, q8, torch.rand(4, 2), 32), kernels.int4_mm(x, kernels.pack_int4(q), so, 32)):
+        for y in (kernels.int8_mm(x, *int8, 4, 32), kernels.int4_mm(x, *int4, 4, 32)):
             assert y[0].isnan().all() and y[1].isfinite().all()
 
 

@@ -34,7 +34,7 @@ def run(directory, monkeypatch, stack: bool, int8_parts: bool, quantization: str
         m.setattr(LlamaForCausalLM, "compute_logits", record)
         m.setattr(kernels.DecoderStack, "__call__", count)
         if not stack:
-            m.setattr(LlamaForCausalLM, "_build_stack", lambda self: (None, 0))
+            m.setattr(LlamaForCausalLM, "_build_stack", lambda self: None)
         llm = LLM(str(directory), quantization=quantization, num_kv_blocks=64, max_num_seqs=8, progress=False, **kwargs)
         model = llm.engine.model
         if int8_parts:          # o and down as int8 weights with a scale per 32 columns: the stack's other kind
@@ -114,13 +114,12 @@ def test_stack_is_skipped_where_its_kernels_do_not_run(tiny_model_builder, tmp_p
     tiny_model_builder("llama", tmp_path)
     with caplog.at_level(logging.INFO, logger="tokenmill"):
         dense = LLM(str(tmp_path), num_kv_blocks=64, progress=False)
-        assert dense.engine.model.stack() == (None, 0) and "native call" not in caplog.text
+        assert dense.engine.model.stack() is None and "native call" not in caplog.text
         int4 = LLM(str(tmp_path), quantization="int4", num_kv_blocks=64, progress=False)
-        stack, rows = int4.engine.model.stack()
-        assert stack is not None and rows == 64
-        assert "decode steps of up to 64 rows in one native call" in caplog.text
+        assert int4.engine.model.stack() is not None
+        assert "decode steps in one native call" in caplog.text
     bf16 = LLM(str(tmp_path), quantization="int4", dtype="bfloat16", num_kv_blocks=64, progress=False)
-    assert bf16.engine.model.stack() == (None, 0)
+    assert bf16.engine.model.stack() is None
 
 
 def test_stack_refuses_caches_that_do_not_match_its_layers(smollm2_path):
@@ -128,7 +127,7 @@ def test_stack_refuses_caches_that_do_not_match_its_layers(smollm2_path):
     llm = LLM(str(smollm2_path), num_kv_blocks=32, progress=False)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
     model, caches = llm.engine.model, llm.engine.runner.layer_caches
-    stack = model.stack()[0]
+    stack = model.stack()
     assert stack is not None
     h = torch.zeros(1, model.cfg.hidden_size)
     cos = sin = torch.zeros(1, model.cfg.head_dim // 2)
@@ -145,15 +144,16 @@ def test_stack_refuses_caches_that_do_not_match_its_layers(smollm2_path):
 
 def test_stack_refuses_what_it_cannot_take():
     """The C code trusts its arguments: shapes that do not match the layers are an error, not a wild read."""
-    q = torch.zeros(8, 16, dtype=torch.uint8)
-    good = kernels.PackedWeights(4, q, torch.zeros(8, 1, 2), 32)
+    def int4(n, k):
+        return kernels.PackedWeights(4, *kernels.tile_int4(torch.zeros(n, k, dtype=torch.uint8), torch.zeros(n, k // 32),
+                                                            torch.zeros(n, k // 32)), 32)
+    good = int4(8, 32)
     layer = {"qkv": good, "o": good, "gate_up": good, "down": good, "input_norm": torch.ones(32),
              "mlp_norm": torch.ones(32)}
     with pytest.raises(ValueError, match="decode_layers qkv"):
         kernels.DecoderStack([layer], 4, 2, 16, 32, 64, 1e-6, 0.25)         # qkv must have (4 + 2 * 2) * 16 rows
     shapes = {"qkv": (128, 32), "o": (32, 64), "gate_up": (64, 32), "down": (32, 32)}
-    layer = {name: kernels.PackedWeights(4, torch.zeros(n, k // 2, dtype=torch.uint8), torch.zeros(n, k // 32, 2), 32)
-             for name, (n, k) in shapes.items()} | {"input_norm": torch.ones(32), "mlp_norm": torch.ones(32)}
+    layer = {name: int4(n, k) for name, (n, k) in shapes.items()} | {"input_norm": torch.ones(32), "mlp_norm": torch.ones(32)}
     kernels.DecoderStack([layer], 4, 2, 16, 32, 32, 1e-6, 0.25)             # these fit
     twice = torch.zeros(32, dtype=torch.int64)                                 # not a permutation
     with pytest.raises(ValueError, match="decode_layers o"):

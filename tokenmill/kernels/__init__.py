@@ -84,8 +84,6 @@ def _load() -> ctypes.CDLL | None:
     signatures = {      # name: (argument types, return type), as cpu.c declares them
         "tm_int4_mm": ([p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
         "tm_int8_mm": ([p, p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
-        "tm_int4_dequantize": ([p, p, p, i64, i64, i64, i32], None),
-        "tm_int8_dequantize": ([p, p, p, i64, i64, i64, i32], None),
         "tm_paged_decode": ([p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, f32, i32], None),
         "tm_rms_norm": ([p, p, p, i64, i64, f32], None),
         "tm_rope": ([p, i64, p, p, p, i64, i64, i64], None),
@@ -134,14 +132,20 @@ def _require(ok: bool, kernel: str, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{kernel}: unsupported arguments " + ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in tensors))
 
 
-def packed_fits(bits: int, q: torch.Tensor, scale: torch.Tensor, group: int, in_features: int) -> bool:
-    """Whether q and scale hold a weight of `in_features` columns as the int4 (bits 4: uint8 [N, K / 2], scale and
-    offset [N, K / group, 2]) or int8 (bits 8: int8 [N, K], scale [N, K / group]) products take it: float32 scales,
-    both contiguous, K a multiple of `group`. The callers add what their kernel needs besides."""
-    k, n, int4 = in_features, q.shape[0], bits == 4
-    return (bits in (4, 8) and q.dtype is (torch.uint8 if int4 else torch.int8) and q.dim() == 2
-            and q.shape[1] * (2 if int4 else 1) == k and k % group == 0 and q.is_contiguous()
-            and scale.dtype is torch.float32 and scale.is_contiguous() and scale.numel() == (2 if int4 else 1) * n * (k // group))
+TILE = 8        # weight rows per tile of cpu.c's layouts
+
+
+def packed_fits(bits: int, q: torch.Tensor, scale: torch.Tensor, group: int, n: int, k: int) -> bool:
+    """Whether q and scale hold an [n, k] weight in cpu.c's tiles of 8 rows, as its int4 (bits 4: tile_int4's uint8
+    [N8, K / 32, 4, 32] and float32 [N8, K / group, 2, 8]) or int8 (bits 8: tile_int8's int8 [N8, K / 2, 8, 2] and
+    float32 [N8, K / group, 8]) products take it, N8 = ceil(n / 8); both contiguous, `group` a multiple of 32
+    dividing k."""
+    tiles, int4 = -(-n // TILE), bits == 4
+    q_shape = (tiles, k // 32, 4, 32) if int4 else (tiles, k // 2, TILE, 2)
+    s_shape = (tiles, k // group, 2, TILE) if int4 else (tiles, k // group, TILE)
+    return (bits in (4, 8) and n > 0 and k > 0 and k % 32 == 0 and group % 32 == 0 and k % group == 0
+            and q.dtype is (torch.uint8 if int4 else torch.int8) and tuple(q.shape) == q_shape and q.is_contiguous()
+            and scale.dtype is torch.float32 and tuple(scale.shape) == s_shape and scale.is_contiguous())
 
 
 def _check(status: int) -> None:
@@ -149,51 +153,84 @@ def _check(status: int) -> None:
         raise MemoryError("tokenmill CPU kernel: no memory for the activations' scratch copy")
 
 
-def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
-    """x [M, K] float32, q uint8 [N, K / 2] (kernels/cpu.c's layout), scale_offset float32 [N, K / group, 2]
-    -> [M, N] float32."""
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """t [N, ...] with zero rows appended up to a multiple of TILE."""
+    pad = -t.shape[0] % TILE
+    return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+
+
+def tile_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] in 0..15 and w = q * scale + offset with scale, offset [N, K / group] -> int4_mm's tiles (cpu.c):
+    uint8 [N8, K / 32, 4, 32], in block b, chunk c, byte j of tile t the low nibble row 8t + j // 4, column
+    32b + 8c + j % 4 and the high nibble column 32b + 8c + 4 + j % 4; float32 [N8, K / group, 2, 8] (scales, offsets)."""
+    n, k = q.shape
+    g = scale.shape[1]
+    v = _pad_rows(q.to(torch.uint8)).view(-1, TILE, k // 32, 4, 2, 4)           # t, r, b, c, h, kk
+    v = v.permute(0, 2, 3, 4, 1, 5).reshape(-1, k // 32, 4, 2, 32)               # t, b, c, h, (r kk)
+    packed = (v[:, :, :, 0] | (v[:, :, :, 1] << 4)).contiguous()
+    so = torch.stack([_pad_rows(scale.float()), _pad_rows(offset.float())], dim=1)  # [N8 * 8, 2, G]
+    return packed, so.view(-1, TILE, 2, g).permute(0, 3, 2, 1).contiguous()
+
+
+def untile_int4(q: torch.Tensor, scale_offset: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tile_int4's inverse: (q uint8 [n, K], scale [n, G], offset [n, G])."""
+    tiles, blocks = q.shape[:2]
+    v = torch.stack([q & 15, q >> 4], dim=3).view(tiles, blocks, 4, 2, TILE, 4)   # t, b, c, h, r, kk
+    v = v.permute(0, 4, 1, 2, 3, 5).reshape(tiles * TILE, blocks * 32)[:n]
+    so = scale_offset.permute(0, 3, 2, 1).reshape(tiles * TILE, 2, -1)[:n]
+    return v, so[:, 0], so[:, 1]
+
+
+def tile_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q int8 [N, K] and w = q * scale with scale [N, K / group] -> int8_mm's tiles (cpu.c): int8 [N8, K / 2, 8, 2]
+    (row 8t + r, columns 2s and 2s + 1 at [t, s, r]), float32 [N8, K / group, 8]."""
+    n, k = q.shape
+    g = scale.shape[1]
+    qt = _pad_rows(q.to(torch.int8)).view(-1, TILE, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return qt, _pad_rows(scale.float()).view(-1, TILE, g).permute(0, 2, 1).contiguous()
+
+
+def int8_rows(q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of tile_int8's weights as float32 [len(ids), K] (q * scale): an embedding lookup."""
+    ids = ids.reshape(-1)
+    rows = q[ids // TILE, :, ids % TILE].reshape(len(ids), -1).float()            # [L, K / 2, 2] -> [L, K]
+    s = scale[ids // TILE, :, ids % TILE]                                          # [L, G]
+    return (rows.view(len(ids), s.shape[1], -1) * s[..., None]).view(len(ids), -1)
+
+
+def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, n: int, group: int) -> torch.Tensor:
+    """x [M, K] float32, tile_int4's tiles of an [n, K] weight -> [M, n] float32."""
     x = x.contiguous()
     m, k = x.shape
-    n = q.shape[0]
-    _require(x.dtype is torch.float32 and group % 32 == 0 and packed_fits(4, q, scale_offset, group, k),
-             "int4_mm", x, q, scale_offset)
+    _require(x.dtype is torch.float32 and packed_fits(4, q, scale_offset, group, n, k), "int4_mm", x, q, scale_offset)
     y = torch.empty(m, n, dtype=torch.float32)
     _check(library().tm_int4_mm(x.data_ptr(), q.data_ptr(), scale_offset.data_ptr(), y.data_ptr(),
-                                    m, n, k, group, n, torch.get_num_threads()))
+                                m, n, k, group, n, torch.get_num_threads()))
     return y
 
 
-def int4_dequantize(q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
-    """int4_mm's weights as float32 [N, K] (q * scale + offset), in one pass."""
-    n, k = q.shape[0], 2 * q.shape[1]
-    _require(group % 32 == 0 and packed_fits(4, q, scale_offset, group, k), "int4_dequantize", q, scale_offset)
-    w = torch.empty(n, k, dtype=torch.float32)
-    library().tm_int4_dequantize(q.data_ptr(), scale_offset.data_ptr(), w.data_ptr(), n, k, group,
-                                 torch.get_num_threads())
-    return w
+def int4_dequantize(q: torch.Tensor, scale_offset: torch.Tensor, n: int, group: int) -> torch.Tensor:
+    """int4_mm's weights as float32 [n, K] (q * scale + offset)."""
+    v, scale, offset = untile_int4(q, scale_offset, n)
+    w = v.float().view(n, scale.shape[1], group) * scale[..., None] + offset[..., None]
+    return w.view(n, -1)
 
 
-def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
-    """int8_mm's weights as float32 [N, K] (q * scale), in one pass."""
-    n, k = q.shape
-    _require(k % 8 == 0 and packed_fits(8, q, scale, group, k), "int8_dequantize", q, scale)
-    w = torch.empty(n, k, dtype=torch.float32)
-    library().tm_int8_dequantize(q.data_ptr(), scale.data_ptr(), w.data_ptr(), n, k, group, torch.get_num_threads())
-    return w
+def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+    """int8_mm's weights as float32 [n, K] (q * scale)."""
+    return int8_rows(q, scale, torch.arange(n))
 
 
-def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
-    """x [M, K] float32 (or int16: integer activations used exactly, W8A8's math), q int8 [N, K],
-    scale float32 [N, K / group] -> [M, N] float32."""
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int, group: int) -> torch.Tensor:
+    """x [M, K] float32 (or int16: integer activations used exactly, W8A8's math), tile_int8's tiles of an
+    [n, K] weight -> [M, n] float32."""
     x = x.contiguous()
     m, k = x.shape
-    n = q.shape[0]
     exact = x.dtype is torch.int16
-    _require((exact or x.dtype is torch.float32) and group % 32 == 0 and packed_fits(8, q, scale, group, k),
-             "int8_mm", x, q, scale)
+    _require((exact or x.dtype is torch.float32) and packed_fits(8, q, scale, group, n, k), "int8_mm", x, q, scale)
     y = torch.empty(m, n, dtype=torch.float32)
     _check(library().tm_int8_mm(None if exact else x.data_ptr(), x.data_ptr() if exact else None, q.data_ptr(),
-                                    scale.data_ptr(), y.data_ptr(), m, n, k, group, n, torch.get_num_threads()))
+                                scale.data_ptr(), y.data_ptr(), m, n, k, group, n, torch.get_num_threads()))
     return y
 
 
@@ -280,8 +317,7 @@ class PackedWeights(NamedTuple):
 
 def _linear(name: str, weights: PackedWeights, bias: torch.Tensor | None, n: int, k: int) -> _Linear:
     bits, q, scale, group, perm, act_range = weights
-    ok = packed_fits(bits, q, scale, group, k) and q.shape[0] == n and group % 32 == 0 \
-        and q.device.type == scale.device.type == "cpu" \
+    ok = packed_fits(bits, q, scale, group, n, k) and q.device.type == scale.device.type == "cpu" \
         and (bias is None or (bias.dtype is torch.float32 and bias.numel() == n and bias.is_contiguous()))
     ok = ok and (perm is None or (perm.dtype is torch.int64 and perm.numel() == k and perm.is_contiguous()
                                   and bool((perm.sort().values == torch.arange(k)).all())))

@@ -3,24 +3,33 @@
    Built by tokenmill/kernels/__init__.py with the machine's C compiler on first use and loaded with ctypes;
    OpenMP threads come from the libgomp torch has already loaded (same soname), so they are torch's own.
 
-   Weights: int4 q in [0, 15], two per byte; for each 32 columns, 16 bytes whose low nibbles are columns
-   0..15 and high nibbles columns 16..31 (GGUF's Q4_0/Q4_1 order); w = q * scale + offset, one (scale,
-   offset) pair per row and group of `group` columns (a multiple of 32). int8 q in [-128, 127], one per
-   byte; w = q * scale, a scale per row and group.
+   Weights are stored in tiles of 8 output rows (N rounded up to a multiple of 8, the extra rows zero), laid
+   out so that one 32-byte vector holds the same few columns of all 8 rows: a product step multiplies it by
+   one activation row's columns broadcast, and its lanes are the 8 rows' partial sums. No horizontal sums.
+     int4: q in [0, 15], w = q * scale + offset, a (scale, offset) per row and group of `group` columns.
+           q [N8, K / 32, 4, 32] bytes: in tile t, block b (32 columns), chunk c, byte j: the low nibble is
+           row 8t + j / 4, column 32b + 8c + j % 4; the high nibble the same row, column 32b + 8c + 4 + j % 4.
+           scale_offset [N8, K / group, 2, 8]: the 8 rows' scales, then their offsets.
+     int8: q in [-128, 127], w = q * scale. q [N8, K / 2, 8, 2]: row 8t + r, columns 2s, 2s + 1 at [t, s, r, :].
+           scale [N8, K / group, 8].
 
-   Activations: each row's 32-column blocks are rounded to int16 with their own scale (absmax / 32767),
-   so a block is multiplied with integer multiply-adds (vpmaddwd) and converted to float once per 32
-   weights; relative rounding of a block is below 2^-15 of its largest value, 64x finer than bfloat16.
-   Sums over blocks and groups, and the int4 offsets' share (offset x the exact float sum of the
-   group's activations), are float32. The weights are unpacked in registers and never written back.
-
-   Rows of x go four at a time, so each unpacked weight vector serves up to four rows. */
+   Activations: each row's 32-column blocks are rounded with their own scale (absmax / range) to
+     - int8 (range 127) against int4 weights: vpmaddubsw multiplies 32 unsigned weights by 32 signed
+       activations; a block's 8 steps add up in int16 without overflow (8 x 2 x 15 x 127 < 32767), then
+       vpmaddwd widens once per block. This is llama.cpp's rounding of activations (Q8 blocks of 32);
+     - int16 (range 32767) against int8 weights: vpmaddwd per 2 columns, int32 sums per block.
+   A block's integer sum is converted to float once and scaled by weight scale x activation scale; sums over
+   blocks, and int4's offsets (offset x the exact float sum of the group's activations), are float32. Rows of x
+   go MR at a time, so each weight vector serves up to MR rows; every row is computed the same way whatever
+   the others are, so a row's result does not depend on the batch. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-#define ROWS 4
+#define MR 4                        /* activation rows per weight tile pass */
+#define M_CHUNK 64                  /* activation rows a thread's work item covers (they stay in L2) */
 #define PARALLEL_WORK (1 << 17)     /* weights x rows below which one thread beats waking the others */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -47,11 +56,22 @@ INLINE __m256 hsum8(const __m256 v[8]) {
     return _mm256_add_ps(lo, hi);
 }
 
-/* x [M, K] -> xq int16 [M, K], dx [M, K / 32] (xq * dx ~= x, rounded to nearest even), and when xsum is
-   given the float sum of each row's columns in each group [M, K / group]. */
-static void quantize_rows(const float *x, int16_t *xq, float *dx, float *xsum, int64_t M, int64_t K,
-                          int64_t group) {
+INLINE __m256i broadcast32(const void *p) {     /* 4 bytes, repeated 8 times */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* x [M, K] -> per 32-column block, integers xq (int8 when `wide` is 0, else int16) with xq * dx ~= x (rounded
+   to nearest even), dx [M, K / 32]; when xsum is given, the sum of each row's rounded columns in each group
+   [M, K / group] (sum over its blocks of dx x the block's integer sum): int4's offsets multiply the same
+   rounded activations as its scales do, so the product is exactly that of w = q * scale + offset, whose
+   values are centred, rather than of q * scale alone, whose rounding error is several times larger. A NaN
+   or inf in a block makes its dx NaN, so its products are NaN. */
+static void quantize_blocks(const float *x, void *xq, float *dx, float *xsum, int64_t M, int64_t K, int64_t group,
+                            int wide) {
     const __m256 sign = _mm256_set1_ps(-0.f);
+    const float range = wide ? 32767.f : 127.f;
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < K; b += 32) {
             const float *xb = x + m * K + b;
@@ -62,182 +82,135 @@ static void quantize_rows(const float *x, int16_t *xq, float *dx, float *xsum, i
                 sum = _mm256_add_ps(sum, v[i]);
             }
             const float a = hmax(amax), total = hsum(sum);
-            /* a NaN or inf in the block (max_ps may drop a NaN; the sum keeps it): its products are NaN */
             const int finite = a <= 3.4e38f && total == total && total - total == 0.f;
-            const __m256 inv = _mm256_set1_ps(finite && a > 0.f ? 32767.f / a : 0.f);
-            for (int i = 0; i < 4; i += 2) {
-                __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
-                __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inv));
-                __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
-                _mm256_storeu_si256((__m256i *)(xq + m * K + b + 8 * i), packed);
+            const __m256 inv = _mm256_set1_ps(finite && a > 0.f ? range / a : 0.f);
+            __m256i n[4];
+            for (int i = 0; i < 4; i++) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+            const float d = finite ? a / range : NAN;
+            const __m256i w01 = _mm256_packs_epi32(n[0], n[1]), w23 = _mm256_packs_epi32(n[2], n[3]);
+            if (wide) {
+                int16_t *out = (int16_t *)xq + m * K + b;
+                _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(w01, 0xD8));
+                _mm256_storeu_si256((__m256i *)(out + 16), _mm256_permute4x64_epi64(w23, 0xD8));
+            } else {
+                const __m256i bytes = _mm256_packs_epi16(w01, w23);     /* dwords: n0 n1 n2 n3 (lo) | n0 n1 n2 n3 (hi) */
+                _mm256_storeu_si256((__m256i *)((int8_t *)xq + m * K + b),
+                                    _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
             }
-            dx[m * (K / 32) + b / 32] = finite ? a / 32767.f : NAN;
+            dx[m * (K / 32) + b / 32] = d;
             if (xsum) {
+                const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+                const float rounded = d * hsum(_mm256_cvtepi32_ps(s4));     /* |integer sum| < 2^24: exact */
                 if (b % group == 0) xsum[m * (K / group) + b / group] = 0.f;
-                xsum[m * (K / group) + b / group] += total;
+                xsum[m * (K / group) + b / group] += rounded;
             }
         }
     }
 }
 
-/* 32 weights as two vectors of 16 int16 */
-INLINE void unpack_int4(const uint8_t *p, __m256i w[2]) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i b = _mm_loadu_si128((const __m128i *)p);
-    w[0] = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
-    w[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
-}
-
-INLINE void unpack_int8(const int8_t *p, __m256i w[2]) {
-    w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
-    w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
-}
-
-INLINE __m256 dot32(const __m256i w[2], const int16_t *xq) {
-    __m256i a = _mm256_madd_epi16(w[0], _mm256_loadu_si256((const __m256i *)xq));
-    __m256i b = _mm256_madd_epi16(w[1], _mm256_loadu_si256((const __m256i *)(xq + 16)));
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
-}
-
-/* One weight row n against `rows` activation rows (a compile-time constant after inlining). */
-INLINE void int4_row(const uint8_t *qn, const float *so, const int16_t *xq, const float *dx, const float *xsum,
-                     float *y, int64_t K, int64_t group, int64_t ldy, const int rows) {
-    const int64_t G = K / group, B = K / 32;
-    __m256 total[ROWS];
-    float offset[ROWS];
-    for (int r = 0; r < rows; r++) { total[r] = _mm256_setzero_ps(); offset[r] = 0.f; }
+/* One tile of 8 weight rows against `rows` activation rows (bits and rows compile-time constants after
+   inlining): out[r * 8 + j] = row r's product with weight row j of the tile. */
+INLINE void tile(const int bits, const void *qt, const float *st, const void *xq, const float *dx, const float *xsum,
+                 int64_t K, int64_t group, float *out, const int rows) {
+    const int64_t B = K / 32, G = K / group, per = group / 32, width = bits == 4 ? 16 : 8;
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[MR];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        const float s = so[2 * g], o = so[2 * g + 1];
-        for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
-            __m256i w[2];
-            unpack_int4(qn + b / 2, w);
-            for (int r = 0; r < rows; r++)
-                total[r] = _mm256_fmadd_ps(_mm256_set1_ps(s * dx[r * B + b / 32]), dot32(w, xq + r * K + b), total[r]);
+        const __m256 s = _mm256_loadu_ps(st + g * width);
+        if (bits == 4) {
+            const __m256 o = _mm256_loadu_ps(st + g * width + 8);
+            for (int r = 0; r < rows; r++) acc[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(xsum[r * G + g]), acc[r]);
         }
-        for (int r = 0; r < rows; r++) offset[r] += o * xsum[r * G + g];
-    }
-    for (int r = 0; r < rows; r++) y[r * ldy] = hsum(total[r]) + offset[r];
-}
-
-/* One activation row against weight rows n .. n + 3: four independent accumulation chains, and each
-   activation block loaded once for all four (the shape of a decode step at batch 1). */
-INLINE void int4_quad(const uint8_t *q, const float *so, const int16_t *xq, const float *dx, const float *xsum,
-                      float *y, int64_t K, int64_t group) {
-    const int64_t G = K / group, blocks = group / 32, ldq = K / 2, lds = 2 * G;
-    __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
-    float o0 = 0.f, o1 = 0.f, o2 = 0.f, o3 = 0.f;
-    const uint8_t *qp = q;
-    for (int64_t g = 0; g < G; g++) {
-        const float s0 = so[2 * g], s1 = so[lds + 2 * g], s2 = so[2 * lds + 2 * g], s3 = so[3 * lds + 2 * g];
-        for (int64_t j = 0; j < blocks; j++, qp += 16, xq += 32, dx++) {
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 16));
-            const float d = *dx;
-            __m256i w[2];
-#define ROW(r, t, s) \
-            unpack_int4(qp + r * ldq, w); \
-            t = _mm256_fmadd_ps(_mm256_set1_ps(s * d), _mm256_cvtepi32_ps(_mm256_add_epi32( \
-                    _mm256_madd_epi16(w[0], x0), _mm256_madd_epi16(w[1], x1))), t);
-            ROW(0, t0, s0) ROW(1, t1, s1) ROW(2, t2, s2) ROW(3, t3, s3)
-#undef ROW
-        }
-        o0 += so[2 * g + 1] * xsum[g];
-        o1 += so[lds + 2 * g + 1] * xsum[g];
-        o2 += so[2 * lds + 2 * g + 1] * xsum[g];
-        o3 += so[3 * lds + 2 * g + 1] * xsum[g];
-    }
-    y[0] = hsum(t0) + o0; y[1] = hsum(t1) + o1; y[2] = hsum(t2) + o2; y[3] = hsum(t3) + o3;
-}
-
-INLINE void int8_row(const int8_t *qn, const float *sn, const int16_t *xq, const float *dx, float *y,
-                     int64_t K, int64_t group, int64_t ldy, const int rows) {
-    const int64_t G = K / group, B = K / 32;
-    __m256 total[ROWS];
-    for (int r = 0; r < rows; r++) total[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        const float s = sn[g];
-        for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
-            __m256i w[2];
-            unpack_int8(qn + b, w);
-            for (int r = 0; r < rows; r++)
-                total[r] = _mm256_fmadd_ps(_mm256_set1_ps(s * dx[r * B + b / 32]), dot32(w, xq + r * K + b), total[r]);
-        }
-    }
-    for (int r = 0; r < rows; r++) y[r * ldy] = hsum(total[r]);
-}
-
-/* x [M, K] float32, q [N, K / 2], scale_offset [N, K / group, 2] -> y [M, N] (row stride ldy).
-   Returns 0, or -1 when scratch memory could not be had. */
-int tm_int4_mm(const float *x, const uint8_t *q, const float *scale_offset, float *y,
-               int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy, int threads) {
-    float *dx = malloc(sizeof(float) * M * (K / 32 + K / group) + sizeof(int16_t) * M * K);
-    if (!dx) return -1;
-    float *xsum = dx + M * (K / 32);
-    int16_t *xq = (int16_t *)(xsum + M * (K / group));
-    const int64_t G = K / group, B = K / 32;
-    quantize_rows(x, xq, dx, xsum, M, K, group);
-    if (M == 1 && N % 4 == 0) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= PARALLEL_WORK)
-        for (int64_t n = 0; n < N; n += 4)
-            int4_quad(q + n * (K / 2), scale_offset + n * G * 2, xq, dx, xsum, y + n, K, group);
-        free(dx);
-        return 0;
-    }
-#pragma omp parallel for schedule(static) num_threads(threads) if (N * K * M >= PARALLEL_WORK)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *qn = q + n * (K / 2);
-        const float *so = scale_offset + n * G * 2;
-        for (int64_t m = 0; m < M; m += ROWS) {
-            const int64_t rows = M - m < ROWS ? M - m : ROWS;
-            const int16_t *xr = xq + m * K;
-            const float *dr = dx + m * B, *sr = xsum + m * G;
-            float *yr = y + m * ldy + n;
-            switch (rows) {
-                case 1: int4_row(qn, so, xr, dr, sr, yr, K, group, ldy, 1); break;
-                case 2: int4_row(qn, so, xr, dr, sr, yr, K, group, ldy, 2); break;
-                case 3: int4_row(qn, so, xr, dr, sr, yr, K, group, ldy, 3); break;
-                default: int4_row(qn, so, xr, dr, sr, yr, K, group, ldy, 4); break;
+        for (int64_t b = g * per; b < (g + 1) * per; b++) {
+            __m256i sums[MR];
+            for (int r = 0; r < rows; r++) sums[r] = _mm256_setzero_si256();
+            if (bits == 4) {
+                const uint8_t *qb = (const uint8_t *)qt + b * 128;
+#pragma GCC unroll 1            /* unrolled, gcc interleaves the chunks and spills the sums to the stack */
+                for (int c = 0; c < 4; c++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * c));
+                    const __m256i w0 = _mm256_and_si256(v, mask), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    for (int r = 0; r < rows; r++) {
+                        const int8_t *xb = (const int8_t *)xq + r * K + 32 * b + 8 * c;
+                        sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(w0, broadcast32(xb)));
+                        sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(w1, broadcast32(xb + 4)));
+                    }
+                }
+                for (int r = 0; r < rows; r++) sums[r] = _mm256_madd_epi16(sums[r], ones);
+            } else {
+                const int8_t *qb = (const int8_t *)qt + b * 256;
+                for (int step = 0; step < 16; step++) {
+                    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qb + 16 * step)));
+                    for (int r = 0; r < rows; r++) {
+                        const int16_t *xb = (const int16_t *)xq + r * K + 32 * b + 2 * step;
+                        sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(w, broadcast32(xb)));
+                    }
+                }
             }
+            for (int r = 0; r < rows; r++)
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_mul_ps(s, _mm256_set1_ps(dx[r * B + b])),
+                                         acc[r]);
         }
     }
-    free(dx);
-    return 0;
+    for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + 8 * r, acc[r]);
 }
 
-/* x [M, K] float32, q [N, K] int8, scale [N, K / group] -> y [M, N] (row stride ldy).
-   With x_int (int16 [M, K], x unused) the activations are those integers as they are: every product
-   and every block's sum is exact (W8A8's int8 x int8 math). Returns 0, or -1 without scratch memory. */
-int tm_int8_mm(const float *x, const int16_t *x_int, const int8_t *q, const float *scale, float *y,
-               int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy, int threads) {
-    float *dx = malloc(sizeof(float) * M * (K / 32) + sizeof(int16_t) * M * K);
+/* y [M, N] (row stride ldy) = x @ W^T for the tiled weights (bits 4 or 8). x float32 [M, K], or with bits 8
+   x_int int16 [M, K] (x unused): those integers as they are, every product and every block's sum exact
+   (W8A8's int8 x int8 math). Returns 0, or -1 when scratch memory could not be had. */
+static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const void *q, const float *scales,
+                    float *y, int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy, int threads) {
+    const int64_t B = K / 32, G = K / group, tiles = (N + 7) / 8, chunks = (M + M_CHUNK - 1) / M_CHUNK;
+    const int64_t tile_bytes = (int64_t)bits * K;      /* 8 rows of K weights of `bits` bits */
+    const int64_t scale_stride = (bits == 4 ? 16 : 8) * G;
+    const int wide = bits == 8;
+    float *dx = malloc(sizeof(float) * M * (B + G) + (size_t)M * K * (wide ? 2 : 1));
     if (!dx) return -1;
-    int16_t *xq = (int16_t *)(dx + M * (K / 32));
-    const int64_t G = K / group, B = K / 32;
+    float *xsum = dx + M * B;
+    void *xq = xsum + M * G;
     if (x_int) {
-        xq = (int16_t *)x_int;
+        xq = (void *)x_int;
         for (int64_t i = 0; i < M * B; i++) dx[i] = 1.f;
     } else {
-        quantize_rows(x, xq, dx, 0, M, K, group);
+        quantize_blocks(x, xq, dx, bits == 4 ? xsum : 0, M, K, group, wide);
     }
-#pragma omp parallel for schedule(static) num_threads(threads) if (N * K * M >= PARALLEL_WORK)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *qn = q + n * K;
-        const float *sn = scale + n * G;
-        for (int64_t m = 0; m < M; m += ROWS) {
-            const int64_t rows = M - m < ROWS ? M - m : ROWS;
-            const int16_t *xr = xq + m * K;
-            const float *dr = dx + m * B;
-            float *yr = y + m * ldy + n;
-            switch (rows) {
-                case 1: int8_row(qn, sn, xr, dr, yr, K, group, ldy, 1); break;
-                case 2: int8_row(qn, sn, xr, dr, yr, K, group, ldy, 2); break;
-                case 3: int8_row(qn, sn, xr, dr, yr, K, group, ldy, 3); break;
-                default: int8_row(qn, sn, xr, dr, yr, K, group, ldy, 4); break;
+    const size_t xrow = (size_t)K * (wide ? 2 : 1);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (N * K * M >= PARALLEL_WORK)
+    for (int64_t chunk = 0; chunk < chunks; chunk++)
+        for (int64_t t = 0; t < tiles; t++) {
+            const void *qt = (const uint8_t *)q + t * tile_bytes;
+            const float *st = scales + t * scale_stride;
+            const int64_t end = (chunk + 1) * M_CHUNK < M ? (chunk + 1) * M_CHUNK : M;
+            for (int64_t m = chunk * M_CHUNK; m < end; m += MR) {
+                const int rows = end - m < MR ? (int)(end - m) : MR;
+                const void *xr = (const uint8_t *)xq + m * xrow;
+                const float *dr = dx + m * B, *sr = xsum + m * G;
+                float out[MR * 8];
+#define TILE(b, n) tile(b, qt, st, xr, dr, sr, K, group, out, n)
+#define TILES(b) switch (rows) { case 1: TILE(b, 1); break; case 2: TILE(b, 2); break; \
+                                 case 3: TILE(b, 3); break; default: TILE(b, MR); }
+                if (bits == 4) { TILES(4) } else { TILES(8) }
+#undef TILES
+#undef TILE
+                const int64_t cols = N - 8 * t < 8 ? N - 8 * t : 8;
+                for (int r = 0; r < rows; r++) memcpy(y + (m + r) * ldy + 8 * t, out + 8 * r, sizeof(float) * cols);
             }
         }
-    }
     free(dx);
     return 0;
+}
+
+/* x [M, K] float32, int4 weights as tiled above -> y [M, N] (row stride ldy). */
+int tm_int4_mm(const float *x, const uint8_t *q, const float *scale_offset, float *y,
+               int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy, int threads) {
+    return tiled_mm(4, x, 0, q, scale_offset, y, M, N, K, group, ldy, threads);
+}
+
+/* x [M, K] float32 (or x_int int16, see tiled_mm), int8 weights as tiled above -> y [M, N] (row stride ldy). */
+int tm_int8_mm(const float *x, const int16_t *x_int, const int8_t *q, const float *scale, float *y,
+               int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy, int threads) {
+    return tiled_mm(8, x, x_int, q, scale, y, M, N, K, group, ldy, threads);
 }
 
 /* ---- attention of decode rows over the paged KV cache ------------------------------------------------
@@ -501,43 +474,6 @@ void tm_gelu_tanh_mul(const float *x, float *out, int64_t M, int64_t I) {
             const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
             const __m256 th = _mm256_or_ps(t, _mm256_and_ps(z, sign));
             _mm256_storeu_ps(out + m * I + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, g), _mm256_add_ps(one, th)), u));
-        }
-}
-
-/* ---- the weights themselves, for products with many rows (prefill) ------------------------------------ */
-
-/* w [N, K] float32 = q * scale + offset, from tm_int4_mm's packed layout: one pass, rows split between
-   threads. */
-void tm_int4_dequantize(const uint8_t *q, const float *scale_offset, float *w, int64_t N, int64_t K,
-                        int64_t group, int threads) {
-    const int64_t G = K / group;
-    const __m128i mask = _mm_set1_epi8(0x0F);
-#pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= PARALLEL_WORK)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *qn = q + n * (K / 2);
-        const float *so = scale_offset + n * G * 2;
-        float *wn = w + n * K;
-        for (int64_t b = 0; b < K; b += 32) {
-            const __m256 s = _mm256_set1_ps(so[2 * (b / group)]), o = _mm256_set1_ps(so[2 * (b / group) + 1]);
-            const __m128i bytes = _mm_loadu_si128((const __m128i *)(qn + b / 2));
-            const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-            for (int i = 0; i < 4; i++)
-                _mm256_storeu_ps(wn + b + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), s, o));
-        }
-    }
-}
-
-/* w [N, K] float32 = q * scale, from tm_int8_mm's layout (a scale per row and group of `group` columns). */
-void tm_int8_dequantize(const int8_t *q, const float *scale, float *w, int64_t N, int64_t K, int64_t group,
-                        int threads) {
-    const int64_t G = K / group;
-#pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= PARALLEL_WORK)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t b = 0; b < K; b += 8) {
-            const __m256 s = _mm256_set1_ps(scale[n * G + b / group]);
-            const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + n * K + b))));
-            _mm256_storeu_ps(w + n * K + b, _mm256_mul_ps(v, s));
         }
 }
 

@@ -23,8 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.kernels import packed_fits
-
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -63,11 +61,22 @@ def _tiles(m: int, k: int) -> tuple[int, int, int]:
     return (16 if m <= 16 else 32 if m <= 32 else 64), (32 if m <= 32 else 64), (64 if k % 64 == 0 else 32)
 
 
+def _fits(bits: int, q: torch.Tensor, scales: torch.Tensor, group: int, k: int) -> bool:
+    """Whether q and scales hold a weight of k columns as these kernels take it, by rows (not the CPU kernels'
+    tiles): int4 uint8 [N, K / 2] (kernels.pack_int4) with scale and offset [N, K / group, 2], or int8 [N, K] with
+    scale [N, K / group]; float32 scales, both contiguous."""
+    n, int4 = q.shape[0], bits == 4
+    return (bits in (4, 8) and q.dtype is (torch.uint8 if int4 else torch.int8) and q.dim() == 2
+            and q.shape[1] * (2 if int4 else 1) == k and k % group == 0 and q.is_contiguous()
+            and scales.dtype is torch.float32 and scales.is_contiguous()
+            and scales.numel() == (2 if int4 else 1) * n * (k // group))
+
+
 def _launch(kernel, bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """The checks, then `kernel` over [BM, BN] tiles of y [M, N] in x's dtype."""
     m, k = x.shape
     n, name = q.shape[0], f"int{bits}_mm"
-    if not (packed_fits(bits, q, scales, group, k) and group % 32 == 0 and q.device == x.device == scales.device
+    if not (_fits(bits, q, scales, group, k) and group % 32 == 0 and q.device == x.device == scales.device
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         raise ValueError(f"triton {name}: unsupported arguments " + ", ".join(
             f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in (x, q, scales)))

@@ -25,15 +25,14 @@ class Gemma3DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, cfg.hidden_act, tp)
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps)
 
-    def stack_entry(self) -> tuple[dict, int] | None:
+    def stack_entry(self) -> dict | None:
         """This layer for kernels.DecoderStack (its linears, norms by their role there), or None."""
-        found = stack_linears(self.attn, self.mlp)
-        if found is None:
+        entry = stack_linears(self.attn, self.mlp)
+        if entry is None:
             return None
-        entry, max_rows = found
         norms = {"input_norm": self.input_norm, "attn_out_norm": self.post_attn_norm, "mlp_norm": self.pre_mlp_norm,
                  "mlp_out_norm": self.post_mlp_norm, "q_norm": self.attn.q_norm, "k_norm": self.attn.k_norm}
-        return entry | {name: norm.weight for name, norm in norms.items()}, max_rows
+        return entry | {name: norm.weight for name, norm in norms.items()}
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):

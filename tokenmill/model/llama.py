@@ -57,17 +57,16 @@ class Attention(nn.Module):
         return self.o(out.reshape(-1, self.q_size))
 
 
-def stack_linears(attn: Attention, mlp: GatedMLP) -> tuple[dict, int] | None:
-    """A layer's four linears as kernels.DecoderStack takes them (PackedWeights and biases), with the most rows
-    their kernels run; None where one is not packed for tokenmill's CPU kernels or is split across ranks."""
-    entry, max_rows = {}, 1 << 30
+def stack_linears(attn: Attention, mlp: GatedMLP) -> dict | None:
+    """A layer's four linears as kernels.DecoderStack takes them (PackedWeights and biases); None where one is
+    not packed for tokenmill's CPU kernels or is split across ranks."""
+    entry = {}
     for name, linear in (("qkv", attn.qkv), ("o", attn.o), ("gate_up", mlp.gate_up), ("down", mlp.down)):
         packed = linear.kernel.packed_weights()
         if packed is None or linear.reduce.size > 1 or (linear.bias is not None and linear.bias.dtype != torch.float32):
             return None
-        entry[name], entry[name + "_bias"] = packed[0], linear.bias
-        max_rows = min(max_rows, packed[1])
-    return entry, max_rows
+        entry[name], entry[name + "_bias"] = packed, linear.bias
+    return entry
 
 
 class DecoderLayer(nn.Module):
@@ -78,13 +77,12 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, tp=tp)
 
-    def stack_entry(self) -> tuple[dict, int] | None:
+    def stack_entry(self) -> dict | None:
         """This layer for kernels.DecoderStack (its linears, norms by their role there), or None."""
-        found = stack_linears(self.attn, self.mlp)
-        if found is None:
+        entry = stack_linears(self.attn, self.mlp)
+        if entry is None:
             return None
-        entry, max_rows = found
-        return entry | {"input_norm": self.input_norm.weight, "mlp_norm": self.post_attn_norm.weight}, max_rows
+        return entry | {"input_norm": self.input_norm.weight, "mlp_norm": self.post_attn_norm.weight}
 
 
 class LlamaForCausalLM(nn.Module):
@@ -102,7 +100,7 @@ class LlamaForCausalLM(nn.Module):
         vocab = tp.rows()
         self.lm_head = QLinear(cfg.hidden_size, [vocab.length(cfg.vocab_size)], False, dtype, shards=[vocab])
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self._stack: tuple[kernels.DecoderStack | None, int] | None = None      # built at the first step
+        self._stack: tuple[kernels.DecoderStack | None] | None = None      # built at the first step
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -133,9 +131,9 @@ class LlamaForCausalLM(nn.Module):
         (kernels.DecoderStack: the same kernels in the same order, without ~3 ms of Python between them at
         batch 1): embeddings h in, the last layer's residual stream out. None where it does not apply.
         ropes: the step's (cos, sin) tables, picked per layer by `layer_ropes`."""
-        stack, max_rows = self.stack()
+        stack = self.stack()
         rows = h.shape[0]
-        if stack is None or rows > max_rows:
+        if stack is None:
             return None
         attn = self.layers[0].attn
         tables, index, layer_tables = [], {}, []
@@ -156,35 +154,33 @@ class LlamaForCausalLM(nn.Module):
         stack(residual, cos, sin, kv_caches, tables, layer_tables)
         return residual
 
-    def stack(self) -> tuple[kernels.DecoderStack | None, int]:
-        """The kernels.DecoderStack decode steps run through, and the most rows it takes; (None, 0) where they
-        run layer by layer. Built once, at the first call after the weights are loaded."""
+    def stack(self) -> kernels.DecoderStack | None:
+        """The kernels.DecoderStack decode steps run through; None where they run layer by layer. Built once, at
+        the first call after the weights are loaded."""
         if self._stack is None:
             try:
-                self._stack = self._build_stack()
+                self._stack = self._build_stack(),
             except ValueError as e:          # a layout the stack does not take: the Python forward runs
                 log.warning("decode steps run layer by layer: %s", e)
-                self._stack = None, 0
-        return self._stack
+                self._stack = None,
+        return self._stack[0]
 
-    def _build_stack(self) -> tuple[kernels.DecoderStack | None, int]:
-        """The layers as a kernels.DecoderStack, with the most rows every linear's kernel takes; (None, 0) where
-        a layer cannot say how it goes there or a linear's weights are not packed for tokenmill's kernels."""
+    def _build_stack(self) -> kernels.DecoderStack | None:
+        """The layers as a kernels.DecoderStack; None where a layer cannot say how it goes there or a linear's
+        weights are not packed for tokenmill's kernels."""
         attn, cfg = self.layers[0].attn, self.cfg
         if (self.dtype != torch.float32 or self.tp.size > 1 or self.norm.weight.device.type != "cpu"
                 or not kernels.DecoderStack.takes(attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.hidden_size,
                                                   cfg.intermediate_size)):
-            return None, 0
-        layers, max_rows = [], 1 << 30
+            return None
+        layers = []
         for layer, rope in zip(self.layers, self.layer_ropes()):
-            found = layer.stack_entry() if hasattr(layer, "stack_entry") else None
-            if found is None:
-                return None, 0
-            layers.append(found[0] | {"rope": rope})
-            max_rows = min(max_rows, found[1])
-        stack = kernels.DecoderStack(layers, attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.hidden_size,
+            entry = layer.stack_entry() if hasattr(layer, "stack_entry") else None
+            if entry is None:
+                return None
+            layers.append(entry | {"rope": rope})
+        return kernels.DecoderStack(layers, attn.num_heads, attn.num_kv_heads, attn.head_dim, cfg.hidden_size,
                                      cfg.intermediate_size, cfg.rms_norm_eps, attn.scale, self.layers[0].mlp.act)
-        return stack, max_rows
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -87,7 +87,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 def describe_weights(model: nn.Module) -> str:
     """What runs where, e.g. "210 linears Q4_1 -> int4 g32, lm_head Q8_0 -> int8 g32, embedding: lm_head's rows,
-    decode steps of up to 64 rows in one native call"."""
+    decode steps in one native call"."""
     linears = model.linears()
     head = linears.pop("lm_head")
     counts: Counter[str] = Counter()
@@ -97,7 +97,6 @@ def describe_weights(model: nn.Module) -> str:
     parts.append(f"lm_head {head.kernel.describe()}")
     table = model.embed.table
     parts.append("embedding: lm_head's rows" if table is head.kernel else f"embedding {table.describe()}")
-    rows = model.stack()[1]
-    if rows:
-        parts.append(f"decode steps of up to {rows} rows in one native call")
+    if model.stack() is not None:
+        parts.append("decode steps in one native call")
     return ", ".join(parts)

@@ -58,9 +58,9 @@ class LinearKernel(nn.Module):
     def describe(self) -> str:
         raise NotImplementedError
 
-    def packed_weights(self) -> tuple[tuple, int] | None:
-        """kernels.PackedWeights, as tokenmill's CPU kernels take them (kernels.DecoderStack), and the most
-        rows this kernel runs them for (more go another way); None for weights they do not hold."""
+    def packed_weights(self) -> "kernels.PackedWeights | None":
+        """The weights as tokenmill's CPU kernels take them (kernels.DecoderStack); None for weights they do
+        not hold."""
         return None
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

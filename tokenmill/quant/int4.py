@@ -115,14 +115,10 @@ class Int4Kernel(LinearKernel):
 
 
 class NativeInt4Kernel(LinearKernel):
-    """The same weights on tokenmill's own kernel (kernels.int4_mm): packed two per byte in GGUF's nibble
-    order, w = q * scale + offset with offset = zero - 8 * scale, float32 per (row, group).
-
-    Up to `DENSE_ROWS` rows the kernel (its cost per extra row is ~0.6x the first row's); more rows are
-    compute-bound, where the dense float32 product of the weights dequantized for the call (one pass,
-    kernels.int4_dequantize) wins: a 128-token prompt of the default model takes 270 ms this way against
-    336 ms on the kernel. Up to DENSE_ROWS a row's result does not depend on the other rows."""
-    DENSE_ROWS = 64
+    """The same weights on tokenmill's own kernel (kernels.int4_mm), in its tiles of 8 rows (kernels.tile_int4):
+    w = q * scale + offset with offset = zero - 8 * scale, float32 per (row, group). One kernel for every number of
+    rows: at 64 rows and more it runs ~2.5x the dense float32 product of the same weights (docs/benchmarks.md), and
+    a row's result never depends on the other rows."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
                  perm: torch.Tensor | None = None, label: str = "int4"):
@@ -134,8 +130,9 @@ class NativeInt4Kernel(LinearKernel):
             raise ValueError(f"int4 kernel: in_features {k} is not a multiple of the group size {group}")
         self.out_features, self.in_features, self.group, self.label = n, k, group, label
         offset = zero.double() - 8 * scale.double()
-        self.register_buffer("packed", kernels.pack_int4(q))                                   # [N, K / 2]
-        self.register_buffer("scale_offset", torch.stack([scale.float(), offset.float()], dim=-1).contiguous())
+        packed, scale_offset = kernels.tile_int4(q, scale, offset)
+        self.register_buffer("packed", packed)                    # [N8, K / 32, 4, 32]
+        self.register_buffer("scale_offset", scale_offset)        # [N8, K / group, 2, 8]
         self.register_buffer("perm", perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,29 +143,35 @@ class NativeInt4Kernel(LinearKernel):
         buffers = self._buffers
         if buffers["perm"] is not None:
             x = x[:, buffers["perm"]]
-        if x.shape[0] > self.DENSE_ROWS:
-            return F.linear(x, self.dense_weight())
-        return kernels.int4_mm(x, buffers["packed"], buffers["scale_offset"], self.group)
+        return kernels.int4_mm(x, buffers["packed"], buffers["scale_offset"], self.out_features, self.group)
 
     def dense_weight(self) -> torch.Tensor:
         """float32 [N, K] from the packed bytes."""
-        return kernels.int4_dequantize(self.packed, self.scale_offset, self.group)
+        return kernels.int4_dequantize(self.packed, self.scale_offset, self.out_features, self.group)
 
-    def packed_weights(self) -> tuple[tuple, int] | None:
-        return kernels.PackedWeights(4, self.packed, self.scale_offset, self.group, self.perm), self.DENSE_ROWS
+    def packed_weights(self) -> kernels.PackedWeights:
+        return kernels.PackedWeights(4, self.packed, self.scale_offset, self.group, self.perm)
 
     def describe(self) -> str:
         return f"{self.label} g{self.group}"
 
 
-class TritonInt4Kernel(NativeInt4Kernel):
-    """The same packed weights on a GPU, multiplied by tokenmill's Triton kernel (kernels/triton_mm.py), which
-    dequantizes them in registers: ~0.75 bytes a weight stay resident and are read per product, not 2."""
+class TritonInt4Kernel(LinearKernel):
+    """The same weights on a GPU, packed two per byte in GGUF's nibble order (kernels.pack_int4) with a (scale,
+    offset) per row and group, multiplied by tokenmill's Triton kernel (kernels/triton_mm.py), which dequantizes
+    them in registers: ~0.75 bytes a weight stay resident and are read per product, not 2."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, device: torch.device,
                  perm: torch.Tensor | None = None, label: str = "int4"):
-        super().__init__(q, scale, zero, group, perm, label)
-        self.to(device)
+        super().__init__()
+        n, k = q.shape
+        if group % 32 or k % group:
+            scale, zero, group = regroup(scale, zero, group, k)
+        self.out_features, self.in_features, self.group, self.label = n, k, group, label
+        offset = zero.double() - 8 * scale.double()
+        self.register_buffer("packed", kernels.pack_int4(q).to(device))                       # [N, K / 2]
+        self.register_buffer("scale_offset", torch.stack([scale.float(), offset.float()], dim=-1).to(device))
+        self.register_buffer("perm", None if perm is None else perm.to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from tokenmill.kernels import triton_mm
@@ -182,9 +185,6 @@ class TritonInt4Kernel(NativeInt4Kernel):
         """float32 [N, K] from the packed bytes."""
         q = kernels.unpack_int4(self.packed).view(self.out_features, -1, self.group).float()
         return (q * self.scale_offset[..., :1] + self.scale_offset[..., 1:]).view(self.out_features, self.in_features)
-
-    def packed_weights(self) -> tuple[tuple, int] | None:
-        return None                 # kernels.DecoderStack is CPU code
 
     def describe(self) -> str:
         return f"{self.label} g{self.group} (triton)"

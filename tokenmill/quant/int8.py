@@ -34,32 +34,36 @@ class Int8WeightKernel(LinearKernel):
     ([N, K / 32], tokenmill's CPU kernel only); activations stay floating. Rows of the same storage
     serve an embedding lookup, so a tied embedding and lm_head share it.
 
-    Returns float32 for int16 activations (W8A8's integers, multiplied exactly by tokenmill's kernel), else
-    x's dtype. Few rows (decode): tokenmill's kernel (kernels.int8_mm, float32 activations) where it runs, else
-    aten._weight_int8pack_mm on bfloat16 activations (its float32 path is ~30x slower). Many rows
-    (prefill, prompt scoring): dequantize a slab of weight rows at a time and use the dense product,
-    which is faster there (benchmarks/quantization.py)."""
+    Where tokenmill's CPU kernels run, the weights are kept in their tiles (kernels.tile_int8) and every product
+    runs there: float32 activations rounded to int16 per 32 columns, or int16 activations used exactly (W8A8's
+    integers; the result is then float32). Elsewhere aten._weight_int8pack_mm on bfloat16 activations for few
+    rows (its float32 path is ~30x slower), and for many rows (prefill, prompt scoring) a slab of weight rows
+    dequantized at a time and the dense product."""
     MAX_KERNEL_ROWS = 32            # PyTorch's int8 kernel
-    MAX_NATIVE_ROWS = 128           # tokenmill's: 29 ms against ~45 ms for the slabs at 64 rows of a 49152 x 576 head
     serves_rows = True
     SLAB = 4096
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 weight-only"):
         super().__init__()
-        self.out_features, self.label = q.shape[0], label
-        self.native = kernels.multiplies(q.shape[1])
+        n, k = q.shape
+        self.out_features, self.label = n, label
+        self.native = kernels.multiplies(k)
         if scale.dim() == 2 and not self.native:
             raise ValueError("int8 weights with group scales need tokenmill's CPU kernel (tokenmill/kernels)")
-        self.group = q.shape[1] // scale.shape[1] if scale.dim() == 2 else q.shape[1]
-        self.register_buffer("q", q.contiguous())                 # [N, K] int8
-        self.register_buffer("scale", scale.float().contiguous())  # [N] or [N, K / group]
+        self.group = k // scale.shape[1] if scale.dim() == 2 else k
+        scale = scale.float()
+        if self.native:
+            q, scale = kernels.tile_int8(q, scale.view(n, -1))
+        self.register_buffer("q", q.contiguous())                 # [N, K], or the CPU kernel's tiles
+        self.register_buffer("scale", scale.contiguous())         # [N], or the tiles' [N8, K / group, 8]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         dtype = torch.float32 if x.dtype == torch.int16 else x.dtype
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] <= self.MAX_NATIVE_ROWS and self.native:
-            y = kernels.int8_mm(x2 if x2.dtype == torch.int16 else x2.float(), self.q, self.scale, self.group).to(dtype)
+        if self.native:
+            y = kernels.int8_mm(x2 if x2.dtype == torch.int16 else x2.float(), self.q, self.scale, self.out_features,
+                                self.group).to(dtype)
         elif x2.shape[0] <= self.MAX_KERNEL_ROWS and x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.scale.to(torch.bfloat16))
             y = y.to(dtype)
@@ -67,22 +71,17 @@ class Int8WeightKernel(LinearKernel):
             x2 = x2.to(dtype)
             y = torch.empty(x2.shape[0], self.out_features, dtype=dtype, device=x.device)
             for i in range(0, self.out_features, self.SLAB):
-                y[:, i:i + self.SLAB] = x2 @ self._dense(slice(i, i + self.SLAB), dtype).t()
+                rows = slice(i, i + self.SLAB)
+                y[:, rows] = x2 @ (self.q[rows].to(dtype) * self.scale[rows, None].to(dtype)).t()
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _dense(self, rows, dtype: torch.dtype) -> torch.Tensor:
-        q, scale = self.q[rows], self.scale[rows]
-        if scale.dim() == 1:
-            return q.to(dtype) * scale[:, None].to(dtype)
-        return kernels.int8_dequantize(q.contiguous(), scale.contiguous(), self.group).to(dtype)
-
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self._dense(ids, dtype)
+        if self.native:
+            return kernels.int8_rows(self.q, self.scale, ids).to(dtype).view(*ids.shape, -1)
+        return self.q[ids].to(dtype) * self.scale[ids, None].to(dtype)
 
-    def packed_weights(self) -> tuple[tuple, int] | None:
-        if not self.native:
-            return None
-        return kernels.PackedWeights(8, self.q, self.scale, self.group), self.MAX_NATIVE_ROWS
+    def packed_weights(self) -> kernels.PackedWeights | None:
+        return kernels.PackedWeights(8, self.q, self.scale, self.group) if self.native else None
 
     def describe(self) -> str:
         return self.label
@@ -172,12 +171,11 @@ class W8A8Kernel(LinearKernel):
             y = torch._int_mm(xq.to(torch.int8), self.qt.t()).float() * sx * self.scale     # [M, N]
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
-    def packed_weights(self) -> tuple[tuple, int] | None:
+    def packed_weights(self) -> kernels.PackedWeights | None:
         """The int8 weights with this kernel's per-token activation rounding, where they run on tokenmill's kernel."""
         if self.weight_only is None:
             return None
-        weights, rows = self.weight_only.packed_weights()
-        return weights._replace(act_range=self.act_range), rows
+        return self.weight_only.packed_weights()._replace(act_range=self.act_range)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.weight_only is not None:
