@@ -253,10 +253,14 @@ static void attend(const float *qb, const float *k_cache, const float *v_cache, 
     const float *rows_k[TILE], *rows_v[TILE];
     for (int64_t t0 = begin; t0 < end; t0 += TILE) {
         const int64_t n = end - t0 < TILE ? end - t0 : TILE;
-        for (int64_t i = 0; i < n; i++) {
-            const int64_t t = t0 + i, at = ((int64_t)table[t / block_size] * block_size + t % block_size) * row + h * D;
-            rows_k[i] = k_cache + at;
-            rows_v[i] = v_cache + at;
+        for (int64_t i = 0; i < n;) {          /* one division per page, not per key */
+            const int64_t t = t0 + i, offset = t % block_size;
+            const int64_t run = block_size - offset < n - i ? block_size - offset : n - i;
+            int64_t at = ((int64_t)table[t / block_size] * block_size + offset) * row + h * D;
+            for (int64_t r = 0; r < run; r++, i++, at += row) {
+                rows_k[i] = k_cache + at;
+                rows_v[i] = v_cache + at;
+            }
         }
         for (int64_t j = 0; j < group; j++) {      /* scores of the tile, eight keys at a time */
             const float *qj = qb + j * D;
@@ -278,25 +282,43 @@ static void attend(const float *qb, const float *k_cache, const float *v_cache, 
         }
         for (int64_t j = 0; j < group; j++) {      /* online softmax: rescale what came before */
             float mx = m[j];
-            for (int64_t i = 0; i < n; i++) mx = scores[j][i] > mx ? scores[j][i] : mx;
-            const float keep = expf(m[j] - mx);       /* 0 on the first tile (m = -inf) */
-            l[j] *= keep;
-            m[j] = mx;
             int64_t i = 0;
-            for (; i + 8 <= n; i += 8)
-                _mm256_storeu_ps(scores[j] + i, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores[j] + i), _mm256_set1_ps(mx))));
-            for (; i < n; i++) scores[j][i] = expf(scores[j][i] - mx);
-            for (i = 0; i < n; i++) l[j] += scores[j][i];
+            __m256 top = _mm256_set1_ps(mx);
+            for (; i + 8 <= n; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(scores[j] + i));
+            mx = hmax(top);
+            for (; i < n; i++) mx = scores[j][i] > mx ? scores[j][i] : mx;
+            const float keep = expf(m[j] - mx);       /* 0 on the first tile (m = -inf) */
+            m[j] = mx;
+            __m256 sum = _mm256_setzero_ps();
+            for (i = 0; i + 8 <= n; i += 8) {
+                const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores[j] + i), _mm256_set1_ps(mx)));
+                _mm256_storeu_ps(scores[j] + i, e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            float tile_sum = hsum(sum);
+            for (; i < n; i++) tile_sum += scores[j][i] = expf(scores[j][i] - mx);
+            l[j] = l[j] * keep + tile_sum;
             /* values of the tile, weighted, 32 columns at a time held in registers */
             for (int64_t d0 = 0; d0 < D; d0 += 32) {
                 const int64_t w = D - d0 < 32 ? (D - d0) / 8 : 4;
-                __m256 a[4];
-                for (int c = 0; c < w; c++) a[c] = _mm256_mul_ps(_mm256_set1_ps(keep), _mm256_loadu_ps(acc + j * D + d0 + 8 * c));
-                for (int64_t t = 0; t < n; t++) {
+                __m256 a[4], b[4];      /* even and odd keys: two chains per column vector, not one */
+                for (int c = 0; c < w; c++) {
+                    a[c] = _mm256_mul_ps(_mm256_set1_ps(keep), _mm256_loadu_ps(acc + j * D + d0 + 8 * c));
+                    b[c] = _mm256_setzero_ps();
+                }
+                int64_t t = 0;
+                for (; t + 2 <= n; t += 2) {
+                    const __m256 p = _mm256_set1_ps(scores[j][t]), p1 = _mm256_set1_ps(scores[j][t + 1]);
+                    for (int c = 0; c < w; c++) {
+                        a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(rows_v[t] + d0 + 8 * c), a[c]);
+                        b[c] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(rows_v[t + 1] + d0 + 8 * c), b[c]);
+                    }
+                }
+                if (t < n) {
                     const __m256 p = _mm256_set1_ps(scores[j][t]);
                     for (int c = 0; c < w; c++) a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(rows_v[t] + d0 + 8 * c), a[c]);
                 }
-                for (int c = 0; c < w; c++) _mm256_storeu_ps(acc + j * D + d0 + 8 * c, a[c]);
+                for (int c = 0; c < w; c++) _mm256_storeu_ps(acc + j * D + d0 + 8 * c, _mm256_add_ps(a[c], b[c]));
             }
         }
     }
