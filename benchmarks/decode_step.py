@@ -49,7 +49,7 @@ def measure(model: str, tokens: int, runs: int, stack: bool, rate_only: bool = F
     from tokenmill.runner import Runner
 
     if not stack:
-        llama.LlamaForCausalLM._build_stack = lambda self: (None, 0)
+        llama.LlamaForCausalLM._build_stack = lambda self: None
     llm = LLM(model, kv_cache_memory_gb=0.25, progress=False)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     prompt = "The history of the Roman empire"
@@ -57,8 +57,10 @@ def measure(model: str, tokens: int, runs: int, stack: bool, rate_only: bool = F
     rates = []
     for _ in range(runs):
         start = time.perf_counter()
-        llm.generate([prompt], params, use_tqdm=False)
+        out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
         rates.append(tokens / (time.perf_counter() - start))
+        if len(out.token_ids) != tokens:        # a failed request ends early: its rate would be a fiction
+            raise RuntimeError(f"{len(out.token_ids)} of {tokens} tokens ({out.finish_reason})")
     if rate_only:
         return {"tok_s": statistics.median(rates)}
 
