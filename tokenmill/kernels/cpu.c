@@ -69,9 +69,10 @@ INLINE __m256i broadcast32(const void *p) {     /* 4 bytes, repeated 8 times */
    values are centred, rather than of q * scale alone, whose rounding error is several times larger. A NaN
    or inf in a block makes its dx NaN, so its products are NaN. */
 static void quantize_blocks(const float *x, void *xq, float *dx, float *xsum, int64_t M, int64_t K, int64_t group,
-                            int wide) {
+                            int wide, int threads) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     const float range = wide ? 32767.f : 127.f;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= PARALLEL_WORK)
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < K; b += 32) {
             const float *xb = x + m * K + b;
@@ -108,64 +109,79 @@ static void quantize_blocks(const float *x, void *xq, float *dx, float *xsum, in
     }
 }
 
-/* One tile of 8 weight rows against `rows` activation rows (bits and rows compile-time constants after
-   inlining): y[r * ldy + j] = row r's product with weight row j of the tile, for j < cols. */
-INLINE void tile(const int bits, const void *qt, const float *st, const void *xq, const float *dx, const float *xsum,
-                 int64_t K, int64_t group, float *y, int64_t ldy, int64_t cols, const int rows) {
-    const int64_t B = K / 32, G = K / group, per = group / 32, width = bits == 4 ? 16 : 8;
+/* y[r * ldy + j] = acc[r] lane j for the rows of one tile pass, j < cols (8 but in a weight's last tile) */
+INLINE void store_tile(const __m256 acc[MR], int rows, float *y, int64_t ldy, int64_t cols) {
+    if (cols == 8) {
+        for (int r = 0; r < rows; r++) _mm256_storeu_ps(y + r * ldy, acc[r]);
+        return;
+    }
+    float out[8];
+    for (int r = 0; r < rows; r++) {
+        _mm256_storeu_ps(out, acc[r]);
+        memcpy(y + r * ldy, out, sizeof(float) * cols);
+    }
+}
+
+/* One tile of 8 int4 weight rows against `rows` (<= MR) rows of int8 activations: y[r * ldy + j] = row r's
+   product with weight row j of the tile, j < cols. The rows are a run-time count tested in the loops: gcc then
+   keeps each row's chain apart (with the count fixed at compile time it interleaves the rows and spills,
+   ~10 % slower). */
+static void tile_int4(const uint8_t *qt, const float *st, const int8_t *xq, const float *dx, const float *xsum,
+                      int64_t K, int64_t group, int rows, float *y, int64_t ldy, int64_t cols) {
     const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int64_t B = K / 32, G = K / group, per = group / 32;
     __m256 acc[MR];
-    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
-    const float *sg = st;           /* the group of block b: one loop over blocks, counting blocks per group */
-    for (int64_t b = 0, left = per; b < B; b++) {
-        const __m256 s = _mm256_loadu_ps(sg);
+    for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < B; b++) {
         __m256i sums[MR];
-        for (int r = 0; r < rows; r++) sums[r] = _mm256_setzero_si256();
-        if (bits == 4) {
-            const uint8_t *qb = (const uint8_t *)qt + b * 128;
-#pragma GCC unroll 1            /* unrolled, gcc interleaves the chunks and spills the sums to the stack */
-            for (int c = 0; c < 4; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * c));
-                const __m256i w0 = _mm256_and_si256(v, mask), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                for (int r = 0; r < rows; r++) {
-                    const int8_t *xb = (const int8_t *)xq + r * K + 32 * b + 8 * c;
+        for (int r = 0; r < MR; r++) sums[r] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(qt + (4 * b + c) * 32));
+            const __m256i w0 = _mm256_and_si256(v, mask), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            for (int r = 0; r < MR; r++)
+                if (r < rows) {
+                    const int8_t *xb = xq + r * K + 32 * b + 8 * c;
                     sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(w0, broadcast32(xb)));
                     sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(w1, broadcast32(xb + 4)));
                 }
-            }
-            for (int r = 0; r < rows; r++) sums[r] = _mm256_madd_epi16(sums[r], ones);
-        } else {
-            const int8_t *qb = (const int8_t *)qt + b * 256;
-            for (int step = 0; step < 16; step++) {
-                const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qb + 16 * step)));
-                for (int r = 0; r < rows; r++) {
-                    const int16_t *xb = (const int16_t *)xq + r * K + 32 * b + 2 * step;
-                    sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(w, broadcast32(xb)));
-                }
-            }
         }
-        for (int r = 0; r < rows; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_mul_ps(s, _mm256_set1_ps(dx[r * B + b])),
-                                     acc[r]);
-        if (--left == 0) {
-            left = per;
-            sg += width;
-        }
+        const __m256 s = _mm256_loadu_ps(st + (b / per) * 16);
+        for (int r = 0; r < MR; r++)
+            if (r < rows)
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones)),
+                                         _mm256_mul_ps(s, _mm256_set1_ps(dx[r * B + b])), acc[r]);
     }
-    if (bits == 4)          /* the offsets' share, after the products: in their loop they cost ~15 % */
-        for (int64_t g = 0; g < G; g++) {
-            const __m256 o = _mm256_loadu_ps(st + g * width + 8);
-            for (int r = 0; r < rows; r++) acc[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(xsum[r * G + g]), acc[r]);
-        }
-    if (cols == 8) {
-        for (int r = 0; r < rows; r++) _mm256_storeu_ps(y + r * ldy, acc[r]);
-    } else {                /* the last tile of a weight whose rows are not a multiple of 8 */
-        float out[8];
-        for (int r = 0; r < rows; r++) {
-            _mm256_storeu_ps(out, acc[r]);
-            memcpy(y + r * ldy, out, sizeof(float) * cols);
-        }
+    for (int64_t g = 0; g < G; g++) {       /* the offsets' share, after the products (in their loop: ~15 % slower) */
+        const __m256 o = _mm256_loadu_ps(st + g * 16 + 8);
+        for (int r = 0; r < MR; r++)
+            if (r < rows) acc[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(xsum[r * G + g]), acc[r]);
     }
+    store_tile(acc, rows, y, ldy, cols);
+}
+
+/* The same for 8 int8 weight rows against rows of int16 activations: vpmaddwd per 2 columns, int32 sums per
+   block. */
+static void tile_int8(const int8_t *qt, const float *st, const int16_t *xq, const float *dx, int64_t K,
+                      int64_t group, int rows, float *y, int64_t ldy, int64_t cols) {
+    const int64_t B = K / 32, per = group / 32;
+    __m256 acc[MR];
+    for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < B; b++) {
+        __m256i sums[MR];
+        for (int r = 0; r < MR; r++) sums[r] = _mm256_setzero_si256();
+        for (int step = 0; step < 16; step++) {
+            const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qt + (16 * b + step) * 16)));
+            for (int r = 0; r < MR; r++)
+                if (r < rows)
+                    sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(w, broadcast32(xq + r * K + 32 * b + 2 * step)));
+        }
+        const __m256 s = _mm256_loadu_ps(st + (b / per) * 8);
+        for (int r = 0; r < MR; r++)
+            if (r < rows)
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_mul_ps(s, _mm256_set1_ps(dx[r * B + b])),
+                                         acc[r]);
+    }
+    store_tile(acc, rows, y, ldy, cols);
 }
 
 /* y [M, N] (row stride ldy) = x @ W^T for the tiled weights (bits 4 or 8). x float32 [M, K], or with bits 8
@@ -185,7 +201,7 @@ static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const 
         xq = (void *)x_int;
         for (int64_t i = 0; i < M * B; i++) dx[i] = 1.f;
     } else {
-        quantize_blocks(x, xq, dx, bits == 4 ? xsum : 0, M, K, group, wide);
+        quantize_blocks(x, xq, dx, bits == 4 ? xsum : 0, M, K, group, wide, threads);
     }
     const size_t xrow = (size_t)K * (wide ? 2 : 1);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (N * K * M >= PARALLEL_WORK)
@@ -199,12 +215,12 @@ static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const 
                 const void *xr = (const uint8_t *)xq + m * xrow;
                 const float *dr = dx + m * B, *sr = xsum + m * G;
                 const int64_t cols = N - 8 * t < 8 ? N - 8 * t : 8;
-#define TILE(b, n) tile(b, qt, st, xr, dr, sr, K, group, y + m * ldy + 8 * t, ldy, cols, n)
-#define TILES(b) switch (rows) { case 1: TILE(b, 1); break; case 2: TILE(b, 2); break; \
-                                 case 3: TILE(b, 3); break; default: TILE(b, MR); }
-                if (bits == 4) { TILES(4) } else { TILES(8) }
-#undef TILES
-#undef TILE
+                if (bits == 4)
+                    tile_int4((const uint8_t *)qt, st, (const int8_t *)xr, dr, sr, K, group, rows, y + m * ldy + 8 * t,
+                              ldy, cols);
+                else
+                    tile_int8((const int8_t *)qt, st, (const int16_t *)xr, dr, K, group, rows, y + m * ldy + 8 * t,
+                              ldy, cols);
             }
         }
     free(dx);
