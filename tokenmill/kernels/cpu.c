@@ -266,85 +266,95 @@ INLINE __m256 exp_neg(__m256 x) {
 #define CHUNK 512        /* keys per work item, at least: a long context is split at fixed positions */
 #define MAX_CHUNKS 8     /* per row */
 
-/* The keys begin .. end - 1 of one (row, KV head) for its `group` query heads qb [group, D]: an online
-   softmax over tiles of TILE keys, left unnormalized: acc [group, D], running max m and sum l per head. */
-static void attend(const float *qb, const float *k_cache, const float *v_cache, const int32_t *table, int64_t begin,
-                   int64_t end, int64_t h, int64_t group, int64_t D, int64_t row, int64_t block_size, float scale,
-                   float *acc, float *m, float *l) {
+/* The keys begin .. end - 1 of one row, for each of its Hkv KV heads and that head's `group` query heads
+   (q [Hkv * group, D]): an online softmax over tiles of TILE keys, left unnormalized. Head h's state lies at
+   state + h * stride: acc [group, D], then the running max m [group] and sum l [group]. A tile's keys are read
+   for all heads together, so its cached rows (all heads of a position are adjacent) stream in order. */
+static void attend(const float *q, const float *k_cache, const float *v_cache, const int32_t *table, int64_t begin,
+                   int64_t end, int64_t Hkv, int64_t group, int64_t D, int64_t block_size, float scale,
+                   float *state, int64_t stride) {
+    const int64_t row = Hkv * D;         /* floats per cached position */
     float scores[MAX_GROUP][TILE];
-    for (int64_t j = 0; j < group; j++) {
-        m[j] = -INFINITY; l[j] = 0.f;
-        for (int64_t d = 0; d < D; d++) acc[j * D + d] = 0.f;
-    }
+    for (int64_t h = 0; h < Hkv; h++)
+        for (int64_t j = 0; j < group; j++) {
+            float *acc = state + h * stride;
+            acc[group * D + j] = -INFINITY;
+            acc[group * (D + 1) + j] = 0.f;
+            for (int64_t d = 0; d < D; d++) acc[j * D + d] = 0.f;
+        }
     const float *rows_k[TILE], *rows_v[TILE];
     for (int64_t t0 = begin; t0 < end; t0 += TILE) {
         const int64_t n = end - t0 < TILE ? end - t0 : TILE;
         for (int64_t i = 0; i < n;) {          /* one division per page, not per key */
             const int64_t t = t0 + i, offset = t % block_size;
             const int64_t run = block_size - offset < n - i ? block_size - offset : n - i;
-            int64_t at = ((int64_t)table[t / block_size] * block_size + offset) * row + h * D;
+            int64_t at = ((int64_t)table[t / block_size] * block_size + offset) * row;
             for (int64_t r = 0; r < run; r++, i++, at += row) {
                 rows_k[i] = k_cache + at;
                 rows_v[i] = v_cache + at;
             }
         }
-        for (int64_t j = 0; j < group; j++) {      /* scores of the tile, eight keys at a time */
-            const float *qj = qb + j * D;
-            int64_t i = 0;
-            for (; i + 8 <= n; i += 8) {
-                __m256 s[8];
-                for (int p = 0; p < 8; p++) s[p] = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d += 8) {
-                    const __m256 qv = _mm256_loadu_ps(qj + d);
-                    for (int p = 0; p < 8; p++) s[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows_k[i + p] + d), s[p]);
-                }
-                _mm256_storeu_ps(scores[j] + i, _mm256_mul_ps(hsum8(s), _mm256_set1_ps(scale)));
-            }
-            for (; i < n; i++) {
-                __m256 s = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), _mm256_loadu_ps(rows_k[i] + d), s);
-                scores[j][i] = hsum(s) * scale;
-            }
-        }
-        for (int64_t j = 0; j < group; j++) {      /* online softmax: rescale what came before */
-            float mx = m[j];
-            int64_t i = 0;
-            __m256 top = _mm256_set1_ps(mx);
-            for (; i + 8 <= n; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(scores[j] + i));
-            mx = hmax(top);
-            for (; i < n; i++) mx = scores[j][i] > mx ? scores[j][i] : mx;
-            const float keep = expf(m[j] - mx);       /* 0 on the first tile (m = -inf) */
-            m[j] = mx;
-            __m256 sum = _mm256_setzero_ps();
-            for (i = 0; i + 8 <= n; i += 8) {
-                const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores[j] + i), _mm256_set1_ps(mx)));
-                _mm256_storeu_ps(scores[j] + i, e);
-                sum = _mm256_add_ps(sum, e);
-            }
-            float tile_sum = hsum(sum);
-            for (; i < n; i++) tile_sum += scores[j][i] = expf(scores[j][i] - mx);
-            l[j] = l[j] * keep + tile_sum;
-            /* values of the tile, weighted, 32 columns at a time held in registers */
-            for (int64_t d0 = 0; d0 < D; d0 += 32) {
-                const int64_t w = D - d0 < 32 ? (D - d0) / 8 : 4;
-                __m256 a[4], b[4];      /* even and odd keys: two chains per column vector, not one */
-                for (int c = 0; c < w; c++) {
-                    a[c] = _mm256_mul_ps(_mm256_set1_ps(keep), _mm256_loadu_ps(acc + j * D + d0 + 8 * c));
-                    b[c] = _mm256_setzero_ps();
-                }
-                int64_t t = 0;
-                for (; t + 2 <= n; t += 2) {
-                    const __m256 p = _mm256_set1_ps(scores[j][t]), p1 = _mm256_set1_ps(scores[j][t + 1]);
-                    for (int c = 0; c < w; c++) {
-                        a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(rows_v[t] + d0 + 8 * c), a[c]);
-                        b[c] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(rows_v[t + 1] + d0 + 8 * c), b[c]);
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t hd = h * D;
+            float *acc = state + h * stride, *m = acc + group * D, *l = m + group;
+            for (int64_t j = 0; j < group; j++) {      /* scores of the tile, eight keys at a time */
+                const float *qj = q + (h * group + j) * D;
+                int64_t i = 0;
+                for (; i + 8 <= n; i += 8) {
+                    __m256 s[8];
+                    for (int p = 0; p < 8; p++) s[p] = _mm256_setzero_ps();
+                    for (int64_t d = 0; d < D; d += 8) {
+                        const __m256 qv = _mm256_loadu_ps(qj + d);
+                        for (int p = 0; p < 8; p++) s[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows_k[i + p] + hd + d), s[p]);
                     }
+                    _mm256_storeu_ps(scores[j] + i, _mm256_mul_ps(hsum8(s), _mm256_set1_ps(scale)));
                 }
-                if (t < n) {
-                    const __m256 p = _mm256_set1_ps(scores[j][t]);
-                    for (int c = 0; c < w; c++) a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(rows_v[t] + d0 + 8 * c), a[c]);
+                for (; i < n; i++) {
+                    __m256 s = _mm256_setzero_ps();
+                    for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), _mm256_loadu_ps(rows_k[i] + hd + d), s);
+                    scores[j][i] = hsum(s) * scale;
                 }
-                for (int c = 0; c < w; c++) _mm256_storeu_ps(acc + j * D + d0 + 8 * c, _mm256_add_ps(a[c], b[c]));
+            }
+            for (int64_t j = 0; j < group; j++) {      /* online softmax: rescale what came before */
+                float mx = m[j];
+                int64_t i = 0;
+                __m256 top = _mm256_set1_ps(mx);
+                for (; i + 8 <= n; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(scores[j] + i));
+                mx = hmax(top);
+                for (; i < n; i++) mx = scores[j][i] > mx ? scores[j][i] : mx;
+                const float keep = expf(m[j] - mx);       /* 0 on the first tile (m = -inf) */
+                m[j] = mx;
+                __m256 sum = _mm256_setzero_ps();
+                for (i = 0; i + 8 <= n; i += 8) {
+                    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores[j] + i), _mm256_set1_ps(mx)));
+                    _mm256_storeu_ps(scores[j] + i, e);
+                    sum = _mm256_add_ps(sum, e);
+                }
+                float tile_sum = hsum(sum);
+                for (; i < n; i++) tile_sum += scores[j][i] = expf(scores[j][i] - mx);
+                l[j] = l[j] * keep + tile_sum;
+                /* values of the tile, weighted, 32 columns at a time held in registers */
+                for (int64_t d0 = 0; d0 < D; d0 += 32) {
+                    const int64_t w = D - d0 < 32 ? (D - d0) / 8 : 4;
+                    __m256 a[4], b[4];      /* even and odd keys: two chains per column vector, not one */
+                    for (int c = 0; c < w; c++) {
+                        a[c] = _mm256_mul_ps(_mm256_set1_ps(keep), _mm256_loadu_ps(acc + j * D + d0 + 8 * c));
+                        b[c] = _mm256_setzero_ps();
+                    }
+                    int64_t t = 0;
+                    for (; t + 2 <= n; t += 2) {
+                        const __m256 p = _mm256_set1_ps(scores[j][t]), p1 = _mm256_set1_ps(scores[j][t + 1]);
+                        for (int c = 0; c < w; c++) {
+                            a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(rows_v[t] + hd + d0 + 8 * c), a[c]);
+                            b[c] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(rows_v[t + 1] + hd + d0 + 8 * c), b[c]);
+                        }
+                    }
+                    if (t < n) {
+                        const __m256 p = _mm256_set1_ps(scores[j][t]);
+                        for (int c = 0; c < w; c++) a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(rows_v[t] + hd + d0 + 8 * c), a[c]);
+                    }
+                    for (int c = 0; c < w; c++) _mm256_storeu_ps(acc + j * D + d0 + 8 * c, _mm256_add_ps(a[c], b[c]));
+                }
             }
         }
     }
@@ -396,31 +406,30 @@ static void paged_decode(const float *q, const float *k_new, const float *v_new,
     if (!parts) {           /* no context longer than CHUNK (or no memory for the split): one item per pair */
         free(first);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (work * Hq * D >= PARALLEL_WORK)
-        for (int64_t bh = 0; bh < B * Hkv; bh++) {
-            const int64_t b = bh / Hkv, h = bh % Hkv;
-            float acc[MAX_GROUP * MAX_DIM], m[MAX_GROUP], l[MAX_GROUP];
-            attend(q + b * ldq + h * group * D, k_cache, v_cache, block_tables + b * width, starts[b], seq_lens[b], h,
-                   group, D, row, block_size, scale, acc, m, l);
-            for (int64_t j = 0; j < group; j++) {
-                float *o = out + (b * Hq + h * group + j) * D;
-                const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
-                for (int64_t d = 0; d < D; d++) o[d] = acc[j * D + d] * inv;
-            }
+        for (int64_t b = 0; b < B; b++) {
+            float state[Hkv * part];
+            attend(q + b * ldq, k_cache, v_cache, block_tables + b * width, starts[b], seq_lens[b], Hkv, group, D,
+                   block_size, scale, state, part);
+            for (int64_t h = 0; h < Hkv; h++)
+                for (int64_t j = 0; j < group; j++) {
+                    const float *acc = state + h * part, l = acc[group * (D + 1) + j];
+                    float *o = out + (b * Hq + h * group + j) * D;
+                    const float inv = l > 0.f ? 1.f / l : 0.f;
+                    for (int64_t d = 0; d < D; d++) o[d] = acc[j * D + d] * inv;
+                }
         }
         return;
     }
 #pragma omp parallel num_threads(threads) if (work * Hq * D >= PARALLEL_WORK)
     {
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t ih = 0; ih < items * Hkv; ih++) {
-            const int64_t item = ih / Hkv, h = ih % Hkv;
+        for (int64_t item = 0; item < items; item++) {
             int64_t b = 0;
             while (first[b + 1] <= item) b++;
             const int64_t keys = chunk_keys(seq_lens[b] - starts[b]), begin = starts[b] + (item - first[b]) * keys;
             const int64_t end = begin + keys < seq_lens[b] ? begin + keys : seq_lens[b];
-            float *p = parts + ih * part;
-            attend(q + b * ldq + h * group * D, k_cache, v_cache, block_tables + b * width, begin, end, h, group, D,
-                   row, block_size, scale, p, p + group * D, p + group * (D + 1));
+            attend(q + b * ldq, k_cache, v_cache, block_tables + b * width, begin, end, Hkv, group, D, block_size,
+                   scale, parts + item * Hkv * part, part);
         }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * Hkv; bh++) {   /* merge a pair's chunks, in order */
