@@ -266,6 +266,35 @@ INLINE __m256 exp_neg(__m256 x) {
 #define CHUNK 512        /* keys per work item, at least: a long context is split at fixed positions */
 #define MAX_CHUNKS 8     /* per row */
 
+/* acc[j][d0 .. d0 + 8 * width) = keep[j] * that + sum over the tile's n keys t of p[j][t] * v_t there, for `heads`
+   (1 to 3) query heads j of one KV head: each slice of a value row is loaded once for all of them. heads and
+   width are compile-time constants after inlining, so the 4 x 3 accumulators stay in registers. */
+INLINE void weigh_slice(const int heads, const int width, const float **rows_v, int64_t off, int64_t n,
+                        const float (*p)[TILE], const float *keep, float *acc, int64_t D) {
+    __m256 a[3][4];
+    for (int j = 0; j < heads; j++)
+        for (int c = 0; c < width; c++) a[j][c] = _mm256_mul_ps(_mm256_set1_ps(keep[j]), _mm256_loadu_ps(acc + j * D + 8 * c));
+    for (int64_t t = 0; t < n; t++) {
+        const float *v = rows_v[t] + off;
+        __m256 pt[3];
+        for (int j = 0; j < heads; j++) pt[j] = _mm256_set1_ps(p[j][t]);
+        for (int c = 0; c < width; c++) {
+            const __m256 vc = _mm256_loadu_ps(v + 8 * c);
+            for (int j = 0; j < heads; j++) a[j][c] = _mm256_fmadd_ps(pt[j], vc, a[j][c]);
+        }
+    }
+    for (int j = 0; j < heads; j++)
+        for (int c = 0; c < width; c++) _mm256_storeu_ps(acc + j * D + 8 * c, a[j][c]);
+}
+
+/* The values of a tile, weighted, for `heads` query heads: 32 columns at a time, then the rest 8 at a time. */
+INLINE void weigh_values(const int heads, const float **rows_v, int64_t hd, int64_t n, const float (*p)[TILE],
+                         const float *keep, float *acc, int64_t D) {
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) weigh_slice(heads, 4, rows_v, hd + d0, n, p, keep, acc + d0, D);
+    for (; d0 < D; d0 += 8) weigh_slice(heads, 1, rows_v, hd + d0, n, p, keep, acc + d0, D);
+}
+
 /* The keys begin .. end - 1 of one row, for each of its Hkv KV heads and that head's `group` query heads
    (q [Hkv * group, D]): an online softmax over tiles of TILE keys, left unnormalized. Head h's state lies at
    state + h * stride: acc [group, D], then the running max m [group] and sum l [group]. A tile's keys are read
@@ -274,7 +303,7 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
                    int64_t end, int64_t Hkv, int64_t group, int64_t D, int64_t block_size, float scale,
                    float *state, int64_t stride) {
     const int64_t row = Hkv * D;         /* floats per cached position */
-    float scores[MAX_GROUP][TILE];
+    float scores[MAX_GROUP][TILE], keep[MAX_GROUP];
     for (int64_t h = 0; h < Hkv; h++)
         for (int64_t j = 0; j < group; j++) {
             float *acc = state + h * stride;
@@ -322,7 +351,7 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
                 for (; i + 8 <= n; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(scores[j] + i));
                 mx = hmax(top);
                 for (; i < n; i++) mx = scores[j][i] > mx ? scores[j][i] : mx;
-                const float keep = expf(m[j] - mx);       /* 0 on the first tile (m = -inf) */
+                keep[j] = expf(m[j] - mx);       /* 0 on the first tile (m = -inf) */
                 m[j] = mx;
                 __m256 sum = _mm256_setzero_ps();
                 for (i = 0; i + 8 <= n; i += 8) {
@@ -332,29 +361,14 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
                 }
                 float tile_sum = hsum(sum);
                 for (; i < n; i++) tile_sum += scores[j][i] = expf(scores[j][i] - mx);
-                l[j] = l[j] * keep + tile_sum;
-                /* values of the tile, weighted, 32 columns at a time held in registers */
-                for (int64_t d0 = 0; d0 < D; d0 += 32) {
-                    const int64_t w = D - d0 < 32 ? (D - d0) / 8 : 4;
-                    __m256 a[4], b[4];      /* even and odd keys: two chains per column vector, not one */
-                    for (int c = 0; c < w; c++) {
-                        a[c] = _mm256_mul_ps(_mm256_set1_ps(keep), _mm256_loadu_ps(acc + j * D + d0 + 8 * c));
-                        b[c] = _mm256_setzero_ps();
-                    }
-                    int64_t t = 0;
-                    for (; t + 2 <= n; t += 2) {
-                        const __m256 p = _mm256_set1_ps(scores[j][t]), p1 = _mm256_set1_ps(scores[j][t + 1]);
-                        for (int c = 0; c < w; c++) {
-                            a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(rows_v[t] + hd + d0 + 8 * c), a[c]);
-                            b[c] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(rows_v[t + 1] + hd + d0 + 8 * c), b[c]);
-                        }
-                    }
-                    if (t < n) {
-                        const __m256 p = _mm256_set1_ps(scores[j][t]);
-                        for (int c = 0; c < w; c++) a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(rows_v[t] + hd + d0 + 8 * c), a[c]);
-                    }
-                    for (int c = 0; c < w; c++) _mm256_storeu_ps(acc + j * D + d0 + 8 * c, _mm256_add_ps(a[c], b[c]));
-                }
+                l[j] = l[j] * keep[j] + tile_sum;
+            }
+            /* values of the tile, weighted: each value row loaded once for up to 3 query heads of the group */
+            for (int64_t j = 0; j < group; j += 3) {
+                const int64_t heads = group - j < 3 ? group - j : 3;
+                if (heads == 3) weigh_values(3, (const float **)rows_v, hd, n, scores + j, keep + j, acc + j * D, D);
+                else if (heads == 2) weigh_values(2, (const float **)rows_v, hd, n, scores + j, keep + j, acc + j * D, D);
+                else weigh_values(1, (const float **)rows_v, hd, n, scores + j, keep + j, acc + j * D, D);
             }
         }
     }
