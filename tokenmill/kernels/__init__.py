@@ -1,8 +1,10 @@
 """tokenmill's own kernels. On GPUs: triton_mm.py, the int4 and int8 weight-only products in Triton (imported
 by their users, as it needs triton). The rest of this module: the CPU kernels (kernels/cpu.c), for x86-64 CPUs with
 AVX2 and FMA:
-  - int4 and int8 weight-only products: weights unpacked in registers, float32 activations rounded to
-    int16 per 32 columns, float32 sums (int4_mm, int8_mm; ~3x PyTorch's int4 kernel at batch 1);
+  - int4 and int8 weight-only products on weights in tiles of 8 rows (tile_int4, tile_int8), unpacked in
+    registers; float32 activations rounded per 32 columns to int8 (against int4) or int16 (against int8),
+    integer sums per block, float32 across blocks (int4_mm, int8_mm: any number of rows, ~2x the dense
+    float32 product at 64 rows and more, ~4x PyTorch's int4 kernel at batch 1);
   - decode attention straight over the paged KV cache (paged_decode);
   - RMSNorm, rotate-half rope and SwiGLU / GeGLU in one pass each (rms_norm, rope, gated);
   - the sampler's greedy pick (argmax: torch.argmax's answer, ~7x faster at a 262k vocabulary);

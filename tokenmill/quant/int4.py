@@ -3,8 +3,9 @@
 Every int4 format we run (GGUF Q4_0/Q4_1/Q4_K, GPTQ, AWQ, RTN) is brought to one form:
 q in [0, 15], and per group of input columns a scale s and a zero z with w = (q - 8) * s + z.
 Two kernels run it:
-  - tokenmill's own (tokenmill/kernels, x86-64 with AVX2 and FMA): float32 activations, ~2x faster than
-    PyTorch's at batch 1 on AVX2 (docs/benchmarks.md);
+  - tokenmill's own (tokenmill/kernels, x86-64 with AVX2 and FMA; Triton on CUDA): float32 activations
+    (rounded to int8 per 32 columns inside), faster than PyTorch's at every batch size on AVX2
+    (docs/benchmarks.md);
   - elsewhere `aten._weight_int4pack_mm_for_cpu`, which computes exactly that form; its fast path
     wants bfloat16 activations (float32 ones take a path about 15x slower), so it computes in
     bfloat16 and casts back.

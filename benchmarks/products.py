@@ -1,0 +1,72 @@
+"""tokenmill's CPU products (kernels/cpu.c) against PyTorch's dense float32 product of the same shapes: GOP/s at
+batch 1, a decode batch and a prefill chunk, on the default model's linear shapes (N x K).
+
+  int4:  kernels.int4_mm, weights in tile_int4's tiles, activations rounded to int8 per 32 columns inside
+  int8:  kernels.int8_mm, weights in tile_int8's tiles, activations rounded to int16 per 32 columns inside
+  f32:   torch.nn.functional.linear on float32 weights (what a dequantized checkpoint runs)
+Each figure is the median of --repeats calls (activation rounding included), the three run back to back.
+
+python benchmarks/products.py [--rows 1,64,2048] [--repeats 20]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quantization import machine  # noqa: E402
+from tokenmill import kernels  # noqa: E402
+
+SHAPES = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate_up 3072x576": (3072, 576),
+          "down 576x1536": (576, 1536), "lm_head 49152x576": (49152, 576)}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,64,2048")
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    if kernels.library() is None:
+        raise SystemExit("tokenmill's CPU kernels do not run here (no AVX2/FMA or no C compiler)")
+    g = torch.Generator().manual_seed(0)
+    print(f"machine: {machine()}\n")
+    print("| shape (N x K) | rows | int4 GOP/s | int8 GOP/s | f32 GFLOP/s | int4 / f32 |")
+    print("|---|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        q4 = kernels.tile_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+                               torch.rand(n, k // 32, generator=g) / 100, torch.randn(n, k // 32, generator=g) / 100)
+        q8 = kernels.tile_int8(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8),
+                               torch.rand(n, k // 32, generator=g) / 100)
+        w = torch.randn(n, k, generator=g)
+        for m in (int(r) for r in args.rows.split(",")):
+            if n * m > 49152 * 64:          # the lm_head runs on a prompt's last rows only
+                continue
+            x = torch.randn(m, k, generator=g)
+            print(f"[{name}, {m} rows]", file=sys.stderr)
+            t4 = median_seconds(lambda: kernels.int4_mm(x, *q4, n, 32), args.repeats)
+            t8 = median_seconds(lambda: kernels.int8_mm(x, *q8, n, 32), args.repeats)
+            tf = median_seconds(lambda: F.linear(x, w), args.repeats)
+            ops = 2 * m * n * k / 1e9
+            print(f"| {name} | {m} | {ops / t4:.0f} | {ops / t8:.0f} | {ops / tf:.0f} | {tf / t4:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
