@@ -346,6 +346,10 @@ def test_eos_text_is_dropped_unless_asked(smol):
     eos = next(iter(sorted(tok.eos_token_ids)))
     conversation = [{"role": "user", "content": "Hi"}]
     base = dict(temperature=0, max_tokens=40, skip_special_tokens=False)
+    # a first run fills the prefix cache, so the two compared runs both start from the same hit: a hit computes
+    # the prompt's tail with a different attention split than a miss, and the int8 rounding of activations can
+    # turn that last-bit difference into another greedy token at a near tie
+    smol.chat(conversation, SamplingParams(**base), use_tqdm=False)
     cut = smol.chat(conversation, SamplingParams(**base), use_tqdm=False)[0].outputs[0]
     kept = smol.chat(conversation, SamplingParams(**base, include_stop_str_in_output=True),
                      use_tqdm=False)[0].outputs[0]
