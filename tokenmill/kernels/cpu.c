@@ -151,11 +151,25 @@ static void tile_int4(const uint8_t *qt, const float *st, const int8_t *xq, cons
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones)),
                                          _mm256_mul_ps(s, _mm256_set1_ps(dx[r * B + b])), acc[r]);
     }
-    for (int64_t g = 0; g < G; g++) {       /* the offsets' share, after the products (in their loop: ~15 % slower) */
+    /* the offsets' share, after the products (in their loop: ~15 % slower), on two chains per row: one chain
+       of G dependent FMAs is latency-bound with nothing left to overlap it */
+    __m256 odd[MR];
+    for (int r = 0; r < MR; r++) odd[r] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {
+        const __m256 o0 = _mm256_loadu_ps(st + g * 16 + 8), o1 = _mm256_loadu_ps(st + g * 16 + 24);
+        for (int r = 0; r < MR; r++)
+            if (r < rows) {
+                acc[r] = _mm256_fmadd_ps(o0, _mm256_set1_ps(xsum[r * G + g]), acc[r]);
+                odd[r] = _mm256_fmadd_ps(o1, _mm256_set1_ps(xsum[r * G + g + 1]), odd[r]);
+            }
+    }
+    if (g < G) {
         const __m256 o = _mm256_loadu_ps(st + g * 16 + 8);
         for (int r = 0; r < MR; r++)
             if (r < rows) acc[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(xsum[r * G + g]), acc[r]);
     }
+    for (int r = 0; r < MR; r++) acc[r] = _mm256_add_ps(acc[r], odd[r]);
     store_tile(acc, rows, y, ldy, cols);
 }
 
