@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quantization import machine  # noqa: E402
+from quantization import llama_tool, machine  # noqa: E402
 
 PARTS = ["decoder layers (one native call)", "linears", "lm_head", "attention", "norms", "rope", "rest of the forward",
          "runner + sampler + scheduler"]
@@ -102,8 +102,7 @@ def measure(model: str, tokens: int, runs: int, stack: bool, rate_only: bool = F
 
 
 def llama_bench(model_path: Path, tokens: int, threads: int) -> float | None:
-    home = Path(os.environ.get("TOKENMILL_HOME", Path.home() / ".cache" / "tokenmill"))
-    exe = next(iter(sorted(home.glob("llama.cpp-*/bin/llama-bench"))), None)
+    exe = llama_tool("llama-bench")
     if exe is None:
         return None
     out = subprocess.run([str(exe), "-m", str(model_path), "-t", str(threads), "-p", "0", "-n", str(tokens)],

@@ -13,7 +13,6 @@ python benchmarks/offline_vs_llama.py [--model smollm2-135m] [--rounds 3] [--req
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import subprocess
@@ -25,13 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quantization import machine  # noqa: E402
+from quantization import llama_tool, machine  # noqa: E402
 
 
 def llama_batched_bench(model_path: Path, requests: int, input_len: int, output_len: int, threads: int) -> float:
     """Generated tokens per second of the whole llama-batched-bench run (prompt processing included)."""
-    home = Path(os.environ.get("TOKENMILL_HOME", Path.home() / ".cache" / "tokenmill"))
-    exe = next(iter(sorted(home.glob("llama.cpp-*/bin/llama-batched-bench"))), None)
+    exe = llama_tool("llama-batched-bench")
     if exe is None:
         raise SystemExit("llama-batched-bench not built: run benchmarks/build_llama_cpp.sh")
     context = requests * (input_len + output_len) + 512

@@ -26,13 +26,19 @@ from tokenmill.cli import run_offline_bench  # noqa: E402
 from tokenmill.config import EngineConfig  # noqa: E402
 from tokenmill.loader.gguf import GGUFCheckpoint  # noqa: E402
 from tokenmill.model.load import describe_weights, weight_bytes  # noqa: E402
-from tokenmill.model_files import resolve_model  # noqa: E402
+from tokenmill.model_files import home, resolve_model  # noqa: E402
 from tokenmill.perplexity import perplexity, reference_text  # noqa: E402
 
 METHODS = {   # row name -> (quantization, dtype)
     "gguf": (None, "float32"), "dequantize": ("dequantize", "float32"),
     "dequantize-bf16": ("dequantize", "bfloat16"), "int4": ("int4", "float32"), "int8": ("int8", "float32"),
 }
+
+
+def llama_tool(name: str) -> Path | None:
+    """One of llama.cpp's own tools (llama-bench, llama-batched-bench, ...) as benchmarks/build_llama_cpp.sh
+    builds them under the tokenmill home; None when they are not built."""
+    return next(iter(sorted(home().glob(f"llama.cpp-*/bin/{name}"))), None)
 
 
 def machine() -> str:
