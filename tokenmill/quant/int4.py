@@ -199,7 +199,7 @@ def int4_kernel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group:
         return NativeInt4Kernel(q, scale, zero, group, perm, label=label)
     if device.type == "cpu":
         return Int4Kernel(q, scale, zero, group, perm, label=label)
-    if device.type != "cpu" and kernels.multiplies(q.shape[1], device):
+    if kernels.multiplies(q.shape[1], device):
         return TritonInt4Kernel(q, scale, zero, group, device, perm, label=label)
     w = dequantize_int4(q, scale, zero, group)
     if perm is not None:

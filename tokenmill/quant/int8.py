@@ -120,10 +120,9 @@ def int8_weight_kernel(w: torch.Tensor, label: str, device: torch.device = torch
         return Int8WeightKernel(*quantize_per_group(w, 32), label=f"{label} -> int8 g32")
     if device.type == "cpu":
         return Int8WeightKernel(*quantize_per_channel(w), label=f"{label} -> int8 per-row")
-    if device.type != "cpu" and kernels.multiplies(w.shape[1], device):
+    if kernels.multiplies(w.shape[1], device):
         return TritonInt8Kernel(*quantize_per_group(w, 32), device, label=f"{label} -> int8 g32 (triton)")
     return None
-
 
 
 def int_mm_is_fast() -> bool:
