@@ -19,7 +19,7 @@
        vpmaddwd widens once per block. This is llama.cpp's rounding of activations (Q8 blocks of 32);
      - int16 (range 32767) against int8 weights: vpmaddwd per 2 columns, int32 sums per block.
    A block's integer sum is converted to float once and scaled by weight scale x activation scale; sums over
-   blocks, and int4's offsets (offset x the exact float sum of the group's activations), are float32. Rows of x
+   blocks, and int4's offsets (offset x the sum of the group's rounded activations), are float32. Rows of x
    go MR at a time, so each weight vector serves up to MR rows; every row is computed the same way whatever
    the others are, so a row's result does not depend on the batch. */
 #include <immintrin.h>
