@@ -259,16 +259,23 @@ def test_smollm2_packed_tracks_transformers_and_stays_small(smollm2, smollm2_pat
     assert diff.mean() < 0.08 and diff.max() < 0.4, (diff.mean().item(), diff.max().item())
 
 
-def greedy_agreement(engine, ids: list[int], theirs: "LazyTokens", n: int) -> int:
-    """How many greedy tokens of `ids`, run alone on `engine`, equal llama.cpp's before the first
-    difference (of n): generation stops at that difference, as nothing after it counts."""
-    rid = engine.add_request(None, ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-    ours: list[int] = []
-    while engine.has_unfinished_requests():
-        ours = next((o.outputs[0].token_ids for o in engine.step() if o.request_id == rid), ours)
-        if ours and ours[-1] != theirs[len(ours) - 1]:
-            engine.abort_request(rid)
-    return next((i for i, t in enumerate(ours) if t != theirs[i]), n)
+def forced_agreement(engine, ids: list[int], theirs: "LazyTokens", n: int) -> int:
+    """Of llama.cpp's n greedy tokens after `ids`, how many `engine` picks too, each after llama.cpp's own
+    tokens before it: greedy decoding runs alone until its first difference, then resumes from llama.cpp's
+    prefix one token further (the prefix cache keeps what was computed). A near tie costs one token, not,
+    as with the first difference alone, the whole rest of the continuation."""
+    agree = pos = 0
+    while pos < n:
+        rid = engine.add_request(None, ids + [theirs[i] for i in range(pos)],
+                                 SamplingParams(temperature=0, max_tokens=n - pos, ignore_eos=True))
+        ours: list[int] = []
+        while engine.has_unfinished_requests():
+            ours = next((o.outputs[0].token_ids for o in engine.step() if o.request_id == rid), ours)
+            if ours and ours[-1] != theirs[pos + len(ours) - 1]:
+                engine.abort_request(rid)
+        same = next((i for i, t in enumerate(ours) if t != theirs[pos + i]), len(ours))
+        agree, pos = agree + same, pos + same + 1
+    return agree
 
 
 class LazyTokens:
@@ -283,25 +290,23 @@ class LazyTokens:
 
 
 def test_smollm2_packed_agrees_with_llama_cpp_as_far_as_dequantized(smollm2, smollm2_dequantized, smollm2_path):
-    """Greedy continuations against llama.cpp on the same file: the packed path agrees (tokens
-    until the first difference, summed over prompts) about as far as the transformers-exact one."""
+    """Greedy continuations against llama.cpp on the same file: the packed path (float16 KV pages, as
+    llama.cpp's) picks llama.cpp's next token after llama.cpp's own prefix about as often as the
+    transformers-exact one does (forced_agreement, summed over prompts)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     prompts = ["The capital of France is", "Once upon a time, a dragon", "def fibonacci(n):",
                "The three laws of thermodynamics are", "My favourite recipe for pancakes:",
                "In 1969, the first humans", "Water boils at", "The best way to learn a language is"]
     n = 48
     ref = llama_cpp.Llama(str(smollm2_path), n_ctx=256, n_threads=2, verbose=False)
-    ids = [smollm2.get_tokenizer().encode(p) for p in prompts]
-    # float32 is batch-invariant: one batch
-    dequantized = smollm2_dequantized.generate(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
-                                               use_tqdm=False)
+    assert smollm2.engine.runner.kv_caches[0][0].dtype == torch.float16 or kernels.library() is None
     agree = {"dequantize": 0, None: 0}
-    for prompt, deq in zip(ids, dequantized):
-        # llama.cpp's tokens of one prompt are read (generated) only up to the first difference of either
-        # path: it continues one prompt at a time
-        theirs = LazyTokens(ref.generate(prompt, temp=0.0, top_k=1, reset=True))
-        agree["dequantize"] += next((i for i, t in enumerate(deq.outputs[0].token_ids) if t != theirs[i]), n)
-        # the packed path rounds differently per batch shape: one prompt at a time, as llama.cpp runs them
-        agree[None] += greedy_agreement(smollm2.engine, prompt, theirs, n)
-    # measured on an AVX2 EPYC: dequantized 257, packed 262 of 384
-    assert agree[None] >= 0.9 * agree["dequantize"], agree
+    for prompt in prompts:
+        ids = smollm2.get_tokenizer().encode(prompt)
+        # one prompt at a time, as llama.cpp runs them (the packed path rounds differently per batch shape)
+        theirs = LazyTokens(ref.generate(ids, temp=0.0, top_k=1, reset=True))
+        agree["dequantize"] += forced_agreement(smollm2_dequantized.engine, ids, theirs, n)
+        agree[None] += forced_agreement(smollm2.engine, ids, theirs, n)
+    # measured on an AVX2 EPYC: dequantized 377, packed 375 of 384 (379 with float32 pages); the first
+    # difference alone, the earlier measure, moved from 262 to 199 with the pages' dtype: chaos at near ties
+    assert agree[None] >= agree["dequantize"] - 0.02 * n * len(prompts), agree

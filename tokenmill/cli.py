@@ -15,6 +15,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="default: run the checkpoint as stored (GGUF blocks packed, dense weights in --dtype); "
                         "dequantize = everything in --dtype (the transformers-exact path); int4 / int8 = "
                         "group-wise int4 weight-only / W8A8, made at load")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="the KV pages (default: float16 where packed weights run on the CPU kernels with float32 "
+                        "activations, as llama.cpp stores its cache; else --dtype)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
@@ -48,7 +51,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace):
     from tokenmill.config import EngineConfig
-    return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization, block_size=args.block_size,
+    return EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
+                        kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
                         enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
@@ -194,7 +198,7 @@ def cmd_perplexity(args) -> None:
     ids = llm.get_tokenizer().encode(text)
     r = perplexity(llm, ids, args.ctx, args.max_windows)
     print(f"perplexity {r.ppl:.4f}  (mean NLL {r.nll:.4f} nats over {r.tokens} tokens, {r.windows} windows of "
-          f"{args.ctx}, second halves scored; quantization={args.quantization or 'as stored'}, dtype={args.dtype})")
+          f"{args.ctx}, second halves scored; quantization={args.quantization or 'as stored'}, dtype={args.dtype}, kv_cache_dtype={args.kv_cache_dtype})")
 
 
 def cmd_quantize(args) -> None:

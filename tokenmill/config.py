@@ -85,6 +85,8 @@ class EngineConfig:
     dtype: str = "float32"               # activations; "auto": bfloat16 on CUDA and on CPUs with AMX-BF16, else float32
     #                                      (float32 where the weights run on tokenmill's CPU kernels: model/load.py)
     quantization: str | None = None      # None: as stored (GGUF packed, dense in dtype); "dequantize", "int4", "int8", "gguf"
+    kv_cache_dtype: str = "auto"         # the KV pages; "auto": float16 where packed weights run on tokenmill's CPU
+    #                                      kernels with float32 activations (as llama.cpp), else the activation dtype
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -108,6 +110,8 @@ class EngineConfig:
 
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}")
+        if self.kv_cache_dtype not in DTYPES and self.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(DTYPES)} or 'auto', got {self.kv_cache_dtype!r}")
         from tokenmill.quant import check_quantization
         check_quantization(self.quantization)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -20,7 +20,7 @@ from tokenmill.core.block_manager import BlockManager
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.core.sequence import Sequence, SequenceStatus
 from tokenmill.kv_cache import KVLayout, allocate_kv_cache, bytes_per_block, num_blocks_for_memory
-from tokenmill.model.load import (Checkpoint, activation_dtype, build_model, describe_weights, open_checkpoint,
+from tokenmill.model.load import (Checkpoint, activation_dtype, build_model, cache_dtype, describe_weights, open_checkpoint,
                                   weight_bytes)
 from tokenmill.model_files import resolve_model
 from tokenmill.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, PromptLogprobs,
@@ -97,6 +97,7 @@ class LLMEngine:
         ckpt = open_checkpoint(path)
         method = ckpt.method(config.quantization)
         dtype = activation_dtype(config, method)
+        kv_dtype = cache_dtype(config, method, dtype)
         self.model_config = cfg = ckpt.config
         check_tensor_parallel(cfg, tp)
         self.spec = spec = config.speculative_config
@@ -104,13 +105,13 @@ class LLMEngine:
         if drafting and tp > 1:
             raise ValueError("speculative_config: a draft model does not run under tensor parallelism yet; "
                              "use method 'ngram' or tensor_parallel_size 1")
-        draft = self._open_draft(spec) if drafting else None        # (checkpoint, activation dtype)
+        draft = self._open_draft(spec) if drafting else None        # (checkpoint, activation dtype, KV dtype)
         # a window that spans every context this engine can run is full attention (Mistral 7B v0.1 at 4k)
         reach = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         layout = KVLayout.of([w if w is not None and w < reach else None for w in cfg.layer_windows])
-        draft_bytes = bytes_per_block(draft[0].config, config.block_size, draft[1],
+        draft_bytes = bytes_per_block(draft[0].config, config.block_size, draft[2],
                                       draft[0].config.num_hidden_layers) if draft else 0
-        num_blocks = config.num_kv_blocks or num_blocks_for_memory(cfg, config.block_size, dtype,
+        num_blocks = config.num_kv_blocks or num_blocks_for_memory(cfg, config.block_size, kv_dtype,
                                                                    config.kv_cache_memory_gb, layout.num_slots,
                                                                    draft_bytes, tp)
         if drafting and layout.group_windows[0] is not None:
@@ -125,7 +126,7 @@ class LLMEngine:
         lookahead = spec.num_speculative_tokens if drafting else 0
         self.max_model_len = self._context_length(
             cfg, self.block_manager.max_tokens(config.max_num_batched_tokens + lookahead, cfg.max_position_embeddings))
-        self.ranks = self._start_ranks(layout, num_blocks, dtype) if tp > 1 else None
+        self.ranks = self._start_ranks(layout, num_blocks, dtype, kv_dtype) if tp > 1 else None
         try:          # from here on, a failure must not leave the other ranks running
             self.model = build_model(ckpt, dtype, self.max_model_len, device, method,
                                      progress, self.ranks.group if self.ranks else SINGLE)
@@ -138,15 +139,15 @@ class LLMEngine:
             if dtype == torch.float32 and device.type == "cpu" and cpu_has_amx_bf16() and not method.packed:
                 logger.info("this CPU has AMX-BF16: dtype='bfloat16' (or 'auto') gives about 2x the batched "
                             "throughput and half the weight memory, at bfloat16 precision (docs/benchmarks.md)")
-            logger.info("KV cache: %d pages of %d tokens, %d KV group(s) %s; max_model_len %d", num_blocks,
-                        config.block_size, len(layout.group_windows),
+            logger.info("KV cache: %d pages of %d tokens, %s, %d KV group(s) %s; max_model_len %d", num_blocks,
+                        config.block_size, str(kv_dtype).removeprefix("torch."), len(layout.group_windows),
                         "/".join("full" if w is None else f"window {w}" for w in layout.group_windows),
                         self.max_model_len)
             eos = self.tokenizer.eos_token_ids if self.tokenizer else set()
             self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                        self.max_model_len, lookahead),
                                        self.block_manager, eos)
-            kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, dtype, device, layout.num_slots, tp)
+            kv_caches = allocate_kv_cache(cfg, num_blocks, config.block_size, kv_dtype, device, layout.num_slots, tp)
             self.runner = Runner(self.model, kv_caches, get_backend(config.backend_name), config.block_size, eos,
                                  config.seed, device, cfg.vocab_size, layout)
             self.runner.ranks = self.ranks
@@ -164,13 +165,13 @@ class LLMEngine:
                 self.ranks.close(kill=True)
             raise
 
-    def _start_ranks(self, layout: KVLayout, num_blocks: int, dtype: torch.dtype) -> Ranks:
+    def _start_ranks(self, layout: KVLayout, num_blocks: int, dtype: torch.dtype, kv_dtype: torch.dtype) -> Ranks:
         """Start ranks 1..N-1 (or meet the ones a launcher started) and join the group; each rank uses
-        threads / N CPU threads, and rank 0's activation dtype (what "auto" resolved to here)."""
+        threads / N CPU threads, and rank 0's activation and KV dtypes (what "auto" resolved to here)."""
         tp = self.config.tensor_parallel_size
         before = torch.get_num_threads()
         threads = max(1, before // tp)
-        ranks = Ranks(self.config, RankInit(self.config, layout, num_blocks, self.max_model_len, threads, dtype))
+        ranks = Ranks(self.config, RankInit(self.config, layout, num_blocks, self.max_model_len, threads, dtype, kv_dtype))
         ranks.threads_before = before               # given back when the ranks stop
         torch.set_num_threads(threads)
         logger.info("tensor parallelism: %d ranks (%s), %d CPU thread(s) each", tp,
@@ -199,18 +200,19 @@ class LLMEngine:
             length = cache_tokens
         return length
 
-    def _open_draft(self, spec: SpeculativeConfig) -> tuple[Checkpoint, torch.dtype]:
-        """The draft's checkpoint and activation dtype; refused unless its vocabulary is the target's."""
+    def _open_draft(self, spec: SpeculativeConfig) -> tuple[Checkpoint, torch.dtype, torch.dtype]:
+        """The draft's checkpoint, activation and KV dtypes; refused unless its vocabulary is the target's."""
         ckpt = open_checkpoint(resolve_model(spec.model))
         vocab = self.model_config.vocab_size
         if ckpt.config.vocab_size != vocab:
             raise ValueError(f"speculative_config.model: the draft's vocabulary ({ckpt.config.vocab_size} tokens, "
                              f"{ckpt.path.name}) differs from the target's ({vocab}); a draft must share the tokenizer")
-        return ckpt, activation_dtype(dataclasses.replace(self.config, dtype=spec.dtype or self.config.dtype),
-                                      ckpt.method(spec.quantization))
+        config, method = dataclasses.replace(self.config, dtype=spec.dtype or self.config.dtype), ckpt.method(spec.quantization)
+        dtype = activation_dtype(config, method)
+        return ckpt, dtype, cache_dtype(config, method, dtype)
 
-    def _load_draft(self, spec: SpeculativeConfig, ckpt: Checkpoint, dtype: torch.dtype, num_blocks: int,
-                    progress: bool) -> DraftModelProposer:
+    def _load_draft(self, spec: SpeculativeConfig, ckpt: Checkpoint, dtype: torch.dtype, kv_dtype: torch.dtype,
+                    num_blocks: int, progress: bool) -> DraftModelProposer:
         """The draft model with its own KV cache over the target's pages; refused unless its tokenizer
         is the target's and its positions reach max_model_len."""
         config, dcfg = self.config, ckpt.config
@@ -225,7 +227,7 @@ class LLMEngine:
         device = config.torch_device
         t0 = time.perf_counter()
         model = build_model(ckpt, dtype, self.max_model_len, device, ckpt.method(spec.quantization), progress)
-        kv_caches = allocate_kv_cache(dcfg, num_blocks, config.block_size, dtype, device, dcfg.num_hidden_layers)
+        kv_caches = allocate_kv_cache(dcfg, num_blocks, config.block_size, kv_dtype, device, dcfg.num_hidden_layers)
         logger.info("draft %s (%d layers) in %.1f s: %s; weights %.1f MB, KV %.1f MB; %d tokens proposed per step",
                     ckpt.path.name, dcfg.num_hidden_layers, time.perf_counter() - t0, describe_weights(model),
                     weight_bytes(model) / 1e6, sum(k.numel() * k.element_size() * 2 for k, _ in kv_caches) / 1e6,
@@ -640,13 +642,14 @@ class LLM:
     """The offline front end: `LLM(model).generate(prompts, SamplingParams(...))`."""
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", quantization: str | None = None,
-                 block_size: int = 16,
+                 kv_cache_dtype: str = "auto", block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, num_kv_blocks: int | None = None,
                  kv_cache_memory_gb: float = 2.0, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, seed: int = 0, attention_backend: str | None = None,
                  device: str | None = None, speculative_config: SpeculativeConfig | dict | str | None = None,
                  tensor_parallel_size: int = 1, progress: bool = True):
-        config = EngineConfig(model=model, dtype=dtype, quantization=quantization, block_size=block_size,
+        config = EngineConfig(model=model, dtype=dtype, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                              block_size=block_size,
                               max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, num_kv_blocks=num_kv_blocks,
                               kv_cache_memory_gb=kv_cache_memory_gb, enable_prefix_caching=enable_prefix_caching,

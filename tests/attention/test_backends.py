@@ -77,6 +77,17 @@ def test_half_precision(backend, dtype, case, head_dim):
     torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", CPU_ATEN, TRITON])
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["prefill", "chunked", "decode", "mixed"])
+def test_float32_queries_over_narrower_pages(backend, cache_dtype, case):
+    """kv_cache_dtype narrower than the activations: the new rows are stored rounded (the same bits as the
+    reference stores), every page is read widened, so the backends stay as close as over float32 pages."""
+    q, k, v, kc, vc, meta = make_case(*CASES[case], 9, 3, 64, torch.float32)
+    out, ref = run_both(backend, (q, k, v, kc.to(cache_dtype), vc.to(cache_dtype), meta))
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=1e-4)
+
+
 @pytest.mark.parametrize("split_len", [48, 64])
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_decode_split_across_many_pages(split_len):

@@ -123,9 +123,13 @@ def test_q8_0_comes_back_exactly_as_int8_groups():
 @pytest.mark.parametrize("seq_lens,window", [([1], None), ([37], None), ([1, 16, 17, 300], None),
                                              ([70, 64, 5], 16), ([130], 100),
                                              ([513, 3], None), ([1300, 40, 4700], None), ([2100], 1500)])
-def test_paged_decode_matches_reference(heads, head_dim, seq_lens, window):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_paged_decode_matches_reference(heads, head_dim, seq_lens, window, cache_dtype):
+    """float16 pages: the new rows are stored rounded as .to(torch.float16) does (the same bits), and read
+    back widened, so the reference over the same pages is as close as over float32 ones."""
     q, k, v, kc, vc, meta = random_paged_case([1] * len(seq_lens), seq_lens, *heads, head_dim, torch.float32,
                                               block_size=16, spare_blocks=3, seed=len(seq_lens))
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     meta_ref = dataclasses.replace(meta, sliding_window=window)
     ref = ReferenceBackend().forward(q, k, v, kc_ref, vc_ref, meta_ref, head_dim ** -0.5)
@@ -255,6 +259,8 @@ def test_more_arguments_the_c_code_cannot_take_are_refused():
         kernels.paged_decode(q, k, v, args[0], kc[..., :8].contiguous(), vc[..., :8].contiguous(), *args[3:])
     with pytest.raises(ValueError, match="paged_decode"):       # a bfloat16 value cache
         kernels.paged_decode(q, k, v, args[0], kc, vc.bfloat16(), *args[3:])
+    with pytest.raises(ValueError, match="paged_decode"):       # float32 keys, float16 values
+        kernels.paged_decode(q, k, v, args[0], kc, vc.half(), *args[3:])
     with pytest.raises(ValueError, match="rms_norm"):
         kernels.rms_norm(torch.randn(2, 64), torch.ones(8), 1e-5)
     from tokenmill.quant.int4 import NativeInt4Kernel

@@ -24,7 +24,7 @@ def test_w8a8_checkpoint_matches_compressed_tensors_reference(name):
     nats; the weights alone, without activation quantization, are 0.0020 / 0.0053 away)."""
     ref = torch.load(W8A8.parent / name / "reference_logits.pt")
     # a KV pool sized for these prompts: the default (2 GB) takes ~1.5 s to build and free
-    llm = LLM(str(W8A8.parent / name), num_kv_blocks=64, progress=False)
+    llm = LLM(str(W8A8.parent / name), kv_cache_dtype="float32", num_kv_blocks=64, progress=False)   # as the reference
     assert llm.engine.model.layers[0].attn.qkv.kernel.describe().startswith("compressed-tensors w8a8")
     assert llm.engine.model.lm_head.kernel.describe() == "dense float32"          # in `ignore`
     assert llm.engine.model.embed.describe() == "dense float32"

@@ -67,10 +67,11 @@ def fake_quantized(hf, quantization: str):
 @pytest.mark.parametrize("quantization,tol", [("int8", 1e-4), ("int4", 0.03)])
 def test_made_at_load_matches_dense_math_of_the_same_quantization(tiny_llama, quantization, tol):
     """W8A8 and int4 RTN made at load from a dense checkpoint, against transformers running the same
-    quantized weights (and quantized activations) in float32. int4 computes in bfloat16 inside."""
+    quantized weights (and quantized activations) in float32. int4 computes in bfloat16 inside. KV pages in
+    float32, as the reference keeps them: the weights' math alone."""
     path, hf = tiny_llama[0], tiny_llama[1]
     # a KV pool sized for these prompts: the default (2 GB) takes ~1.5 s to build and free
-    llm = LLM(str(path), quantization=quantization, num_kv_blocks=64, progress=False)
+    llm = LLM(str(path), quantization=quantization, kv_cache_dtype="float32", num_kv_blocks=64, progress=False)
     prompt = list(range(3, 40))
     ref, dense = hf_logprobs(fake_quantized(hf, quantization), prompt), hf_logprobs(hf, prompt)
     diff = prompt_logprob_diff(llm, prompt, ref)
@@ -91,3 +92,27 @@ def test_auto_dtype_is_float32_for_weights_on_tokenmills_kernels(tiny_llama, mon
     assert packed.engine.model.dtype == (torch.float32 if kernels.library() is not None else torch.bfloat16)
     dequantized = LLM(path, dtype="auto", quantization="dequantize", num_kv_blocks=16, progress=False)
     assert dequantized.engine.model.dtype == torch.bfloat16
+
+
+def test_kv_pages_are_float16_where_packed_weights_run_on_tokenmills_kernels(tiny_llama):
+    """kv_cache_dtype="auto": float16 pages under float32 activations on tokenmill's CPU kernels (as llama.cpp
+    keeps its cache), else the activation dtype (the dequantized path stays the transformers-exact one); an
+    explicit dtype is kept, and the pool holds twice the pages in the same memory."""
+    from tokenmill import kernels
+    path = str(tiny_llama[0])
+
+    def pages(llm):
+        caches = llm.engine.runner.kv_caches
+        assert all(k.dtype == v.dtype == caches[0][0].dtype for k, v in caches)
+        return caches[0][0].dtype, caches[0][0].shape[0]
+
+    native = kernels.library() is not None
+    half, blocks = pages(LLM(path, quantization="int4", kv_cache_memory_gb=0.01, progress=False))
+    assert half == (torch.float16 if native else torch.float32)
+    assert pages(LLM(path, quantization="int4", kv_cache_dtype="float32", kv_cache_memory_gb=0.01,
+                     progress=False)) == (torch.float32, blocks // 2 if native else blocks)
+    assert pages(LLM(path, quantization="dequantize", num_kv_blocks=16, progress=False))[0] == torch.float32
+    assert pages(LLM(path, dtype="bfloat16", quantization="int4", num_kv_blocks=16, progress=False))[0] == torch.bfloat16
+    assert pages(LLM(path, kv_cache_dtype="bfloat16", num_kv_blocks=16, progress=False))[0] == torch.bfloat16
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        LLM(path, kv_cache_dtype="fp8", num_kv_blocks=16, progress=False)

@@ -147,14 +147,16 @@ def decode_window_tables(block_tables: torch.Tensor, seq_lens: list[int], window
     return block_tables.gather(1, cols), first, pages
 
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, from_page: int = 0) -> torch.Tensor:
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, from_page: int = 0,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """One sequence's cached rows from page `from_page` up to position `seq_len`:
-    [seq_len - from_page * block_size, num_kv_heads, head_dim]; the entries before `from_page` are
-    never read, so pages released by a sliding window may hold anything."""
+    [seq_len - from_page * block_size, num_kv_heads, head_dim], in `dtype` (default: the cache's; pages
+    may be stored narrower than the queries that read them); the entries before `from_page` are never
+    read, so pages released by a sliding window may hold anything."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
     pages = cache.index_select(0, block_table[from_page:num_blocks].long())
-    return pages.reshape(-1, *cache.shape[2:])[:seq_len - from_page * block_size]
+    return pages.reshape(-1, *cache.shape[2:])[:seq_len - from_page * block_size].to(dtype or cache.dtype)
 
 
 class AttentionBackend(ABC):

@@ -42,17 +42,21 @@ class Workspace:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
-    def gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy `pages` of both caches; returns two [len(pages), block_size, Hkv, D] views."""
+    def gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy `pages` of both caches, in `dtype` (the queries'; pages may be stored narrower); returns two
+        [len(pages), block_size, Hkv, D] views."""
         rows, page_shape = pages.numel(), k_cache.shape[1:]
-        if self.k is None or self.k.dtype != k_cache.dtype or self.k.shape[1:] != page_shape \
-                or self.k.shape[0] < rows:
-            self.k = torch.empty(rows, *page_shape, dtype=k_cache.dtype)
+        if self.k is None or self.k.dtype != dtype or self.k.shape[1:] != page_shape or self.k.shape[0] < rows:
+            self.k = torch.empty(rows, *page_shape, dtype=dtype)
             self.v = torch.empty_like(self.k)
         k, v = self.k[:rows], self.v[:rows]
-        torch.index_select(k_cache, 0, pages, out=k)
-        torch.index_select(v_cache, 0, pages, out=v)
+        if k_cache.dtype == dtype:
+            torch.index_select(k_cache, 0, pages, out=k)
+            torch.index_select(v_cache, 0, pages, out=v)
+        else:
+            k.copy_(k_cache.index_select(0, pages))
+            v.copy_(v_cache.index_select(0, pages))
         return k, v
 
 
@@ -132,7 +136,8 @@ class CPUTiledBackend(AttentionBackend):
 
     def decode_tables(self, meta: AttentionMetadata, num_heads: int, dtype: torch.dtype,
                       k_cache: torch.Tensor) -> tuple | None:
-        """Pure-decode steps over float32 pages run tokenmill's own kernel; its tables once per step."""
+        """Pure-decode steps with float32 queries (over float32 or float16 pages) run tokenmill's own kernel; its
+        tables once per step."""
         if not meta.is_pure_decode or not kernels.paged_decode_fits(num_heads, dtype, k_cache):
             return None
         key = "native decode rows"
@@ -147,7 +152,7 @@ class CPUTiledBackend(AttentionBackend):
         """q [Lq, Hq, D], the last Lq of seq_len positions -> [Lq, Hq, D]."""
         qlen, block_size, hkv = q.shape[0], k_cache.shape[1], k_cache.shape[2]
         num_pages = -(-seq_len // block_size)
-        kp, vp = self.workspace.gather(k_cache, v_cache, block_table[:num_pages].long())
+        kp, vp = self.workspace.gather(k_cache, v_cache, block_table[:num_pages].long(), q.dtype)
         keys = kp.flatten(0, 1)[:seq_len].transpose(0, 1)[None]             # [1, Hkv, L, D]
         values = vp.flatten(0, 1)[:seq_len].transpose(0, 1)[None]
         cached = seq_len - qlen
@@ -165,7 +170,7 @@ class CPUTiledBackend(AttentionBackend):
         qlen, block_size = q.shape[0], k_cache.shape[1]
         page = first_page(seq_len, qlen, window, block_size)
         base = page * block_size                                            # position of the first gathered key
-        kp, vp = self.workspace.gather(k_cache, v_cache, block_table[page:-(-seq_len // block_size)].long())
+        kp, vp = self.workspace.gather(k_cache, v_cache, block_table[page:-(-seq_len // block_size)].long(), q.dtype)
         keys = kp.flatten(0, 1)[:seq_len - base].transpose(0, 1)[None]      # [1, Hkv, seq_len - base, D]
         values = vp.flatten(0, 1)[:seq_len - base].transpose(0, 1)[None]
         queries = q.transpose(0, 1)[None]                                   # [1, Hq, Lq, D]
@@ -188,7 +193,7 @@ class CPUTiledBackend(AttentionBackend):
             plan = self._decode_plan(block_tables, seq_lens, window, k_cache.shape[1], q.dtype)
         num_seqs, block_size, hkv, d = q.shape[0], k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
         folded = q.view(num_seqs, hkv, -1, d)                                # [B, Hkv, group, D]
-        kp, vp = self.workspace.gather(k_cache, v_cache, plan.pages)
+        kp, vp = self.workspace.gather(k_cache, v_cache, plan.pages, q.dtype)
         if plan.padded:
             width, length = plan.width, plan.length
             keys = kp.view(num_seqs, width * block_size, hkv, d)[:, :length].transpose(1, 2)   # [B, Hkv, L, D]

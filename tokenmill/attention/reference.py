@@ -41,8 +41,8 @@ class ReferenceBackend(AttentionBackend):
         for b, (qlen, slen) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
             # pages before the window of the first query may be released: never gathered
             page = first_page(slen, qlen, window, block_size)
-            keys = gather_context(k_cache, meta.block_tables[b], slen, page)      # [slen - page * block_size, Hkv, D]
-            values = gather_context(v_cache, meta.block_tables[b], slen, page)
+            keys = gather_context(k_cache, meta.block_tables[b], slen, page, q.dtype)   # [slen - page * block_size, Hkv, D]
+            values = gather_context(v_cache, meta.block_tables[b], slen, page, q.dtype)
             out[start:start + qlen] = dense_causal_attention(q[start:start + qlen], keys, values, scale, window)
             start += qlen
         return out

@@ -45,8 +45,8 @@ class TorchSDPABackend(AttentionBackend):
         qlen = query.shape[2]
         # 4-D [1, H, L, D]: ATen's CPU flash kernel takes only 4-D input; 3-D falls back to the
         # math path, which materialises the [Hq, Lq, L] scores
-        keys = gather_context(k_cache, block_table, slen).transpose(0, 1)[None]    # [1, Hkv, L, D]
-        values = gather_context(v_cache, block_table, slen).transpose(0, 1)[None]
+        keys = gather_context(k_cache, block_table, slen, 0, query.dtype).transpose(0, 1)[None]    # [1, Hkv, L, D]
+        values = gather_context(v_cache, block_table, slen, 0, query.dtype).transpose(0, 1)[None]
         if qlen == slen:
             return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
                                                   enable_gqa=group > 1)
@@ -63,8 +63,8 @@ class TorchSDPABackend(AttentionBackend):
         qlen, block_size = query.shape[2], k_cache.shape[1]
         page = first_page(slen, qlen, window, block_size)
         base = page * block_size                                # position of the first gathered key
-        keys = gather_context(k_cache, block_table, slen, page).transpose(0, 1)[None]     # [1, Hkv, slen - base, D]
-        values = gather_context(v_cache, block_table, slen, page).transpose(0, 1)[None]
+        keys = gather_context(k_cache, block_table, slen, page, query.dtype).transpose(0, 1)[None]  # [1, Hkv, slen - base, D]
+        values = gather_context(v_cache, block_table, slen, page, query.dtype).transpose(0, 1)[None]
         out = torch.empty_like(query)
         for i0, i1, k0, k1 in window_tiles(slen, qlen, window, WINDOW_TILE):
             # a single query sees every key of its tile: no mask, which keeps SDPA on its fused path
@@ -88,8 +88,8 @@ class TorchSDPABackend(AttentionBackend):
             lengths, max_len = torch.tensor(lens, device=q.device), max(lens)
         # index_select copies whole pages at memcpy speed; advanced indexing is ~3x slower here
         rows = tables.reshape(-1).long()
-        keys = k_cache.index_select(0, rows).view(meta.num_seqs, -1, hkv, d)[:, :max_len].transpose(1, 2)  # [B, Hkv, L, D]
-        values = v_cache.index_select(0, rows).view(meta.num_seqs, -1, hkv, d)[:, :max_len].transpose(1, 2)
+        keys = k_cache.index_select(0, rows).view(meta.num_seqs, -1, hkv, d)[:, :max_len].transpose(1, 2).to(q.dtype)
+        values = v_cache.index_select(0, rows).view(meta.num_seqs, -1, hkv, d)[:, :max_len].transpose(1, 2).to(q.dtype)
         pos = torch.arange(max_len, device=q.device).unsqueeze(0)
         mask = pos < lengths.unsqueeze(1)                                                             # [B, L]
         if meta.sliding_window is not None:

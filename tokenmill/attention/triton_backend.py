@@ -71,6 +71,8 @@ def _attend(acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, 
                         stride_bt, stride_kb, stride_ks, stride_kh, PAGE)
         if DOT_FP32:
             k, v = k.to(tl.float32), v.to(tl.float32)
+        else:       # pages may be stored narrower than the queries (kv_cache_dtype)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * qk_scale       # [rows, BLOCK_N]
         if MASK == 2:
             s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))

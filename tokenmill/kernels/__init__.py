@@ -1,11 +1,11 @@
 """tokenmill's own kernels. On GPUs: triton_mm.py, the int4 and int8 weight-only products in Triton (imported
 by their users, as it needs triton). The rest of this module: the CPU kernels (kernels/cpu.c), for x86-64 CPUs with
-AVX2 and FMA:
+AVX2, FMA and F16C:
   - int4 and int8 weight-only products on weights in tiles of 8 rows (tile_int4, tile_int8), unpacked in
     registers; float32 activations rounded per 32 columns to int8 (against int4) or int16 (against int8),
     integer sums per block, float32 across blocks (int4_mm, int8_mm: any number of rows, ~2x the dense
     float32 product at 64 rows and more, ~4x PyTorch's int4 kernel at batch 1);
-  - decode attention straight over the paged KV cache (paged_decode);
+  - decode attention straight over the paged KV cache, float32 or float16 pages (paged_decode; F16C widens);
   - RMSNorm, rotate-half rope and SwiGLU / GeGLU in one pass each (rms_norm, rope, gated);
   - the sampler's greedy pick (argmax: torch.argmax's answer, ~7x faster at a 262k vocabulary);
   - a whole stack of Llama decoder layers for the rows of a decode step in one call (DecoderStack): those
@@ -14,7 +14,7 @@ AVX2 and FMA:
 The C file is compiled once per machine with the system C compiler (the one pip uses for packages
 that compile) into $TOKENMILL_HOME/kernels, and loaded with ctypes, which releases the GIL while a
 kernel runs; its OpenMP threads are PyTorch's (the libgomp already loaded). Where there is no
-compiler, no AVX2/FMA, or TOKENMILL_NATIVE_KERNELS=0, `library()` is None and callers run PyTorch's
+compiler, no AVX2/FMA/F16C, or TOKENMILL_NATIVE_KERNELS=0, `library()` is None and callers run PyTorch's
 path; the helpers that take optional shapes return None for what they do not take.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ log = logging.getLogger("tokenmill")
 
 SOURCE = Path(__file__).with_name("cpu.c")
 # explicit ISA flags, never -march=native: a VM may advertise AVX-512 it then traps (see the Makefile)
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]
 ENV_SWITCH = "TOKENMILL_NATIVE_KERNELS"
 
@@ -46,8 +46,16 @@ _state: dict[str, object] = {}
 
 
 def cpu_supports() -> bool:
-    """AVX2 with FMA, by PyTorch's own run-time dispatch check (its AVX2 level requires both)."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    """AVX2 with FMA, by PyTorch's own run-time dispatch check (its AVX2 level requires both), and F16C (float16
+    KV pages), by the kernel's flags where Linux shows them (every AVX2 CPU made has it: Ivy Bridge and
+    Piledriver brought it before AVX2)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return not flags or "f16c" in flags.split()
 
 
 def _build(target: Path) -> None:
@@ -67,7 +75,7 @@ def _load() -> ctypes.CDLL | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     if not cpu_supports():
-        log.info("native CPU kernels off: this CPU lacks AVX2/FMA (PyTorch's kernels run instead)")
+        log.info("native CPU kernels off: this CPU lacks AVX2/FMA/F16C (PyTorch's kernels run instead)")
         return None
     from tokenmill.model_files import home
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + LIBS).encode()).hexdigest()[:16]
@@ -86,13 +94,13 @@ def _load() -> ctypes.CDLL | None:
     signatures = {      # name: (argument types, return type), as cpu.c declares them
         "tm_int4_mm": ([p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
         "tm_int8_mm": ([p, p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
-        "tm_paged_decode": ([p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, f32, i32], None),
+        "tm_paged_decode": ([p, p, p, p, p, p, i32, p, p, p, p, i64, i64, i64, i64, i64, i64, f32, i32], None),
         "tm_rms_norm": ([p, p, p, i64, i64, f32], None),
         "tm_rope": ([p, i64, p, p, p, i64, i64, i64], None),
         "tm_silu_mul": ([p, p, i64, i64], None),
         "tm_gelu_tanh_mul": ([p, p, i64, i64], None),
         "tm_argmax_rows": ([p, p, i64, i64, i32], None),
-        "tm_decode_layers": ([p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f32, f32, i32, i32], i32),
+        "tm_decode_layers": ([p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i32, f32, f32, i32, i32], i32),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -237,20 +245,23 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int, group
 
 
 MAX_GROUP, MAX_DIM = 16, 256        # cpu.c's bounds for paged_decode
+CACHE_DTYPES = (torch.float32, torch.float16)       # the KV pages paged_decode reads and writes
 
 
 def paged_decode_fits(num_heads: int, dtype: torch.dtype, k_cache: torch.Tensor) -> bool:
-    """Whether `paged_decode` takes `num_heads` query heads of `dtype` over this cache (float32, head_dim a
-    multiple of 8 up to MAX_DIM, at most MAX_GROUP query heads per KV head)."""
+    """Whether `paged_decode` takes `num_heads` query heads of `dtype` (float32) over this cache (float32 or
+    float16 pages, head_dim a multiple of 8 up to MAX_DIM, at most MAX_GROUP query heads per KV head)."""
     d, hkv = k_cache.shape[3], k_cache.shape[2]
-    return (library() is not None and dtype == k_cache.dtype == torch.float32 and k_cache.is_contiguous()
-            and d % 8 == 0 and d <= MAX_DIM and num_heads % hkv == 0 and num_heads // hkv <= MAX_GROUP)
+    return (library() is not None and dtype == torch.float32 and k_cache.dtype in CACHE_DTYPES
+            and k_cache.is_contiguous() and d % 8 == 0 and d <= MAX_DIM and num_heads % hkv == 0
+            and num_heads // hkv <= MAX_GROUP)
 
 
 def _caches_fit(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """A key and a value cache paged_decode takes for `num_heads` float32 query heads: alike, on the CPU."""
     return (paged_decode_fits(num_heads, torch.float32, k_cache) and v_cache.shape == k_cache.shape
-            and v_cache.dtype is torch.float32 and v_cache.is_contiguous() and k_cache.device.type == v_cache.device.type == "cpu")
+            and v_cache.dtype is k_cache.dtype and v_cache.is_contiguous()
+            and k_cache.device.type == v_cache.device.type == "cpu")
 
 
 def _tables_fit(rows: int, slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -270,7 +281,8 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     """Decode rows: row b's new k, v [B, Hkv, D] are written at cache slot slots[b] (int64; -1: skipped),
     then its query q [B, Hq, D] attends to its positions starts[b] .. seq_lens[b] - 1 of the paged cache
     [num_blocks, block_size, Hkv, D] through block_tables [B, width] (int32; seq_lens, starts int32 [B])
-    -> [B, Hq, D]. Only the pages of those positions are read."""
+    -> [B, Hq, D]. Only the pages of those positions are read. The pages hold float32 or float16 (written
+    rounded to nearest even, as .to(torch.float16)); the arithmetic is float32 either way."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, hq, d = q.shape
     _require(q.dtype is torch.float32 and _caches_fit(hq, k_cache, v_cache) and k_cache.shape[3] == d
@@ -280,9 +292,9 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     # the values are trusted: the caller's tables cover seq_lens, slots and page ids lie in the cache
     out = torch.empty_like(q)
     library().tm_paged_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
-                                  v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(), starts.data_ptr(),
-                                  out.data_ptr(), b, hq, k_cache.shape[2], d, k_cache.shape[1], block_tables.shape[1],
-                                  scale, torch.get_num_threads())
+                              v_cache.data_ptr(), int(k_cache.dtype is torch.float16), block_tables.data_ptr(),
+                              seq_lens.data_ptr(), starts.data_ptr(), out.data_ptr(), b, hq, k_cache.shape[2], d,
+                              k_cache.shape[1], block_tables.shape[1], scale, torch.get_num_threads())
     return out
 
 
@@ -383,7 +395,8 @@ class DecoderStack:
         _require(len(caches) == len(self._structs), f"decode_layers: {len(caches)} caches for {len(self._structs)} layers")
         shape = caches[0][0].shape
         for k, v in caches:
-            _require(_caches_fit(hq, k, v) and k.shape == shape and k.shape[2:] == (hkv, d), "decode_layers cache", k, v)
+            _require(_caches_fit(hq, k, v) and k.shape == shape and k.dtype is caches[0][0].dtype
+                     and k.shape[2:] == (hkv, d), "decode_layers cache", k, v)
         for struct, (k, v) in zip(self._structs, caches):
             struct.k_cache, struct.v_cache = k.data_ptr(), v.data_ptr()
         self._caches = list(caches)
@@ -420,7 +433,8 @@ class DecoderStack:
             struct.meta = i
         _check(library().tm_decode_layers(self._structs, len(self._structs), metas, residual.data_ptr(), cos.data_ptr(),
                                           sin.data_ptr(), m, hidden, hq, hkv, d, intermediate,
-                                          self._caches[0][0].shape[1], self.eps, self.scale, self.act,
+                                          self._caches[0][0].shape[1], int(self._caches[0][0].dtype is torch.float16),
+                                          self.eps, self.scale, self.act,
                                           torch.get_num_threads()))
 
 

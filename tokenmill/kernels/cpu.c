@@ -1,4 +1,5 @@
-/* Weight-only int4 and int8 products for x86-64 CPUs with AVX2 and FMA: y[M, N] = x[M, K] @ W^T.
+/* Weight-only int4 and int8 products for x86-64 CPUs with AVX2 and FMA (F16C for float16 KV pages):
+   y[M, N] = x[M, K] @ W^T; decode attention over the paged KV cache; a decode step's small ops.
 
    Built by tokenmill/kernels/__init__.py with the machine's C compiler on first use and loaded with ctypes;
    OpenMP threads come from the libgomp torch has already loaded (same soname), so they are torch's own.
@@ -280,20 +281,26 @@ INLINE __m256 exp_neg(__m256 x) {
 #define CHUNK 512        /* keys per work item, at least: a long context is split at fixed positions */
 #define MAX_CHUNKS 8     /* per row */
 
+/* Eight cached values from element d of a cached row: float32, or float16 widened (F16C). `half` is a
+   compile-time constant wherever these are inlined (attend_f32 / attend_f16), so the test folds away. */
+INLINE __m256 load_cached(const int half, const void *row, int64_t d) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + d)));
+    return _mm256_loadu_ps((const float *)row + d);
+}
+
 /* acc[j][d0 .. d0 + 8 * width) = keep[j] * that + sum over the tile's n keys t of p[j][t] * v_t there, for `heads`
    (1 to 3) query heads j of one KV head: each slice of a value row is loaded once for all of them. heads and
    width are compile-time constants after inlining, so the 4 x 3 accumulators stay in registers. */
-INLINE void weigh_slice(const int heads, const int width, const float **rows_v, int64_t off, int64_t n,
+INLINE void weigh_slice(const int half, const int heads, const int width, const void **rows_v, int64_t off, int64_t n,
                         const float (*p)[TILE], const float *keep, float *acc, int64_t D) {
     __m256 a[3][4];
     for (int j = 0; j < heads; j++)
         for (int c = 0; c < width; c++) a[j][c] = _mm256_mul_ps(_mm256_set1_ps(keep[j]), _mm256_loadu_ps(acc + j * D + 8 * c));
     for (int64_t t = 0; t < n; t++) {
-        const float *v = rows_v[t] + off;
         __m256 pt[3];
         for (int j = 0; j < heads; j++) pt[j] = _mm256_set1_ps(p[j][t]);
         for (int c = 0; c < width; c++) {
-            const __m256 vc = _mm256_loadu_ps(v + 8 * c);
+            const __m256 vc = load_cached(half, rows_v[t], off + 8 * c);
             for (int j = 0; j < heads; j++) a[j][c] = _mm256_fmadd_ps(pt[j], vc, a[j][c]);
         }
     }
@@ -302,21 +309,22 @@ INLINE void weigh_slice(const int heads, const int width, const float **rows_v, 
 }
 
 /* The values of a tile, weighted, for `heads` query heads: 32 columns at a time, then the rest 8 at a time. */
-INLINE void weigh_values(const int heads, const float **rows_v, int64_t hd, int64_t n, const float (*p)[TILE],
-                         const float *keep, float *acc, int64_t D) {
+INLINE void weigh_values(const int half, const int heads, const void **rows_v, int64_t hd, int64_t n,
+                         const float (*p)[TILE], const float *keep, float *acc, int64_t D) {
     int64_t d0 = 0;
-    for (; d0 + 32 <= D; d0 += 32) weigh_slice(heads, 4, rows_v, hd + d0, n, p, keep, acc + d0, D);
-    for (; d0 < D; d0 += 8) weigh_slice(heads, 1, rows_v, hd + d0, n, p, keep, acc + d0, D);
+    for (; d0 + 32 <= D; d0 += 32) weigh_slice(half, heads, 4, rows_v, hd + d0, n, p, keep, acc + d0, D);
+    for (; d0 < D; d0 += 8) weigh_slice(half, heads, 1, rows_v, hd + d0, n, p, keep, acc + d0, D);
 }
 
 /* The keys begin .. end - 1 of one row, for each of its Hkv KV heads and that head's `group` query heads
    (q [Hkv * group, D]): an online softmax over tiles of TILE keys, left unnormalized. Head h's state lies at
    state + h * stride: acc [group, D], then the running max m [group] and sum l [group]. A tile's keys are read
-   for all heads together, so its cached rows (all heads of a position are adjacent) stream in order. */
-static void attend(const float *q, const float *k_cache, const float *v_cache, const int32_t *table, int64_t begin,
-                   int64_t end, int64_t Hkv, int64_t group, int64_t D, int64_t block_size, float scale,
+   for all heads together, so its cached rows (all heads of a position are adjacent) stream in order. The
+   caches hold float32 (half 0) or float16 (half 1) values; all arithmetic is float32. */
+INLINE void attend(const int half, const float *q, const void *k_cache, const void *v_cache, const int32_t *table,
+                   int64_t begin, int64_t end, int64_t Hkv, int64_t group, int64_t D, int64_t block_size, float scale,
                    float *state, int64_t stride) {
-    const int64_t row = Hkv * D;         /* floats per cached position */
+    const int64_t row = Hkv * D * (half ? 2 : 4);         /* bytes per cached position */
     float scores[MAX_GROUP][TILE], keep[MAX_GROUP];
     for (int64_t h = 0; h < Hkv; h++)
         for (int64_t j = 0; j < group; j++) {
@@ -325,7 +333,7 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
             acc[group * (D + 1) + j] = 0.f;
             for (int64_t d = 0; d < D; d++) acc[j * D + d] = 0.f;
         }
-    const float *rows_k[TILE], *rows_v[TILE];
+    const void *rows_k[TILE], *rows_v[TILE];
     for (int64_t t0 = begin; t0 < end; t0 += TILE) {
         const int64_t n = end - t0 < TILE ? end - t0 : TILE;
         for (int64_t i = 0; i < n;) {          /* one division per page, not per key */
@@ -333,8 +341,8 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
             const int64_t run = block_size - offset < n - i ? block_size - offset : n - i;
             int64_t at = ((int64_t)table[t / block_size] * block_size + offset) * row;
             for (int64_t r = 0; r < run; r++, i++, at += row) {
-                rows_k[i] = k_cache + at;
-                rows_v[i] = v_cache + at;
+                rows_k[i] = (const char *)k_cache + at;
+                rows_v[i] = (const char *)v_cache + at;
             }
         }
         for (int64_t h = 0; h < Hkv; h++) {
@@ -348,13 +356,13 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
                     for (int p = 0; p < 8; p++) s[p] = _mm256_setzero_ps();
                     for (int64_t d = 0; d < D; d += 8) {
                         const __m256 qv = _mm256_loadu_ps(qj + d);
-                        for (int p = 0; p < 8; p++) s[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows_k[i + p] + hd + d), s[p]);
+                        for (int p = 0; p < 8; p++) s[p] = _mm256_fmadd_ps(qv, load_cached(half, rows_k[i + p], hd + d), s[p]);
                     }
                     _mm256_storeu_ps(scores[j] + i, _mm256_mul_ps(hsum8(s), _mm256_set1_ps(scale)));
                 }
                 for (; i < n; i++) {
                     __m256 s = _mm256_setzero_ps();
-                    for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), _mm256_loadu_ps(rows_k[i] + hd + d), s);
+                    for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qj + d), load_cached(half, rows_k[i], hd + d), s);
                     scores[j][i] = hsum(s) * scale;
                 }
             }
@@ -380,11 +388,32 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
             /* values of the tile, weighted: each value row loaded once for up to 3 query heads of the group */
             for (int64_t j = 0; j < group; j += 3) {
                 const int64_t heads = group - j < 3 ? group - j : 3;
-                if (heads == 3) weigh_values(3, (const float **)rows_v, hd, n, scores + j, keep + j, acc + j * D, D);
-                else if (heads == 2) weigh_values(2, (const float **)rows_v, hd, n, scores + j, keep + j, acc + j * D, D);
-                else weigh_values(1, (const float **)rows_v, hd, n, scores + j, keep + j, acc + j * D, D);
+                if (heads == 3) weigh_values(half, 3, rows_v, hd, n, scores + j, keep + j, acc + j * D, D);
+                else if (heads == 2) weigh_values(half, 2, rows_v, hd, n, scores + j, keep + j, acc + j * D, D);
+                else weigh_values(half, 1, rows_v, hd, n, scores + j, keep + j, acc + j * D, D);
             }
         }
+    }
+}
+
+static void attend_f32(const float *q, const void *k_cache, const void *v_cache, const int32_t *table, int64_t begin,
+                       int64_t end, int64_t Hkv, int64_t group, int64_t D, int64_t block_size, float scale,
+                       float *state, int64_t stride) {
+    attend(0, q, k_cache, v_cache, table, begin, end, Hkv, group, D, block_size, scale, state, stride);
+}
+
+static void attend_f16(const float *q, const void *k_cache, const void *v_cache, const int32_t *table, int64_t begin,
+                       int64_t end, int64_t Hkv, int64_t group, int64_t D, int64_t block_size, float scale,
+                       float *state, int64_t stride) {
+    attend(1, q, k_cache, v_cache, table, begin, end, Hkv, group, D, block_size, scale, state, stride);
+}
+
+/* row[0 .. n) of a cache of float32 (half 0) or float16 (half 1) = x[0 .. n), n a multiple of 8; float16 rounds
+   to nearest even, as PyTorch's .to(torch.float16) does */
+static void store_cached(const int half, void *row, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8) {
+        if (half) _mm_storeu_si128((__m128i *)((uint16_t *)row + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+        else _mm256_storeu_ps((float *)row + i, _mm256_loadu_ps(x + i));
     }
 }
 
@@ -405,27 +434,29 @@ static int64_t chunk_count(int64_t length) {
 /* Writes row b's new key and value k_new, v_new [B, Hkv, D] (rows ldk and ldv floats apart) at cache slot slots[b]
    (skipped when -1; a slot is block id * block_size + offset), then: q [B, Hq, D] (rows ldq floats apart)
    -> out [B, Hq, D]: row b's query attends to context positions start[b] .. seq_len[b] - 1,
-   read from k_cache/v_cache [num_blocks, block_size, Hkv, D] through block_tables [B, width] (int32).
+   read from k_cache/v_cache [num_blocks, block_size, Hkv, D] (float32, or float16 when `half`) through
+   block_tables [B, width] (int32).
    The Hq / Hkv query heads of a KV head share each key and value row read. Scores never leave a tile
    of TILE keys; the softmax is online (running max and sum), so no L-long row is ever stored.
    D a multiple of 8, at most MAX_DIM; Hq / Hkv at most MAX_GROUP. Threads split (row, KV head, chunk) items;
    the chunks of a long context (chunk_keys) are merged by their maxima and sums (FlashDecoding's split). */
 static void paged_decode(const float *q, const float *k_new, const float *v_new, int64_t ldq, int64_t ldk, int64_t ldv,
-                         const int64_t *slots, float *k_cache, float *v_cache, const int32_t *block_tables,
+                         const int64_t *slots, void *k_cache, void *v_cache, int half, const int32_t *block_tables,
                          const int32_t *seq_lens, const int32_t *starts, float *out, int64_t B, int64_t Hq,
                          int64_t Hkv, int64_t D, int64_t block_size, int64_t width, float scale, int threads) {
-    const int64_t group = Hq / Hkv, row = Hkv * D;          /* floats per cached token */
+    const int64_t group = Hq / Hkv, row = Hkv * D, bytes = row * (half ? 2 : 4);     /* per cached token */
+    void (*const attend_rows)(const float *, const void *, const void *, const int32_t *, int64_t, int64_t, int64_t,
+                              int64_t, int64_t, int64_t, float, float *, int64_t) = half ? attend_f16 : attend_f32;
     /* the new keys and values first, so every chunk sees its row's own (each row writes only its own slot,
        which no other row reads: the engine copies a shared page before a sequence writes to it) */
     int64_t work = 0;
     int64_t *first = malloc(sizeof(int64_t) * (B + 1));     /* row b's chunks are items first[b] .. first[b + 1] - 1 */
     if (first) first[0] = 0;
     for (int64_t b = 0; b < B; b++) {
-        if (slots[b] >= 0)
-            for (int64_t i = 0; i < row; i++) {
-                k_cache[slots[b] * row + i] = k_new[b * ldk + i];
-                v_cache[slots[b] * row + i] = v_new[b * ldv + i];
-            }
+        if (slots[b] >= 0) {
+            store_cached(half, (char *)k_cache + slots[b] * bytes, k_new + b * ldk, row);
+            store_cached(half, (char *)v_cache + slots[b] * bytes, v_new + b * ldv, row);
+        }
         work += seq_lens[b] - starts[b];
         if (first) first[b + 1] = first[b] + chunk_count(seq_lens[b] - starts[b]);
     }
@@ -436,8 +467,8 @@ static void paged_decode(const float *q, const float *k_new, const float *v_new,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (work * Hq * D >= PARALLEL_WORK)
         for (int64_t b = 0; b < B; b++) {
             float state[Hkv * part];
-            attend(q + b * ldq, k_cache, v_cache, block_tables + b * width, starts[b], seq_lens[b], Hkv, group, D,
-                   block_size, scale, state, part);
+            attend_rows(q + b * ldq, k_cache, v_cache, block_tables + b * width, starts[b], seq_lens[b], Hkv, group, D,
+                        block_size, scale, state, part);
             for (int64_t h = 0; h < Hkv; h++)
                 for (int64_t j = 0; j < group; j++) {
                     const float *acc = state + h * part, l = acc[group * (D + 1) + j];
@@ -456,8 +487,8 @@ static void paged_decode(const float *q, const float *k_new, const float *v_new,
             while (first[b + 1] <= item) b++;
             const int64_t keys = chunk_keys(seq_lens[b] - starts[b]), begin = starts[b] + (item - first[b]) * keys;
             const int64_t end = begin + keys < seq_lens[b] ? begin + keys : seq_lens[b];
-            attend(q + b * ldq, k_cache, v_cache, block_tables + b * width, begin, end, Hkv, group, D, block_size,
-                   scale, parts + item * Hkv * part, part);
+            attend_rows(q + b * ldq, k_cache, v_cache, block_tables + b * width, begin, end, Hkv, group, D, block_size,
+                        scale, parts + item * Hkv * part, part);
         }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * Hkv; bh++) {   /* merge a pair's chunks, in order */
@@ -488,10 +519,10 @@ static void paged_decode(const float *q, const float *k_new, const float *v_new,
 
 /* q [B, Hq, D], k_new and v_new [B, Hkv, D], all contiguous: see paged_decode. */
 void tm_paged_decode(const float *q, const float *k_new, const float *v_new, const int64_t *slots,
-                     float *k_cache, float *v_cache, const int32_t *block_tables,
+                     void *k_cache, void *v_cache, int half, const int32_t *block_tables,
                      const int32_t *seq_lens, const int32_t *starts, float *out, int64_t B, int64_t Hq,
                      int64_t Hkv, int64_t D, int64_t block_size, int64_t width, float scale, int threads) {
-    paged_decode(q, k_new, v_new, Hq * D, Hkv * D, Hkv * D, slots, k_cache, v_cache, block_tables, seq_lens, starts, out,
+    paged_decode(q, k_new, v_new, Hq * D, Hkv * D, Hkv * D, slots, k_cache, v_cache, half, block_tables, seq_lens, starts, out,
                  B, Hq, Hkv, D, block_size, width, scale, threads);
 }
 
@@ -584,7 +615,7 @@ typedef struct {
     const float *mlp_norm;      /* [H], before the MLP */
     const float *mlp_out_norm;  /* [H] or NULL: on the MLP's output (Gemma 3) */
     const float *q_norm, *k_norm;   /* [D] each, or NULL: per-head RMSNorm of q and k before rope */
-    float *k_cache, *v_cache;   /* [num_blocks, block_size, Hkv, D] */
+    void *k_cache, *v_cache;    /* [num_blocks, block_size, Hkv, D], float32 or float16 (tm_decode_layers' half) */
     int64_t meta;               /* which of the step's tm_decode_meta this layer's KV group reads */
     int64_t rope;               /* which of the step's rope tables this layer rotates by */
 } tm_layer;
@@ -656,7 +687,7 @@ static void add_into(float *residual, const float *h, int64_t count) {
    H, I and D / 2 multiples of 8. Returns 0, or -1 without scratch memory. */
 int tm_decode_layers(const tm_layer *layers, int64_t L, const tm_decode_meta *metas, float *residual,
                      const float *cos_t, const float *sin_t, int64_t M, int64_t H, int64_t Hq, int64_t Hkv,
-                     int64_t D, int64_t I, int64_t block_size, float eps, float scale, int act, int threads) {
+                     int64_t D, int64_t I, int64_t block_size, int half, float eps, float scale, int act, int threads) {
     const int64_t width_qkv = (Hq + 2 * Hkv) * D, width_qk = (Hq + Hkv) * D;
     const int64_t widest = H > Hq * D ? (H > I ? H : I) : (Hq * D > I ? Hq * D : I);
     float *h = malloc(sizeof(float) * M * (2 * H + width_qkv + width_qk + Hq * D + 3 * I + widest + 1));
@@ -677,7 +708,7 @@ int tm_decode_layers(const tm_layer *layers, int64_t L, const tm_decode_meta *me
         const int64_t rope = layer->rope * M * (D / 2);
         tm_rope(qkv, width_qkv, cos_t + rope, sin_t + rope, qk, M, Hq + Hkv, D);
         paged_decode(qk, qk + Hq * D, qkv + width_qk, width_qk, width_qk, width_qkv, meta->slots, layer->k_cache,
-                     layer->v_cache, meta->block_tables, meta->seq_lens, meta->starts, attn, M, Hq, Hkv, D,
+                     layer->v_cache, half, meta->block_tables, meta->seq_lens, meta->starts, attn, M, Hq, Hkv, D,
                      block_size, meta->width, scale, threads);
         status |= linear(&layer->o, attn, o, gathered, token_scales, M, threads);
         if (layer->attn_out_norm) tm_rms_norm(o, layer->attn_out_norm, o, M, H, eps);

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tokenmill import kernels
+from tokenmill.config import DTYPES
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.registry import model_class
 from tokenmill.parallel.comm import SINGLE, TPGroup
@@ -62,6 +63,16 @@ def activation_dtype(config, method: QuantMethod) -> torch.dtype:
     if config.dtype == "auto" and method.packed and config.torch_device.type == "cpu" and kernels.library() is not None:
         return torch.float32
     return config.torch_dtype
+
+
+def cache_dtype(config, method: QuantMethod, dtype: torch.dtype) -> torch.dtype:
+    """The KV pages' dtype for activations of `dtype`: config.kv_cache_dtype, where "auto" is float16 when packed
+    weights run on tokenmill's CPU kernels with float32 activations (half the bytes a decode step streams, as
+    llama.cpp stores its cache; docs/benchmarks.md), else `dtype` itself."""
+    if config.kv_cache_dtype != "auto":
+        return DTYPES[config.kv_cache_dtype]
+    native = method.packed and config.torch_device.type == "cpu" and kernels.library() is not None
+    return torch.float16 if native and dtype == torch.float32 else dtype
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, max_positions: int, device: torch.device,

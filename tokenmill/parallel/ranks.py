@@ -57,6 +57,7 @@ class RankInit:
     max_model_len: int
     threads: int
     dtype: torch.dtype           # the activation dtype rank 0 runs (what "auto" resolved to there)
+    cache_dtype: torch.dtype     # its KV pages' dtype (likewise)
 
 
 @dataclass
@@ -343,7 +344,7 @@ class ShardWorker:
         dtype = init.dtype
         self.model = build_model(ckpt, dtype, init.max_model_len, device, ckpt.method(config.quantization),
                                  progress=False, tp=group)
-        self.kv_caches = allocate_kv_cache(ckpt.config, init.num_blocks, config.block_size, dtype, device,
+        self.kv_caches = allocate_kv_cache(ckpt.config, init.num_blocks, config.block_size, init.cache_dtype, device,
                                            init.layout.num_slots, group.size)
         self.layer_caches = [self.kv_caches[slot] for _, slot in init.layout.layer_places]
         self.layout = init.layout
