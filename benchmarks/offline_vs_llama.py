@@ -8,7 +8,7 @@ the same spells of a noisy machine (issue 8's target: >= 3x llama-batched-bench)
                whole run, prompts included
 
 python benchmarks/offline_vs_llama.py [--model smollm2-135m] [--rounds 3] [--requests 64] [--input-len 128]
-                                      [--output-len 128] [--quantization Q]
+                                      [--output-len 128] [--quantization Q] [--kv-cache-dtype auto]
 """
 from __future__ import annotations
 
@@ -44,12 +44,14 @@ def llama_batched_bench(model_path: Path, requests: int, input_len: int, output_
     return requests * output_len / total_s
 
 
-def tokenmill_offline(model: str, requests: int, input_len: int, output_len: int, quantization: str | None) -> float:
+def tokenmill_offline(model: str, requests: int, input_len: int, output_len: int, quantization: str | None,
+                      kv_cache_dtype: str) -> float:
     from tokenmill.cli import run_offline_bench
     from tokenmill.config import EngineConfig
     from tokenmill.engine import LLMEngine
     from tokenmill.model_files import resolve_model
-    engine = LLMEngine(EngineConfig(model=str(resolve_model(model)), quantization=quantization, max_num_seqs=requests))
+    engine = LLMEngine(EngineConfig(model=str(resolve_model(model)), quantization=quantization,
+                                    kv_cache_dtype=kv_cache_dtype, max_num_seqs=requests))
     return run_offline_bench(engine, requests, input_len, output_len)["output_tok_s"]
 
 
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     args = ap.parse_args()
     from tokenmill.model_files import resolve_model
     path = resolve_model(args.model)
@@ -68,10 +71,11 @@ def main() -> None:
     pairs = []
     for i in range(args.rounds):
         print(f"[round {i + 1} of {args.rounds}] tokenmill, then llama-batched-bench", file=sys.stderr)
-        ours = tokenmill_offline(args.model, args.requests, args.input_len, args.output_len, args.quantization)
+        ours = tokenmill_offline(args.model, args.requests, args.input_len, args.output_len, args.quantization,
+                                 args.kv_cache_dtype)
         pairs.append((ours, llama_batched_bench(path, args.requests, args.input_len, args.output_len, threads)))
     print(f"\nmachine: {machine()}")
-    print(f"model: {path.name}; {args.requests} requests x ({args.input_len} in, {args.output_len} out); tok/s = "
+    print(f"model: {path.name}, kv_cache_dtype {args.kv_cache_dtype}; {args.requests} requests x ({args.input_len} in, {args.output_len} out); tok/s = "
           f"generated tokens / whole run; llama.cpp: llama-batched-bench -npl {args.requests} -npp {args.input_len} "
           f"-ntg {args.output_len} -t {threads}, right after each tokenmill run\n")
     print("| round | tokenmill tok/s | llama-batched-bench tok/s | ratio |")
