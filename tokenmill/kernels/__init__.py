@@ -95,10 +95,10 @@ def _load() -> ctypes.CDLL | None:
         "tm_int4_mm": ([p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
         "tm_int8_mm": ([p, p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
         "tm_paged_decode": ([p, p, p, p, p, p, i32, p, p, p, p, i64, i64, i64, i64, i64, i64, f32, i32], None),
-        "tm_rms_norm": ([p, p, p, i64, i64, f32], None),
-        "tm_rope": ([p, i64, p, p, p, i64, i64, i64], None),
-        "tm_silu_mul": ([p, p, i64, i64], None),
-        "tm_gelu_tanh_mul": ([p, p, i64, i64], None),
+        "tm_rms_norm": ([p, p, p, i64, i64, f32, i32], None),
+        "tm_rope": ([p, i64, p, p, p, i64, i64, i64, i32], None),
+        "tm_silu_mul": ([p, p, i64, i64, i32], None),
+        "tm_gelu_tanh_mul": ([p, p, i64, i64, i32], None),
         "tm_argmax_rows": ([p, p, i64, i64, i32], None),
         "tm_decode_layers": ([p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i32, f32, f32, i32, i32], i32),
     }
@@ -447,7 +447,7 @@ def gated(x: torch.Tensor, act: str) -> torch.Tensor | None:
     x = x.contiguous()
     out = torch.empty(x.shape[0], half, dtype=torch.float32)
     kernel = library().tm_gelu_tanh_mul if act == "gelu_tanh" else library().tm_silu_mul
-    kernel(x.data_ptr(), out.data_ptr(), x.shape[0], half)
+    kernel(x.data_ptr(), out.data_ptr(), x.shape[0], half, torch.get_num_threads())
     return out
 
 
@@ -473,7 +473,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     _require(weight.numel() == k and weight.is_contiguous(), "rms_norm", x, weight)
     x = x.contiguous()
     out = torch.empty_like(x)
-    library().tm_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // k, k, eps)
+    library().tm_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // k, k, eps,
+                          torch.get_num_threads())
     return out
 
 
@@ -487,7 +488,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     _require(sin.dtype is torch.float32 and cos.numel() == sin.numel() == t * (d // 2), "rope", x, cos, sin)
     cos, sin = cos.reshape(t, d // 2).contiguous(), sin.reshape(t, d // 2).contiguous()
     out = torch.empty(t, h, d, dtype=torch.float32)
-    library().tm_rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, h, d)
+    library().tm_rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, h, d,
+                      torch.get_num_threads())
     return out
 
 

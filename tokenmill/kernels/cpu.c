@@ -32,6 +32,8 @@
 #define MR 4                        /* activation rows per weight tile pass */
 #define M_CHUNK 64                  /* activation rows a thread's work item covers (they stay in L2) */
 #define PARALLEL_WORK (1 << 17)     /* weights x rows below which one thread beats waking the others */
+#define PARALLEL_ELEMENTS (1 << 13) /* elements of a per-row op (norm, rope, activation, rounding) below which
+                                       one thread beats a parallel region; above it, rows split over threads */
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE float hsum(__m256 v) {
@@ -73,7 +75,7 @@ static void quantize_blocks(const float *x, void *xq, float *dx, float *xsum, in
                             int wide, int threads) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     const float range = wide ? 32767.f : 127.f;
-#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= PARALLEL_WORK)
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 1 && M * K >= PARALLEL_ELEMENTS)
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < K; b += 32) {
             const float *xb = x + m * K + b;
@@ -529,7 +531,8 @@ void tm_paged_decode(const float *q, const float *k_new, const float *v_new, con
 /* ---- small per-token ops of a decode step (each replaces several PyTorch ops) -------------------------- */
 
 /* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * weight, for M rows of K floats (K a multiple of 8). */
-void tm_rms_norm(const float *x, const float *weight, float *out, int64_t M, int64_t K, float eps) {
+void tm_rms_norm(const float *x, const float *weight, float *out, int64_t M, int64_t K, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 1 && M * K >= PARALLEL_ELEMENTS)
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
         __m256 ss = _mm256_setzero_ps();
@@ -546,8 +549,9 @@ void tm_rms_norm(const float *x, const float *weight, float *out, int64_t M, int
 /* Rotate-half (NeoX) rope: x [T, H, D] with a stride of `ld` floats between tokens (heads contiguous)
    -> out [T, H, D] contiguous; cos, sin [T, D / 2]. D / 2 a multiple of 8. */
 void tm_rope(const float *x, int64_t ld, const float *cos_t, const float *sin_t, float *out,
-             int64_t T, int64_t H, int64_t D) {
+             int64_t T, int64_t H, int64_t D, int threads) {
     const int64_t half = D / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (T > 1 && T * H * D >= PARALLEL_ELEMENTS)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < H; h++) {
             const float *a = x + t * ld + h * D, *c = cos_t + t * half, *s = sin_t + t * half;
@@ -562,8 +566,9 @@ void tm_rope(const float *x, int64_t ld, const float *cos_t, const float *sin_t,
 }
 
 /* out [M, I] = silu(x[:, :I]) * x[:, I:] for x [M, 2I] (SwiGLU's gate and up halves), I a multiple of 8. */
-void tm_silu_mul(const float *x, float *out, int64_t M, int64_t I) {
+void tm_silu_mul(const float *x, float *out, int64_t M, int64_t I, int threads) {
     const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 1 && M * I >= PARALLEL_ELEMENTS)
     for (int64_t m = 0; m < M; m++)
         for (int64_t i = 0; i < I; i += 8) {
             const __m256 g = _mm256_loadu_ps(x + m * 2 * I + i), u = _mm256_loadu_ps(x + m * 2 * I + I + i);
@@ -578,9 +583,10 @@ void tm_silu_mul(const float *x, float *out, int64_t M, int64_t I) {
 
 /* out [M, I] = gelu(x[:, :I]) * x[:, I:] (GeGLU, gelu's tanh approximation as PyTorch's
    approximate="tanh": 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))), I a multiple of 8. */
-void tm_gelu_tanh_mul(const float *x, float *out, int64_t M, int64_t I) {
+void tm_gelu_tanh_mul(const float *x, float *out, int64_t M, int64_t I, int threads) {
     const __m256 one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f), sign = _mm256_set1_ps(-0.f);
     const __m256 c = _mm256_set1_ps(0.7978845608028654f), c3 = _mm256_set1_ps(0.044715f);
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 1 && M * I >= PARALLEL_ELEMENTS)
     for (int64_t m = 0; m < M; m++)
         for (int64_t i = 0; i < I; i += 8) {
             const __m256 g = _mm256_loadu_ps(x + m * 2 * I + i), u = _mm256_loadu_ps(x + m * 2 * I + I + i);
@@ -698,27 +704,27 @@ int tm_decode_layers(const tm_layer *layers, int64_t L, const tm_decode_meta *me
     for (int64_t i = 0; i < L && status == 0; i++) {
         const tm_layer *layer = layers + i;
         const tm_decode_meta *meta = metas + layer->meta;
-        tm_rms_norm(residual, layer->input_norm, h, M, H, eps);
+        tm_rms_norm(residual, layer->input_norm, h, M, H, eps, threads);
         status |= linear(&layer->qkv, h, qkv, gathered, token_scales, M, threads);
         if (layer->q_norm)          /* in place, head by head */
             for (int64_t m = 0; m < M; m++) {
-                tm_rms_norm(qkv + m * width_qkv, layer->q_norm, qkv + m * width_qkv, Hq, D, eps);
-                tm_rms_norm(qkv + m * width_qkv + Hq * D, layer->k_norm, qkv + m * width_qkv + Hq * D, Hkv, D, eps);
+                tm_rms_norm(qkv + m * width_qkv, layer->q_norm, qkv + m * width_qkv, Hq, D, eps, 1);
+                tm_rms_norm(qkv + m * width_qkv + Hq * D, layer->k_norm, qkv + m * width_qkv + Hq * D, Hkv, D, eps, 1);
             }
         const int64_t rope = layer->rope * M * (D / 2);
-        tm_rope(qkv, width_qkv, cos_t + rope, sin_t + rope, qk, M, Hq + Hkv, D);
+        tm_rope(qkv, width_qkv, cos_t + rope, sin_t + rope, qk, M, Hq + Hkv, D, threads);
         paged_decode(qk, qk + Hq * D, qkv + width_qk, width_qk, width_qk, width_qkv, meta->slots, layer->k_cache,
                      layer->v_cache, half, meta->block_tables, meta->seq_lens, meta->starts, attn, M, Hq, Hkv, D,
                      block_size, meta->width, scale, threads);
         status |= linear(&layer->o, attn, o, gathered, token_scales, M, threads);
-        if (layer->attn_out_norm) tm_rms_norm(o, layer->attn_out_norm, o, M, H, eps);
+        if (layer->attn_out_norm) tm_rms_norm(o, layer->attn_out_norm, o, M, H, eps, threads);
         add_into(residual, o, M * H);
-        tm_rms_norm(residual, layer->mlp_norm, h, M, H, eps);
+        tm_rms_norm(residual, layer->mlp_norm, h, M, H, eps, threads);
         status |= linear(&layer->gate_up, h, gate_up, gathered, token_scales, M, threads);
-        if (act == 1) tm_gelu_tanh_mul(gate_up, glu, M, I);
-        else tm_silu_mul(gate_up, glu, M, I);
+        if (act == 1) tm_gelu_tanh_mul(gate_up, glu, M, I, threads);
+        else tm_silu_mul(gate_up, glu, M, I, threads);
         status |= linear(&layer->down, glu, o, gathered, token_scales, M, threads);
-        if (layer->mlp_out_norm) tm_rms_norm(o, layer->mlp_out_norm, o, M, H, eps);
+        if (layer->mlp_out_norm) tm_rms_norm(o, layer->mlp_out_norm, o, M, H, eps, threads);
         add_into(residual, o, M * H);
     }
     free(h);
