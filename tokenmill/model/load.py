@@ -55,12 +55,17 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                       gguf_metadata=gguf.metadata)
 
 
+def on_cpu_kernels(config, method: QuantMethod) -> bool:
+    """Whether `method`'s weights run packed on tokenmill's CPU kernels under `config`."""
+    return method.packed and config.torch_device.type == "cpu" and kernels.library() is not None
+
+
 def activation_dtype(config, method: QuantMethod) -> torch.dtype:
     """config.torch_dtype, except that dtype="auto" with weights running packed on tokenmill's CPU kernels
     is float32: the kernels take float32, and bfloat16 converts at every call and leaves attention and
     norms to PyTorch (a decode step of the default model: 20.3 ms against 12.2 ms, 2-vCPU AVX2 EPYC).
     Every tensor-parallel rank decides the same way."""
-    if config.dtype == "auto" and method.packed and config.torch_device.type == "cpu" and kernels.library() is not None:
+    if config.dtype == "auto" and on_cpu_kernels(config, method):
         return torch.float32
     return config.torch_dtype
 
@@ -71,8 +76,7 @@ def cache_dtype(config, method: QuantMethod, dtype: torch.dtype) -> torch.dtype:
     llama.cpp stores its cache; docs/benchmarks.md), else `dtype` itself."""
     if config.kv_cache_dtype != "auto":
         return DTYPES[config.kv_cache_dtype]
-    native = method.packed and config.torch_device.type == "cpu" and kernels.library() is not None
-    return torch.float16 if native and dtype == torch.float32 else dtype
+    return torch.float16 if on_cpu_kernels(config, method) and dtype == torch.float32 else dtype
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, max_positions: int, device: torch.device,

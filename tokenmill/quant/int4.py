@@ -32,6 +32,18 @@ def regroup(scale: torch.Tensor, zero: torch.Tensor, group: int, in_features: in
     return scale.repeat_interleave(r, dim=1), zero.repeat_interleave(r, dim=1), 32
 
 
+def scale_offset_form(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      group: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(scale, offset, group) of w = q * scale + offset, offset = zero - 8 * scale (float64 here), the form
+    tokenmill's own kernels take (C and Triton: any group a multiple of 32 dividing K; others by regroup)."""
+    k = q.shape[1]
+    if group % 32 or k % group:
+        scale, zero, group = regroup(scale, zero, group, k)
+    if k % group:
+        raise ValueError(f"int4 kernel: in_features {k} is not a multiple of the group size {group}")
+    return scale, zero.double() - 8 * scale.double(), group
+
+
 def _unpack_layout(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
     """The kernel's packed [N, K / 2] bytes -> q [N, K], for its layout with `block` rows per tile:
     tiles of `block` rows, then K / 2 rows of (2 k-parities x block / 2 bytes), a byte holding row j
@@ -124,13 +136,8 @@ class NativeInt4Kernel(LinearKernel):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
                  perm: torch.Tensor | None = None, label: str = "int4"):
         super().__init__()
-        n, k = q.shape
-        if group % 32 or k % group:
-            scale, zero, group = regroup(scale, zero, group, k)
-        if k % group:
-            raise ValueError(f"int4 kernel: in_features {k} is not a multiple of the group size {group}")
-        self.out_features, self.in_features, self.group, self.label = n, k, group, label
-        offset = zero.double() - 8 * scale.double()
+        scale, offset, group = scale_offset_form(q, scale, zero, group)
+        (self.out_features, self.in_features), self.group, self.label = q.shape, group, label
         packed, scale_offset = kernels.tile_int4(q, scale, offset)
         self.register_buffer("packed", packed)                    # [N8, K / 32, 4, 32]
         self.register_buffer("scale_offset", scale_offset)        # [N8, K / group, 2, 8]
@@ -165,11 +172,8 @@ class TritonInt4Kernel(LinearKernel):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, device: torch.device,
                  perm: torch.Tensor | None = None, label: str = "int4"):
         super().__init__()
-        n, k = q.shape
-        if group % 32 or k % group:
-            scale, zero, group = regroup(scale, zero, group, k)
-        self.out_features, self.in_features, self.group, self.label = n, k, group, label
-        offset = zero.double() - 8 * scale.double()
+        scale, offset, group = scale_offset_form(q, scale, zero, group)
+        (self.out_features, self.in_features), self.group, self.label = q.shape, group, label
         self.register_buffer("packed", kernels.pack_int4(q).to(device))                       # [N, K / 2]
         self.register_buffer("scale_offset", torch.stack([scale.float(), offset.float()], dim=-1).to(device))
         self.register_buffer("perm", None if perm is None else perm.to(device))

@@ -71,14 +71,17 @@ class Int8WeightKernel(LinearKernel):
             x2 = x2.to(dtype)
             y = torch.empty(x2.shape[0], self.out_features, dtype=dtype, device=x.device)
             for i in range(0, self.out_features, self.SLAB):
-                rows = slice(i, i + self.SLAB)
-                y[:, rows] = x2 @ (self.q[rows].to(dtype) * self.scale[rows, None].to(dtype)).t()
+                y[:, i:i + self.SLAB] = x2 @ self._dense(slice(i, i + self.SLAB), dtype).t()
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _dense(self, rows, dtype: torch.dtype) -> torch.Tensor:
+        """Weight rows `rows` (ids or a slice) as `dtype` [..., K], from their per-row scales (off the CPU kernel)."""
+        return self.q[rows].to(dtype) * self.scale[rows, None].to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.native:
             return kernels.int8_rows(self.q, self.scale, ids).to(dtype).view(*ids.shape, -1)
-        return self.q[ids].to(dtype) * self.scale[ids, None].to(dtype)
+        return self._dense(ids, dtype)
 
     def packed_weights(self) -> kernels.PackedWeights | None:
         return kernels.PackedWeights(8, self.q, self.scale, self.group) if self.native else None
