@@ -143,7 +143,7 @@ def main() -> None:
     ref = llama_bench(resolve_model(args.model), args.tokens, args.threads)
     print(f"\nmachine: {machine()}")
     print(f"model: {args.model}; batch 1, {args.tokens} new tokens, median of {args.runs}; "
-          f"llama.cpp: llama-bench -t {args.threads} -p 0 -n {args.tokens}, run right after\n")
+          f"llama.cpp: llama-bench -t {args.threads} -p 0 -n {args.tokens}, run right after ({llama_tool('llama-bench')})\n")
     labels = list(results)
     print("| per decode step (ms) | " + " | ".join(labels) + " |")
     print("|---|" + "---|" * len(labels))

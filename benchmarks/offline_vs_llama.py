@@ -77,7 +77,7 @@ def main() -> None:
     print(f"\nmachine: {machine()}")
     print(f"model: {path.name}, kv_cache_dtype {args.kv_cache_dtype}; {args.requests} requests x ({args.input_len} in, {args.output_len} out); tok/s = "
           f"generated tokens / whole run; llama.cpp: llama-batched-bench -npl {args.requests} -npp {args.input_len} "
-          f"-ntg {args.output_len} -t {threads}, right after each tokenmill run\n")
+          f"-ntg {args.output_len} -t {threads}, right after each tokenmill run ({llama_tool('llama-batched-bench')})\n")
     print("| round | tokenmill tok/s | llama-batched-bench tok/s | ratio |")
     print("|---|---|---|---|")
     for i, (ours, theirs) in enumerate(pairs):

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenmill import LLM, SamplingParams  # noqa: E402
+from tokenmill import LLM, SamplingParams, kernels  # noqa: E402
 from tokenmill.cli import run_offline_bench  # noqa: E402
 from tokenmill.config import EngineConfig  # noqa: E402
 from tokenmill.loader.gguf import GGUFCheckpoint  # noqa: E402
@@ -37,8 +37,12 @@ METHODS = {   # row name -> (quantization, dtype)
 
 def llama_tool(name: str) -> Path | None:
     """One of llama.cpp's own tools (llama-bench, llama-batched-bench, ...) as benchmarks/build_llama_cpp.sh
-    builds them under the tokenmill home; None when they are not built."""
-    return next(iter(sorted(home().glob(f"llama.cpp-*/bin/{name}"))), None)
+    builds them under the tokenmill home: its AVX-512 VNNI set where tokenmill's kernels run their VNNI build
+    and that set is built (LLAMA_ISA=avx512), else the AVX2 set; None when neither is built."""
+    sets = sorted(home().glob(f"llama.cpp-*/bin/{name}"), key=lambda p: p.parent.parent.name.endswith("-avx512"))
+    if kernels.build() != "vnni":
+        sets = [p for p in sets if not p.parent.parent.name.endswith("-avx512")]
+    return sets[-1] if sets else None
 
 
 def machine() -> str:
@@ -46,7 +50,8 @@ def machine() -> str:
                platform.processor())
     feats = [f for f in ("avx512_bf16", "avx512_vnni", "amx_tile") if getattr(torch.cpu, f"_is_{f}_supported", lambda: False)()]
     return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, features: {', '.join(feats) or 'none of avx512_bf16/vnni/amx'}")
+            f"{torch.backends.cpu.get_cpu_capability()}, features: {', '.join(feats) or 'none of avx512_bf16/vnni/amx'}, "
+            f"tokenmill kernels: {kernels.build() or 'off'}")
 
 
 def batch1(llm: LLM, n: int = 128) -> float:

@@ -23,6 +23,65 @@ pytestmark = pytest.mark.skipif(not kernels.cpu_supports(), reason="tokenmill's 
 
 def test_the_kernels_build_and_load():
     assert kernels.library() is not None
+    forced = __import__("os").environ.get(kernels.ENV_SWITCH) == "avx2"
+    assert kernels.build() == ("avx2" if forced else kernels.best_build())
+
+
+def test_a_build_the_cpu_does_not_run_falls_back_to_avx2(monkeypatch, caplog):
+    """The loader runs one instruction of the VNNI build in a child process before trusting the CPU's flags; where
+    it traps (a VM that advertises what it does not run) the AVX2 build loads, and the log says why."""
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "best_build", lambda: "vnni")
+    monkeypatch.setattr(kernels, "_runs", lambda path, build: False)
+    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
+    with caplog.at_level("WARNING", logger="tokenmill"):
+        assert kernels.library() is not None and kernels.build() == "avx2"
+    assert "does not run the vnni build" in caplog.text
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert kernels.library() is None and kernels.build() is None
+
+
+def test_the_child_process_check_runs_the_build():
+    """_runs on the AVX2 build's library (every machine here runs it): the child returns its tm_isa."""
+    kernels.compiled("avx2")
+    assert kernels._runs(kernels.library_path("avx2"), "avx2")
+
+
+def products(lib, x, x_int, int4, int8, n, k, group):
+    """int4 and int8 products of one build's library, called directly (kernels.int4_mm takes the loaded one)."""
+    m = x.shape[0]
+    y4, y8, y16 = (torch.empty(m, n) for _ in range(3))
+    assert lib.tm_int4_mm(x.data_ptr(), int4[0].data_ptr(), int4[1].data_ptr(), y4.data_ptr(), m, n, k, group, n, 2) == 0
+    assert lib.tm_int8_mm(x.data_ptr(), None, int8[0].data_ptr(), int8[1].data_ptr(), y8.data_ptr(), m, n, k, group, n,
+                          2) == 0
+    assert lib.tm_int8_mm(None, x_int.data_ptr(), int8[0].data_ptr(), int8[1].data_ptr(), y16.data_ptr(), m, n, k, group,
+                          n, 2) == 0
+    return y4, y8, y16
+
+
+@pytest.mark.skipif(kernels.best_build() != "vnni", reason="this CPU has no AVX-512 VNNI")
+def test_the_vnni_build_gives_the_avx2_builds_results():
+    """vpdpbusd / vpdpwssd add up the same integers as vpmaddubsw + vpmaddwd / vpmaddwd + vpaddd, so every product
+    is bit for bit the AVX2 build's: on row counts around the 4-row passes and the 64-row work items, weights
+    with extreme nibbles and bytes, activations at the int16 limits."""
+    avx2, vnni = kernels.compiled("avx2"), kernels.compiled("vnni")
+    assert (avx2.tm_isa(), vnni.tm_isa()) == (1, 2)
+    for m, n, k, group in [(1, 8, 32, 32), (3, 13, 96, 32), (5, 40, 256, 128), (67, 24, 512, 64), (130, 16, 64, 32)]:
+        q, scale, zero = random_int4(n, k, group, seed=m)
+        q[0] = 15
+        q[-1] = 0
+        g = torch.Generator().manual_seed(m)
+        q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        q8[0] = -128
+        int8 = kernels.tile_int8(q8, torch.rand(n, k // group, generator=g))
+        x = torch.randn(m, k, generator=g) * 3
+        x_int = torch.randint(-32767, 32768, (m, k), dtype=torch.int16, generator=g)
+        x_int[0] = -32767
+        want = products(avx2, x, x_int, int4_tiles(q, scale, zero), int8, n, k, group)
+        got = products(vnni, x, x_int, int4_tiles(q, scale, zero), int8, n, k, group)
+        for a, b in zip(want, got):
+            assert torch.equal(a, b), (m, n, k, group)
 
 
 def activation_bound(x: torch.Tensor, w: torch.Tensor, levels: int = 32767) -> torch.Tensor:

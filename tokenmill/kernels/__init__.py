@@ -15,7 +15,9 @@ The C file is compiled once per machine with the system C compiler (the one pip 
 that compile) into $TOKENMILL_HOME/kernels, and loaded with ctypes, which releases the GIL while a
 kernel runs; its OpenMP threads are PyTorch's (the libgomp already loaded). Where there is no
 compiler, no AVX2/FMA/F16C, or TOKENMILL_NATIVE_KERNELS=0, `library()` is None and callers run PyTorch's
-path; the helpers that take optional shapes return None for what they do not take.
+path; the helpers that take optional shapes return None for what they do not take. Where the CPU has AVX-512 VNNI
+the same source is built a second time with it (BUILDS; `build()` says which runs): the integer products take
+one instruction where AVX2 takes three, with the same integer sums, so the same results bit for bit.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,11 +41,24 @@ log = logging.getLogger("tokenmill")
 SOURCE = Path(__file__).with_name("cpu.c")
 # explicit ISA flags, never -march=native: a VM may advertise AVX-512 it then traps (see the Makefile)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+BUILDS = {      # name: flags. The same source twice; "vnni" where the CPU has AVX-512 VNNI (cpu.c's VNNI)
+    "avx2": FLAGS,
+    "vnni": FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+}
 LIBS = ["-lm"]
-ENV_SWITCH = "TOKENMILL_NATIVE_KERNELS"
+ENV_SWITCH = "TOKENMILL_NATIVE_KERNELS"     # "0": PyTorch's kernels; "avx2": that build even on a VNNI CPU
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux shows them; empty where it does not."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split()[2:])
 
 
 def cpu_supports() -> bool:
@@ -51,47 +67,60 @@ def cpu_supports() -> bool:
     Piledriver brought it before AVX2)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return True
-    return not flags or "f16c" in flags.split()
+    flags = _cpu_flags()
+    return not flags or "f16c" in flags
 
 
-def _build(target: Path) -> None:
+def best_build() -> str:
+    """"vnni" where PyTorch runs its AVX-512 kernels here (the OS saves the vector state) and the CPU shows
+    AVX-512 VNNI, BW and VL; else "avx2". The loader then runs one VNNI instruction in a child process before
+    it trusts the answer."""
+    wanted = {"avx512_vnni", "avx512bw", "avx512vl"}
+    return "vnni" if torch.backends.cpu.get_cpu_capability() == "AVX512" and wanted <= _cpu_flags() else "avx2"
+
+
+def _build(target: Path, flags: list[str]) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), *LIBS], capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out), *LIBS], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
         os.replace(out, target)          # atomic: a concurrent process sees the old file or the new one
 
 
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    if not cpu_supports():
-        log.info("native CPU kernels off: this CPU lacks AVX2/FMA/F16C (PyTorch's kernels run instead)")
-        return None
+def _runs(path: Path, build: str) -> bool:
+    """Whether this CPU runs `build`'s instructions: tm_isa in a child process (a trap kills the child only)."""
+    code = "import ctypes, sys; sys.exit(ctypes.CDLL(sys.argv[1]).tm_isa())"
+    done = subprocess.run([sys.executable, "-S", "-c", code, str(path)], capture_output=True, timeout=60)
+    return done.returncode == list(BUILDS).index(build) + 1
+
+
+def library_path(build: str) -> Path:
+    """Where `build`'s library lives: $TOKENMILL_HOME/kernels, named by the source and flags it is built from."""
     from tokenmill.model_files import home
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + LIBS).encode()).hexdigest()[:16]
-    path = home() / "kernels" / f"cpu-{key}.so"
-    try:
-        if not path.exists():
-            start = time.perf_counter()
-            log.info("compiling tokenmill's CPU kernels (once per machine) into %s", path)
-            _build(path)
-            log.info("compiled the CPU kernels in %.1f s", time.perf_counter() - start)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError) as e:
-        log.warning("native CPU kernels unavailable (%s); PyTorch's kernels run instead", e)
-        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(BUILDS[build] + LIBS).encode()).hexdigest()[:16]
+    return home() / "kernels" / f"cpu-{build}-{key}.so"
+
+
+def compiled(build: str) -> ctypes.CDLL:
+    """`build`'s library (BUILDS), compiled on first use into $TOKENMILL_HOME/kernels, with its signatures set.
+    Raises OSError / RuntimeError where it cannot be built or loaded, or this CPU does not run it."""
+    path = library_path(build)
+    if not path.exists():
+        start = time.perf_counter()
+        log.info("compiling tokenmill's CPU kernels (%s, once per machine) into %s", build, path)
+        _build(path, BUILDS[build])
+        log.info("compiled the CPU kernels in %.1f s", time.perf_counter() - start)
+    if build != "avx2" and not _runs(path, build):
+        raise RuntimeError(f"this CPU does not run the {build} build's instructions")
+    lib = ctypes.CDLL(str(path))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     signatures = {      # name: (argument types, return type), as cpu.c declares them
+        "tm_isa": ([], i32),
         "tm_int4_mm": ([p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
         "tm_int8_mm": ([p, p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
         "tm_paged_decode": ([p, p, p, p, p, p, i32, p, p, p, p, i64, i64, i64, i64, i64, i64, f32, i32], None),
@@ -105,9 +134,29 @@ def _load() -> ctypes.CDLL | None:
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = argtypes, restype
-    log.info("CPU kernels: tokenmill's own (AVX2/FMA) for int4/int8 products, decode attention over pages, "
-             "norms and rope")
     return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    switch = os.environ.get(ENV_SWITCH, "1")
+    if switch == "0":
+        return None
+    if not cpu_supports():
+        log.info("native CPU kernels off: this CPU lacks AVX2/FMA/F16C (PyTorch's kernels run instead)")
+        return None
+    builds = ["avx2"] if switch == "avx2" or best_build() == "avx2" else ["vnni", "avx2"]
+    for build in builds:
+        try:
+            lib = compiled(build)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log.warning("native CPU kernels (%s) unavailable: %s", build, e)
+            continue
+        _state["build"] = build
+        log.info("CPU kernels: tokenmill's own (%s) for int4/int8 products, decode attention over pages, norms "
+                 "and rope", "AVX-512 VNNI" if build == "vnni" else "AVX2/FMA")
+        return lib
+    log.warning("PyTorch's kernels run instead of tokenmill's")
+    return None
 
 
 def library() -> ctypes.CDLL | None:
@@ -117,6 +166,11 @@ def library() -> ctypes.CDLL | None:
             if "lib" not in _state:
                 _state["lib"] = _load()
     return _state["lib"]
+
+
+def build() -> str | None:
+    """Which of BUILDS `library()` is ("avx2" or "vnni"); None where none runs."""
+    return _state.get("build") if library() is not None else None
 
 
 def multiplies(in_features: int, device: torch.device = torch.device("cpu")) -> bool:

@@ -22,19 +22,50 @@
    A block's integer sum is converted to float once and scaled by weight scale x activation scale; sums over
    blocks, and int4's offsets (offset x the sum of the group's rounded activations), are float32. Rows of x
    go MR at a time, so each weight vector serves up to MR rows; every row is computed the same way whatever
-   the others are, so a row's result does not depend on the batch. */
+   the others are, so a row's result does not depend on the batch.
+
+   Built twice where the CPU has AVX-512 VNNI (kernels/__init__.py's BUILDS): that build sums the integer
+   products with vpdpbusd / vpdpwssd (the same integers, so the same results bit for bit) and, having 32 vector
+   registers, runs two int4 tiles per pass (NT). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define MR 4                        /* activation rows per weight tile pass */
 #define M_CHUNK 64                  /* activation rows a thread's work item covers (they stay in L2) */
 #define PARALLEL_WORK (1 << 17)     /* weights x rows below which one thread beats waking the others */
 #define PARALLEL_ELEMENTS (1 << 13) /* elements of a per-row op (norm, rope, activation, rounding) below which
                                        one thread beats a parallel region; above it, rows split over threads */
 #define INLINE static inline __attribute__((always_inline))
+/* Built a second time with AVX-512 VNNI (VL, on 256-bit vectors, the same layouts) where the CPU has it: the
+   integer products then accumulate into int32 in one instruction (vpdpbusd, vpdpwssd), with the same sums. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 1
+#else
+#define VNNI 0
+#endif
+#ifndef MR
+#define MR 4                        /* activation rows per weight tile pass */
+#endif
+#ifndef NT
+#if VNNI
+#define NT 2                        /* int4 weight tiles per pass: two where AVX-512 gives 32 vector registers */
+#else
+#define NT 1
+#endif
+#endif
+
+/* which build this is, by running an instruction of it: the loader's check that the CPU runs it */
+int tm_isa(void) {
+#if VNNI
+    volatile int seven = 7;
+    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), _mm256_set1_epi8(seven));
+    return _mm256_extract_epi32(p, 0) == 28 ? 2 : 0;
+#else
+    return 1;
+#endif
+}
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -125,55 +156,91 @@ INLINE void store_tile(const __m256 acc[MR], int rows, float *y, int64_t ldy, in
     }
 }
 
-/* One tile of 8 int4 weight rows against `rows` (<= MR) rows of int8 activations: y[r * ldy + j] = row r's
-   product with weight row j of the tile, j < cols. The rows are a run-time count tested in the loops: gcc then
-   keeps each row's chain apart (with the count fixed at compile time it interleaves the rows and spills,
-   ~10 % slower). */
-static void tile_int4(const uint8_t *qt, const float *st, const int8_t *xq, const float *dx, const float *xsum,
-                      int64_t K, int64_t group, int rows, float *y, int64_t ldy, int64_t cols) {
+/* `nt` (<= NT) neighbouring tiles of 8 int4 weight rows against `rows` (<= MR) rows of int8 activations:
+   y[r * ldy + 8u + j] = row r's product with weight row j of tile u, j < 8 (j < cols in the last tile). Tile u's
+   weights and scales lie tile_bytes and scale_stride after tile u - 1's. Each activation broadcast serves the
+   NT tiles (where there are registers for two: a broadcast from memory costs about what a product does). The
+   rows are a run-time count tested in the loops: gcc then keeps each row's chain apart (with the count fixed
+   at compile time it interleaves the rows and spills, ~10 % slower); nt is a compile-time constant (tile_int4),
+   as gcc spills the AVX2 build's registers where it is tested at run time (2.5x slower). */
+INLINE void tile_int4_body(const int nt, const uint8_t *qt, int64_t tile_bytes, const float *st, int64_t scale_stride,
+                           const int8_t *xq, const float *dx, const float *xsum, int64_t K, int64_t group, int rows,
+                           float *y, int64_t ldy, int64_t cols) {
     const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const int64_t B = K / 32, G = K / group, per = group / 32;
-    __m256 acc[MR];
-    for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc[NT][MR];
+    for (int u = 0; u < nt; u++)
+        for (int r = 0; r < MR; r++) acc[u][r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < B; b++) {
-        __m256i sums[MR];
-        for (int r = 0; r < MR; r++) sums[r] = _mm256_setzero_si256();
+        __m256i sums[NT][MR];
+        for (int u = 0; u < nt; u++)
+            for (int r = 0; r < MR; r++) sums[u][r] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(qt + (4 * b + c) * 32));
-            const __m256i w0 = _mm256_and_si256(v, mask), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            __m256i w0[NT], w1[NT];
+            for (int u = 0; u < nt; u++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qt + u * tile_bytes + (4 * b + c) * 32));
+                w0[u] = _mm256_and_si256(v, mask);
+                w1[u] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            }
             for (int r = 0; r < MR; r++)
                 if (r < rows) {
                     const int8_t *xb = xq + r * K + 32 * b + 8 * c;
-                    sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(w0, broadcast32(xb)));
-                    sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(w1, broadcast32(xb + 4)));
+                    const __m256i x0 = broadcast32(xb), x1 = broadcast32(xb + 4);
+                    for (int u = 0; u < nt; u++) {
+#if VNNI     /* the same integers: 4 products and their sum into int32 lanes in one instruction */
+                        sums[u][r] = _mm256_dpbusd_epi32(sums[u][r], w0[u], x0);
+                        sums[u][r] = _mm256_dpbusd_epi32(sums[u][r], w1[u], x1);
+#else
+                        sums[u][r] = _mm256_add_epi16(sums[u][r], _mm256_maddubs_epi16(w0[u], x0));
+                        sums[u][r] = _mm256_add_epi16(sums[u][r], _mm256_maddubs_epi16(w1[u], x1));
+#endif
+                    }
                 }
         }
-        const __m256 s = _mm256_loadu_ps(st + (b / per) * 16);
-        for (int r = 0; r < MR; r++)
-            if (r < rows)
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones)),
-                                         _mm256_mul_ps(s, _mm256_set1_ps(dx[r * B + b])), acc[r]);
+        for (int u = 0; u < nt; u++) {
+            const __m256 s = _mm256_loadu_ps(st + u * scale_stride + (b / per) * 16);
+            for (int r = 0; r < MR; r++)
+                if (r < rows)
+                    acc[u][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(VNNI ? sums[u][r] : _mm256_madd_epi16(sums[u][r], ones)),
+                                                _mm256_mul_ps(s, _mm256_set1_ps(dx[r * B + b])), acc[u][r]);
+        }
     }
     /* the offsets' share, after the products (in their loop: ~15 % slower), on two chains per row: one chain
        of G dependent FMAs is latency-bound with nothing left to overlap it */
-    __m256 odd[MR];
-    for (int r = 0; r < MR; r++) odd[r] = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 2 <= G; g += 2) {
-        const __m256 o0 = _mm256_loadu_ps(st + g * 16 + 8), o1 = _mm256_loadu_ps(st + g * 16 + 24);
-        for (int r = 0; r < MR; r++)
-            if (r < rows) {
-                acc[r] = _mm256_fmadd_ps(o0, _mm256_set1_ps(xsum[r * G + g]), acc[r]);
-                odd[r] = _mm256_fmadd_ps(o1, _mm256_set1_ps(xsum[r * G + g + 1]), odd[r]);
-            }
+    for (int u = 0; u < nt; u++) {
+        const float *so = st + u * scale_stride;
+        __m256 odd[MR];
+        for (int r = 0; r < MR; r++) odd[r] = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 2 <= G; g += 2) {
+            const __m256 o0 = _mm256_loadu_ps(so + g * 16 + 8), o1 = _mm256_loadu_ps(so + g * 16 + 24);
+            for (int r = 0; r < MR; r++)
+                if (r < rows) {
+                    acc[u][r] = _mm256_fmadd_ps(o0, _mm256_set1_ps(xsum[r * G + g]), acc[u][r]);
+                    odd[r] = _mm256_fmadd_ps(o1, _mm256_set1_ps(xsum[r * G + g + 1]), odd[r]);
+                }
+        }
+        if (g < G) {
+            const __m256 o = _mm256_loadu_ps(so + g * 16 + 8);
+            for (int r = 0; r < MR; r++)
+                if (r < rows) acc[u][r] = _mm256_fmadd_ps(o, _mm256_set1_ps(xsum[r * G + g]), acc[u][r]);
+        }
+        for (int r = 0; r < MR; r++) acc[u][r] = _mm256_add_ps(acc[u][r], odd[r]);
+        store_tile(acc[u], rows, y + 8 * u, ldy, u == nt - 1 ? cols : 8);
     }
-    if (g < G) {
-        const __m256 o = _mm256_loadu_ps(st + g * 16 + 8);
-        for (int r = 0; r < MR; r++)
-            if (r < rows) acc[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(xsum[r * G + g]), acc[r]);
+}
+
+/* tiles t .. t + nt - 1 (nt 1, or 2 in the VNNI build): tile_int4_body with nt fixed */
+static void tile_int4(const uint8_t *qt, int64_t tile_bytes, const float *st, int64_t scale_stride, int nt,
+                      const int8_t *xq, const float *dx, const float *xsum, int64_t K, int64_t group, int rows,
+                      float *y, int64_t ldy, int64_t cols) {
+#if NT > 1
+    if (nt == 2) {
+        tile_int4_body(2, qt, tile_bytes, st, scale_stride, xq, dx, xsum, K, group, rows, y, ldy, cols);
+        return;
     }
-    for (int r = 0; r < MR; r++) acc[r] = _mm256_add_ps(acc[r], odd[r]);
-    store_tile(acc, rows, y, ldy, cols);
+#endif
+    tile_int4_body(1, qt, tile_bytes, st, scale_stride, xq, dx, xsum, K, group, rows, y, ldy, cols);
 }
 
 /* The same for 8 int8 weight rows against rows of int16 activations: vpmaddwd per 2 columns, int32 sums per
@@ -190,7 +257,11 @@ static void tile_int8(const int8_t *qt, const float *st, const int16_t *xq, cons
             const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qt + (16 * b + step) * 16)));
             for (int r = 0; r < MR; r++)
                 if (r < rows)
+#if VNNI
+                    sums[r] = _mm256_dpwssd_epi32(sums[r], w, broadcast32(xq + r * K + 32 * b + 2 * step));
+#else
                     sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(w, broadcast32(xq + r * K + 32 * b + 2 * step)));
+#endif
         }
         const __m256 s = _mm256_loadu_ps(st + (b / per) * 8);
         for (int r = 0; r < MR; r++)
@@ -221,9 +292,12 @@ static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const 
         quantize_blocks(x, xq, dx, bits == 4 ? xsum : 0, M, K, group, wide, threads);
     }
     const size_t xrow = (size_t)K * (wide ? 2 : 1);
+    const int64_t step = bits == 4 ? NT : 1, passes = (tiles + step - 1) / step;     /* tiles per work item */
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (N * K * M >= PARALLEL_WORK)
     for (int64_t chunk = 0; chunk < chunks; chunk++)
-        for (int64_t t = 0; t < tiles; t++) {
+        for (int64_t pass = 0; pass < passes; pass++) {
+            const int64_t t = pass * step;
+            const int nt = tiles - t < step ? (int)(tiles - t) : (int)step;
             const void *qt = (const uint8_t *)q + t * tile_bytes;
             const float *st = scales + t * scale_stride;
             const int64_t end = (chunk + 1) * M_CHUNK < M ? (chunk + 1) * M_CHUNK : M;
@@ -231,10 +305,10 @@ static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const 
                 const int rows = end - m < MR ? (int)(end - m) : MR;
                 const void *xr = (const uint8_t *)xq + m * xrow;
                 const float *dr = dx + m * B, *sr = xsum + m * G;
-                const int64_t cols = N - 8 * t < 8 ? N - 8 * t : 8;
+                const int64_t last = t + nt - 1, cols = N - 8 * last < 8 ? N - 8 * last : 8;
                 if (bits == 4)
-                    tile_int4((const uint8_t *)qt, st, (const int8_t *)xr, dr, sr, K, group, rows, y + m * ldy + 8 * t,
-                              ldy, cols);
+                    tile_int4((const uint8_t *)qt, tile_bytes, st, scale_stride, nt, (const int8_t *)xr, dr, sr, K,
+                              group, rows, y + m * ldy + 8 * t, ldy, cols);
                 else
                     tile_int8((const int8_t *)qt, st, (const int16_t *)xr, dr, K, group, rows, y + m * ldy + 8 * t,
                               ldy, cols);
