@@ -444,6 +444,15 @@ INLINE void attend(const int half, const float *q, const void *k_cache, const vo
             for (int64_t d = 0; d < D; d++) acc[j * D + d] = 0.f;
         }
     const void *rows_k[TILE], *rows_v[TILE];
+    for (int64_t t = begin; t < end;) {     /* every page of the context, fetched towards L2 ahead of use */
+        const int64_t offset = t % block_size, run = block_size - offset < end - t ? block_size - offset : end - t;
+        const int64_t at = ((int64_t)table[t / block_size] * block_size + offset) * row;
+        for (int64_t b = 0; b < run * row; b += 64) {
+            _mm_prefetch((const char *)k_cache + at + b, _MM_HINT_T1);
+            _mm_prefetch((const char *)v_cache + at + b, _MM_HINT_T1);
+        }
+        t += run;
+    }
     for (int64_t t0 = begin; t0 < end; t0 += TILE) {
         const int64_t n = end - t0 < TILE ? end - t0 : TILE;
         for (int64_t i = 0; i < n;) {          /* one division per page, not per key */
