@@ -5,8 +5,10 @@ batch 1, a decode batch and a prefill chunk, on the default model's linear shape
   int8:  kernels.int8_mm, weights in tile_int8's tiles, activations rounded to int16 per 32 columns inside
   f32:   torch.nn.functional.linear on float32 weights (what a dequantized checkpoint runs)
 Each figure is the median of --repeats calls (activation rounding included), the three run back to back.
+--builds avx2,vnni: the int4 and int8 columns for each build of cpu.c (kernels.BUILDS), their calls alternating
+(on a CPU with AVX-512 VNNI; the f32 column once).
 
-python benchmarks/products.py [--rows 1,64,2048] [--repeats 20]
+python benchmarks/products.py [--rows 1,64,2048] [--repeats 20] [--builds avx2,vnni]
 """
 from __future__ import annotations
 
@@ -29,27 +31,34 @@ SHAPES = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate_up 3072x576"
           "down 576x1536": (576, 1536), "lm_head 49152x576": (49152, 576)}
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_seconds(fns: list, repeats: int) -> list[float]:
+    """Each function's median time over `repeats` rounds, one call of each per round (alternating)."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,64,2048")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--builds", default=None, help="builds of cpu.c to compare, e.g. avx2,vnni (default: the loaded one)")
     args = ap.parse_args()
     if kernels.library() is None:
         raise SystemExit("tokenmill's CPU kernels do not run here (no AVX2/FMA or no C compiler)")
+    builds = args.builds.split(",") if args.builds else [kernels.build()]
+    libs = [kernels.compiled(b) for b in builds]
     g = torch.Generator().manual_seed(0)
     print(f"machine: {machine()}\n")
-    print("| shape (N x K) | rows | int4 GOP/s | int8 GOP/s | f32 GFLOP/s | int4 / f32 |")
-    print("|---|---|---|---|---|---|")
+    cols = [f"{bits} GOP/s ({b})" for b in builds for bits in ("int4", "int8")]
+    print(f"| shape (N x K) | rows | {' | '.join(cols)} | f32 GFLOP/s | int4 / f32 ({builds[-1]}) |")
+    print("|---|---|" + "---|" * (len(cols) + 2))
     for name, (n, k) in SHAPES.items():
         q4 = kernels.tile_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
                                torch.rand(n, k // 32, generator=g) / 100, torch.randn(n, k // 32, generator=g) / 100)
@@ -61,11 +70,12 @@ def main() -> None:
                 continue
             x = torch.randn(m, k, generator=g)
             print(f"[{name}, {m} rows]", file=sys.stderr)
-            t4 = median_seconds(lambda: kernels.int4_mm(x, *q4, n, 32), args.repeats)
-            t8 = median_seconds(lambda: kernels.int8_mm(x, *q8, n, 32), args.repeats)
-            tf = median_seconds(lambda: F.linear(x, w), args.repeats)
+            fns = [f for lib in libs for f in (lambda lib=lib: kernels.int4_mm(x, *q4, n, 32, lib=lib),
+                                               lambda lib=lib: kernels.int8_mm(x, *q8, n, 32, lib=lib))]
+            *ts, tf = median_seconds(fns + [lambda: F.linear(x, w)], args.repeats)
             ops = 2 * m * n * k / 1e9
-            print(f"| {name} | {m} | {ops / t4:.0f} | {ops / t8:.0f} | {ops / tf:.0f} | {tf / t4:.2f}x |")
+            print(f"| {name} | {m} | {' | '.join(f'{ops / t:.0f}' for t in ts)} | {ops / tf:.0f} | "
+                  f"{tf / ts[-2]:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def llama_tool(name: str) -> Path | None:
 def machine() -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor())
-    feats = [f for f in ("avx512_bf16", "avx512_vnni", "amx_tile") if getattr(torch.cpu, f"_is_{f}_supported", lambda: False)()]
+    feats = [f for f in ("avx512_bf16", "vnni", "amx_tile") if getattr(torch.cpu, f"_is_{f}_supported", lambda: False)()]
     return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, capability "
             f"{torch.backends.cpu.get_cpu_capability()}, features: {', '.join(feats) or 'none of avx512_bf16/vnni/amx'}, "
             f"tokenmill kernels: {kernels.build() or 'off'}")

@@ -65,7 +65,7 @@ def machine() -> list[str]:
         model += f" ({', '.join(extra)})"
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     feats = [f"capability {torch.backends.cpu.get_cpu_capability()}"]
-    for name in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_fp16", "arm_sve"):
+    for name in ("avx2", "avx512", "vnni", "avx512_bf16", "amx_tile", "amx_fp16", "arm_sve"):
         fn = getattr(torch.cpu, f"_is_{name}_supported", None)
         if fn is not None:
             try:

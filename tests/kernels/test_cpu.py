@@ -49,15 +49,9 @@ def test_the_child_process_check_runs_the_build():
 
 
 def products(lib, x, x_int, int4, int8, n, k, group):
-    """int4 and int8 products of one build's library, called directly (kernels.int4_mm takes the loaded one)."""
-    m = x.shape[0]
-    y4, y8, y16 = (torch.empty(m, n) for _ in range(3))
-    assert lib.tm_int4_mm(x.data_ptr(), int4[0].data_ptr(), int4[1].data_ptr(), y4.data_ptr(), m, n, k, group, n, 2) == 0
-    assert lib.tm_int8_mm(x.data_ptr(), None, int8[0].data_ptr(), int8[1].data_ptr(), y8.data_ptr(), m, n, k, group, n,
-                          2) == 0
-    assert lib.tm_int8_mm(None, x_int.data_ptr(), int8[0].data_ptr(), int8[1].data_ptr(), y16.data_ptr(), m, n, k, group,
-                          n, 2) == 0
-    return y4, y8, y16
+    """int4, int8 and integer-activation int8 products of one build's library."""
+    return (kernels.int4_mm(x, *int4, n, group, lib=lib), kernels.int8_mm(x, *int8, n, group, lib=lib),
+            kernels.int8_mm(x_int, *int8, n, group, lib=lib))
 
 
 @pytest.mark.skipif(kernels.best_build() != "vnni", reason="this CPU has no AVX-512 VNNI")

@@ -262,14 +262,16 @@ def int8_rows(q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.
     return (rows.view(len(ids), s.shape[1], -1) * s[..., None]).view(len(ids), -1)
 
 
-def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, n: int, group: int) -> torch.Tensor:
-    """x [M, K] float32, tile_int4's tiles of an [n, K] weight -> [M, n] float32."""
+def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, n: int, group: int,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, K] float32, tile_int4's tiles of an [n, K] weight -> [M, n] float32. `lib`: a build's library
+    (`compiled`) in place of the loaded one, to compare builds."""
     x = x.contiguous()
     m, k = x.shape
     _require(x.dtype is torch.float32 and packed_fits(4, q, scale_offset, group, n, k), "int4_mm", x, q, scale_offset)
     y = torch.empty(m, n, dtype=torch.float32)
-    _check(library().tm_int4_mm(x.data_ptr(), q.data_ptr(), scale_offset.data_ptr(), y.data_ptr(),
-                                m, n, k, group, n, torch.get_num_threads()))
+    _check((lib or library()).tm_int4_mm(x.data_ptr(), q.data_ptr(), scale_offset.data_ptr(), y.data_ptr(),
+                                         m, n, k, group, n, torch.get_num_threads()))
     return y
 
 
@@ -285,16 +287,18 @@ def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tenso
     return int8_rows(q, scale, torch.arange(n))
 
 
-def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int, group: int) -> torch.Tensor:
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int, group: int,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [M, K] float32 (or int16: integer activations used exactly, W8A8's math), tile_int8's tiles of an
-    [n, K] weight -> [M, n] float32."""
+    [n, K] weight -> [M, n] float32. `lib` as int4_mm's."""
     x = x.contiguous()
     m, k = x.shape
     exact = x.dtype is torch.int16
     _require((exact or x.dtype is torch.float32) and packed_fits(8, q, scale, group, n, k), "int8_mm", x, q, scale)
     y = torch.empty(m, n, dtype=torch.float32)
-    _check(library().tm_int8_mm(None if exact else x.data_ptr(), x.data_ptr() if exact else None, q.data_ptr(),
-                                scale.data_ptr(), y.data_ptr(), m, n, k, group, n, torch.get_num_threads()))
+    _check((lib or library()).tm_int8_mm(None if exact else x.data_ptr(), x.data_ptr() if exact else None,
+                                         q.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, group, n,
+                                         torch.get_num_threads()))
     return y
 
 

@@ -324,9 +324,9 @@ static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const 
         quantize_blocks(x, xq, dx, bits == 4 ? xsum : 0, M, K, group, wide, threads);
     }
     const size_t xrow = (size_t)K * (wide ? 2 : 1);
-    /* tiles per work item: NT, but one for int8 products of fewer than 16 rows (two tiles a pass measured up to 40 %
-       slower there, where the product is bound by reading them) */
-    const int64_t step = bits == 8 && M < 16 ? 1 : NT, passes = (tiles + step - 1) / step;
+    /* tiles per work item: NT, but one where fewer than 16 rows meet weights of more than 8 MB, read from DRAM
+       (two tiles a pass measured up to 2x slower there: 49152 x 576 at 1-4 rows, int4 and int8) */
+    const int64_t step = M < 16 && tiles * tile_bytes > (8 << 20) ? 1 : NT, passes = (tiles + step - 1) / step;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (N * K * M >= PARALLEL_WORK)
     for (int64_t chunk = 0; chunk < chunks; chunk++)
         for (int64_t pass = 0; pass < passes; pass++) {
