@@ -95,7 +95,9 @@ class Int4Kernel(LinearKernel):
             raise ValueError(f"int4 kernel: in_features {k} is not a multiple of the group size {group}")
         self.out_features, self.in_features, self.group = n, k, group
         self.compute_dtype, self.label = compute_dtype, label
-        pad = -n % 16                                          # the kernel packs rows in sixteens
+        # rows padded to whole tiles of the widest packing layout (64 rows with AVX-512): PyTorch packs a last
+        # partial tile in yet another order, which dense_weight would have to know
+        pad = -n % 64
         q = F.pad(q.to(torch.int32), (0, 0, 0, pad))
         sz = torch.stack([F.pad(scale.float(), (0, 0, 0, pad)), F.pad(zero.float(), (0, 0, 0, pad))], dim=-1)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))   # [N', K / 2]
