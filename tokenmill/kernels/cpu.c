@@ -28,6 +28,7 @@
    products with vpdpbusd / vpdpwssd (the same integers, so the same results bit for bit) and, having 32 vector
    registers, runs two int4 tiles per pass (NT). */
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -426,6 +427,20 @@ INLINE void weigh_values(const int half, const int heads, const void **rows_v, i
     for (; d0 < D; d0 += 8) weigh_slice(half, heads, 1, rows_v, hd + d0, n, p, keep, acc + d0, D);
 }
 
+/* Every page of the keys begin .. end - 1 (`row` bytes a position), fetched towards L2 ahead of use */
+INLINE void prefetch_context(const void *k_cache, const void *v_cache, const int32_t *table, int64_t begin, int64_t end,
+                             int64_t row, int64_t block_size) {
+    for (int64_t t = begin; t < end;) {
+        const int64_t offset = t % block_size, run = block_size - offset < end - t ? block_size - offset : end - t;
+        const int64_t at = ((int64_t)table[t / block_size] * block_size + offset) * row;
+        for (int64_t b = 0; b < run * row; b += 64) {
+            _mm_prefetch((const char *)k_cache + at + b, _MM_HINT_T1);
+            _mm_prefetch((const char *)v_cache + at + b, _MM_HINT_T1);
+        }
+        t += run;
+    }
+}
+
 /* The keys begin .. end - 1 of one row, for each of its Hkv KV heads and that head's `group` query heads
    (q [Hkv * group, D]): an online softmax over tiles of TILE keys, left unnormalized. Head h's state lies at
    state + h * stride: acc [group, D], then the running max m [group] and sum l [group]. A tile's keys are read
@@ -444,15 +459,7 @@ INLINE void attend(const int half, const float *q, const void *k_cache, const vo
             for (int64_t d = 0; d < D; d++) acc[j * D + d] = 0.f;
         }
     const void *rows_k[TILE], *rows_v[TILE];
-    for (int64_t t = begin; t < end;) {     /* every page of the context, fetched towards L2 ahead of use */
-        const int64_t offset = t % block_size, run = block_size - offset < end - t ? block_size - offset : end - t;
-        const int64_t at = ((int64_t)table[t / block_size] * block_size + offset) * row;
-        for (int64_t b = 0; b < run * row; b += 64) {
-            _mm_prefetch((const char *)k_cache + at + b, _MM_HINT_T1);
-            _mm_prefetch((const char *)v_cache + at + b, _MM_HINT_T1);
-        }
-        t += run;
-    }
+    prefetch_context(k_cache, v_cache, table, begin, end, row, block_size);
     for (int64_t t0 = begin; t0 < end; t0 += TILE) {
         const int64_t n = end - t0 < TILE ? end - t0 : TILE;
         for (int64_t i = 0; i < n;) {          /* one division per page, not per key */
@@ -586,6 +593,11 @@ static void paged_decode(const float *q, const float *k_new, const float *v_new,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (work * Hq * D >= PARALLEL_WORK)
         for (int64_t b = 0; b < B; b++) {
             float state[Hkv * part];
+            const int64_t next = b + omp_get_num_threads();   /* likely this thread's next row: the rows' work is
+                                                                  alike, so the dynamic schedule deals them round */
+            if (next < B)
+                prefetch_context(k_cache, v_cache, block_tables + next * width, starts[next], seq_lens[next], bytes,
+                                 block_size);
             attend_rows(q + b * ldq, k_cache, v_cache, block_tables + b * width, starts[b], seq_lens[b], Hkv, group, D,
                         block_size, scale, state, part);
             for (int64_t h = 0; h < Hkv; h++)
