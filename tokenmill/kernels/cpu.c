@@ -26,7 +26,7 @@
 
    Built twice where the CPU has AVX-512 VNNI (kernels/__init__.py's BUILDS): that build sums the integer
    products with vpdpbusd / vpdpwssd (the same integers, so the same results bit for bit) and, having 32 vector
-   registers, runs two int4 tiles per pass (NT). */
+   registers, runs two weight tiles per pass (NT; one where few rows meet weights read from DRAM, see tiled_mm). */
 #include <immintrin.h>
 #include <omp.h>
 #include <math.h>
@@ -46,15 +46,11 @@
 #else
 #define VNNI 0
 #endif
-#ifndef MR
 #define MR 4                        /* activation rows per weight tile pass */
-#endif
-#ifndef NT
 #if VNNI
-#define NT 2                        /* int4 weight tiles per pass: two where AVX-512 gives 32 vector registers */
+#define NT 2                        /* weight tiles per pass at most: two where AVX-512 gives 32 vector registers */
 #else
 #define NT 1
-#endif
 #endif
 
 /* which build this is, by running an instruction of it: the loader's check that the CPU runs it */
