@@ -1,0 +1,187 @@
+"""tokenmill end to end on a CUDA device, against transformers on the same device and the same GGUF file
+(transformers dequantizes it: the exact reference for the "dequantize" path). One device call:
+
+  PYTHONPATH=. python benchmarks/gpu_engine.py [--model PATH] [--requests 64]
+  python benchmarks/gpu_engine.py --device cpu --smoke      # the same code, small, on a CPU
+
+1. agreement: greedy tokens (48 steps, 4 chat prompts) and prompt logprobs over real English, for each of
+   tokenmill's ways to run the file (dequantized float32, as stored in float32 and bfloat16, int4 made at
+   load) against transformers float32 on the device;
+2. perplexity (windows of 512 over the evaluation text) of each way;
+3. speed: batch-1 decode and offline N x (128 in, 128 out) tok/s, tokenmill against transformers
+   `generate` in bfloat16 (the same random prompts as benchmarks/engine.py).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokenmill import LLM, SamplingParams  # noqa: E402
+from tokenmill.cli import run_offline_bench  # noqa: E402
+from tokenmill.engine import LLMEngine  # noqa: E402
+from tokenmill.config import EngineConfig  # noqa: E402
+from tokenmill.model_files import resolve_model  # noqa: E402
+from tokenmill.perplexity import perplexity, reference_text  # noqa: E402
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
+             "Explain what a hash table is in two sentences.", "List three prime numbers."]
+WAYS = {"dequantize float32": ("dequantize", "float32"), "as stored float32": (None, "float32"),
+        "as stored bfloat16": (None, "bfloat16"), "int4 (RTN at load) bfloat16": ("int4", "bfloat16")}
+IN, OUT = 128, 128
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def transformers_model(path: Path, dtype: torch.dtype, device: torch.device):
+    import transformers as tf
+    tf.logging.set_verbosity_error()
+    return tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).to(device).eval()
+
+
+def hf_greedy(model, ids: list[int], new: int) -> list[int]:
+    x = torch.tensor([ids], device=model.device)
+    with torch.inference_mode():
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new,
+                             min_new_tokens=new, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def agreement(path: Path, device: torch.device, new: int, windows: int) -> None:
+    ref = transformers_model(path, torch.float32, device)
+    probe = LLM(str(path), device=str(device), num_kv_blocks=256, progress=False)
+    tok = probe.get_tokenizer()
+    chats = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS]
+    chat_ids = [tok.encode(c, add_special_tokens=False) for c in chats]
+    text_ids = tok.encode(reference_text("evaluation")[:3000], add_special_tokens=False)[:384]
+    eval_ids = tok.encode(reference_text("evaluation"), add_special_tokens=False)
+    del probe
+    expected = [hf_greedy(ref, ids, new) for ids in chat_ids]
+    with torch.inference_mode():
+        ref_lp = torch.log_softmax(ref(torch.tensor([text_ids], device=device)).logits[0].float(), -1).cpu()
+    del ref
+    print(f"## agreement with transformers float32 on {device} ({path.name}; {new} greedy tokens a prompt)\n")
+    print("| tokenmill | greedy tokens equal to transformers' (4 prompts) | max / mean abs prompt-logprob diff "
+          f"({len(text_ids)} tokens) | perplexity ({windows} x 512) | answer to the first prompt |")
+    print("|---|---|---|---|---|")
+    for name, (quantization, dtype) in WAYS.items():
+        llm = LLM(str(path), device=str(device), dtype=dtype, quantization=quantization,
+                  max_num_batched_tokens=2048, num_kv_blocks=1024, progress=False)
+        outs = llm.generate(chat_ids, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True), use_tqdm=False)
+        same = [common_prefix(o.outputs[0].token_ids, e) for o, e in zip(outs, expected)]
+        out = llm.generate([text_ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        diff = torch.tensor([out.prompt_logprobs[i][text_ids[i]].logprob - ref_lp[i - 1, text_ids[i]].item()
+                             for i in range(1, len(text_ids))]).abs()
+        ppl = perplexity(llm, eval_ids, ctx=512, max_windows=windows, use_tqdm=False).ppl
+        answer = tok.decode(outs[0].outputs[0].token_ids[:16]).replace("\n", " ").replace("|", "/")
+        print(f"| {name} | {'/'.join(map(str, same))} of {new} | {diff.max():.4f} / {diff.mean():.5f} | {ppl:.4f} | "
+              f"{answer!r} |", flush=True)
+        llm.engine.shutdown()
+        del llm
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (n, IN), generator=g).tolist()
+
+
+def speed_tokenmill(path: Path, device: torch.device, quantization: str | None, dtype: str, n: int) -> dict:
+    engine = LLMEngine(EngineConfig(model=str(path), device=str(device), dtype=dtype, quantization=quantization,
+                                    max_num_seqs=max(64, n), max_num_batched_tokens=max(2048, n * IN // 4)),
+                       progress=False)
+    params = SamplingParams(temperature=0, max_tokens=OUT, ignore_eos=True)
+    run_offline_bench(engine, 4, IN, 8)          # warm-up: Triton compiles, allocator
+    decode = []
+    for r in range(3):
+        engine.add_request(None, random_prompts(1, engine.model_config.vocab_size, 100 + r)[0], params)
+        first = None
+        while engine.has_unfinished_requests():
+            if engine.step() and first is None:
+                first = time.perf_counter()
+        decode.append((OUT - 1) / (time.perf_counter() - first))
+    off = run_offline_bench(engine, n, IN, OUT)
+    engine.shutdown()
+    return {"decode": statistics.median(decode), "offline": off["output_tok_s"]}
+
+
+def speed_transformers(path: Path, device: torch.device, n: int) -> dict:
+    model = transformers_model(path, torch.bfloat16, device)
+    vocab = model.config.vocab_size
+    kw = dict(do_sample=False, max_new_tokens=OUT, min_new_tokens=OUT, pad_token_id=0)
+    decode = []
+    with torch.inference_mode():
+        for r in range(3):
+            ids = torch.tensor(random_prompts(1, vocab, 100 + r), device=device)
+            t0 = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+            sync(device)
+            t1 = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            sync(device)
+            decode.append((OUT - 1) / ((time.perf_counter() - t1) - (t1 - t0)))
+        ids = torch.tensor(random_prompts(n, vocab, 0), device=device)
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        sync(device)
+        offline = n * OUT / (time.perf_counter() - t0)
+    return {"decode": statistics.median(decode), "offline": offline}
+
+
+def speed(path: Path, device: torch.device, n: int) -> None:
+    print(f"\n## speed on {device}: batch-1 decode (128 in, 128 out, median of 3) and offline {n} x (128 in, 128 out)\n")
+    print("| engine | batch-1 decode tok/s | offline output tok/s | offline vs transformers bfloat16 |")
+    print("|---|---|---|---|")
+    runs = {"tokenmill as stored bfloat16": lambda: speed_tokenmill(path, device, None, "bfloat16", n),
+            "tokenmill dequantize bfloat16": lambda: speed_tokenmill(path, device, "dequantize", "bfloat16", n),
+            "transformers bfloat16": lambda: speed_transformers(path, device, n)}
+    results = {}
+    for name, fn in runs.items():
+        try:
+            results[name] = fn()
+        except Exception as e:      # one engine failing leaves the others' figures
+            print(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | | |", flush=True)
+    base = results.get("transformers bfloat16", {}).get("offline")
+    for name, r in results.items():
+        ratio = f"{r['offline'] / base:.2f}x" if base else "-"
+        print(f"| {name} | {r['decode']:.1f} | {r['offline']:.1f} | {ratio} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a short name or GGUF path (default: the default model)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--smoke", action="store_true", help="few tokens, windows and requests (a CPU check of the script)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: agreement,speed")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    path = resolve_model(args.model)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}; torch {torch.__version__}; model {path.name}\n")
+    skip = set(filter(None, args.skip.split(",")))
+    if "agreement" not in skip:
+        agreement(path, device, new=8 if args.smoke else 48, windows=1 if args.smoke else 8)
+    if "speed" not in skip:
+        speed(path, device, 4 if args.smoke else args.requests)
+
+
+if __name__ == "__main__":
+    main()
