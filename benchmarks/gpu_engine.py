@@ -51,8 +51,9 @@ def transformers_model(path: Path, dtype: torch.dtype, device: torch.device):
 def hf_greedy(model, ids: list[int], new: int) -> list[int]:
     x = torch.tensor([ids], device=model.device)
     with torch.inference_mode():
+        # no end token: tokenmill's side runs ignore_eos, and min_new_tokens would instead forbid the end token
         out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new,
-                             min_new_tokens=new, pad_token_id=0)
+                             pad_token_id=0, eos_token_id=None)
     return out[0, len(ids):].tolist()
 
 

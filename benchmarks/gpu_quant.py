@@ -1,14 +1,19 @@
 """tokenmill's Triton int4 and int8 products (kernels/triton_mm.py) on a GPU against the dense bfloat16 product
 of the same weights dequantized (what a GPU ran before): agreement, and microseconds per call for the default
 model's shapes (int4 for its Q4_1 layers, int8 for its Q8_0 lm_head) at decode (1, 16, 64 rows) and prefill
-(512 rows) sizes. Needs CUDA; from the working tree:
+(512 rows) sizes, by each route: the fused kernel (weights dequantized in registers) and the weights
+dequantized in one pass then cuBLAS; `auto` is what int4_mm / int8_mm run (fused up to FUSED_MAX_ROWS rows).
+Needs CUDA; from the working tree:
 
   PYTHONPATH=. python benchmarks/gpu_quant.py
+  TRITON_INTERPRET=1 python benchmarks/gpu_quant.py --smoke     # small shapes on the CPU: the script's own check
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,9 +27,16 @@ SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (5
 
 
 def timed(fn, runs: int = 50) -> float:
-    for _ in range(5):
+    runs = 1 if not torch.cuda.is_available() else runs      # --smoke: the interpreter is slow
+    for _ in range(min(5, runs)):
         fn()
     times = []
+    if not torch.cuda.is_available():           # --smoke on the CPU
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e6)
+        return statistics.median(times)
     for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -36,39 +48,50 @@ def timed(fn, runs: int = 50) -> float:
 
 
 def main() -> None:
-    if not torch.cuda.is_available():
-        sys.exit("needs a CUDA device")
-    dev = torch.device("cuda")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="small shapes, under TRITON_INTERPRET=1 on a CPU")
+    args = ap.parse_args()
+    if not (torch.cuda.is_available() or args.smoke):
+        sys.exit("needs a CUDA device (or --smoke under TRITON_INTERPRET=1)")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = {name: (n // 16, k) for name, (n, k) in SHAPES.items()} if args.smoke else SHAPES
+    rows_list = (1, 17) if args.smoke else (1, 16, 64, 512)
     g = torch.Generator().manual_seed(0)
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| layer | weights | N x K | rows | max rel. error vs bf16 dense | ours us | bf16 dense us | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, (n, k) in SHAPES.items():
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)"
+    print(f"device: {name}, torch {torch.__version__}")
+    print(f"fused up to {triton_mm.FUSED_MAX_ROWS} rows\n")
+    print("| layer | weights | N x K | rows | max rel. error vs bf16 dense | fused us | dequantize + cuBLAS us | "
+          "bf16 dense us | auto vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (n, k) in shapes.items():
         if name == "lm_head":           # Q8_0: int8 with a scale per 32 columns
             q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
             scale = torch.rand(n, k // 32, generator=g) / 500
             w = (q.view(n, k // 32, 32).float() * scale[..., None]).view(n, k).to(dev, torch.bfloat16)
             q, scale = q.to(dev), scale.to(dev)
-            ours_fn, kind = (lambda x: triton_mm.int8_mm(x, q, scale, 32)), "int8"
+            ours_fn, kind = (lambda x, fused=None: triton_mm.int8_mm(x, q, scale, 32, fused)), "int8"
         else:
             q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
             so = torch.stack([torch.rand(n, k // 32, generator=g) / 50, torch.randn(n, k // 32, generator=g) / 50], -1)
             w = (q.view(n, k // 32, 32).float() * so[..., :1] + so[..., 1:]).view(n, k).to(dev, torch.bfloat16)
             packed, so = kernels.pack_int4(q).to(dev), so.contiguous().to(dev)
-            ours_fn, kind = (lambda x, packed=packed, so=so: triton_mm.int4_mm(x, packed, so, 32)), "int4"
-        for rows in (1, 16, 64, 512):
+            ours_fn = lambda x, fused=None, packed=packed, so=so: triton_mm.int4_mm(x, packed, so, 32, fused)  # noqa: E731
+            kind = "int4"
+        for rows in rows_list:
             x = torch.randn(rows, k, generator=g).to(dev, torch.bfloat16)
-            try:
-                ours = ours_fn(x).float()
-            except Exception as e:      # a kernel that fails to build or run is a row, not the end
-                print(f"| {name} | {kind} | {n} x {k} | {rows} | failed: {type(e).__name__}: {str(e)[:160]} | | | |")
-                continue
             dense = torch.nn.functional.linear(x, w).float()
-            error = ((ours - dense).abs().max() / dense.abs().max()).item()
-            t_ours = timed(lambda: ours_fn(x))
+            try:
+                error = max(((ours_fn(x, f).float() - dense).abs().max() / dense.abs().max()).item()
+                            for f in (True, False))
+            except Exception as e:      # a kernel that fails to build or run is a row, not the end
+                print(f"| {name} | {kind} | {n} x {k} | {rows} | failed: {type(e).__name__}: {str(e)[:160]} | | | | |")
+                continue
+            t_fused = timed(lambda: ours_fn(x, True))
+            t_deq = timed(lambda: ours_fn(x, False))
             t_dense = timed(lambda: torch.nn.functional.linear(x, w))
-            print(f"| {name} | {kind} | {n} x {k} | {rows} | {error:.1e} | {t_ours:.1f} | {t_dense:.1f} | "
-                  f"{t_dense / t_ours:.2f}x |")
+            t_auto = t_fused if rows <= triton_mm.FUSED_MAX_ROWS else t_deq
+            print(f"| {name} | {kind} | {n} x {k} | {rows} | {error:.1e} | {t_fused:.1f} | {t_deq:.1f} | "
+                  f"{t_dense:.1f} | {t_dense / t_auto:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,35 @@ def test_matches_dequantized_matmul(m, n, k, group):
                                atol=2e-3 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_both_routes_around_the_row_limit(bits):
+    """Up to FUSED_MAX_ROWS rows run the fused kernel, more the weights dequantized in one pass and F.linear:
+    the dequantized weights are the reference's, and both routes give the reference's products."""
+    g = torch.Generator().manual_seed(bits)
+    n, k, group = 72, 160, 32
+    if bits == 4:
+        q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        scales = torch.randn(n, k // group, 2, generator=g)
+        w = q.view(n, k // group, group).float() * scales[..., :1] + scales[..., 1:]
+        stored, mm = kernels.pack_int4(q), triton_mm.int4_mm
+    else:
+        q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scales = torch.rand(n, k // group, generator=g)
+        w = q.view(n, k // group, group).float() * scales[..., None]
+        stored, mm = q, triton_mm.int8_mm
+    w = w.view(n, k)
+    torch.testing.assert_close(triton_mm.dequantize(bits, stored, scales, group, torch.float32), w, rtol=1e-6, atol=1e-6)
+    # within a bfloat16 step (the interpreter truncates to bfloat16 where a GPU rounds to nearest)
+    torch.testing.assert_close(triton_mm.dequantize(bits, stored, scales, group, torch.bfloat16).float(), w,
+                               rtol=2 ** -7, atol=0)
+    for m in (triton_mm.FUSED_MAX_ROWS, triton_mm.FUSED_MAX_ROWS + 1):
+        x = torch.randn(m, k, generator=g)
+        want = (x.double() @ w.double().t()).float()
+        for fused in (None, True, False):
+            torch.testing.assert_close(mm(x, stored, scales, group, fused=fused), want, rtol=1e-5,
+                                       atol=1e-6 * want.abs().max().item())
+
+
 def test_real_q4_1_rows_match_gguf_py(smollm2_path):
     """A slice of the default model's first gate projection, packed from the file's own blocks."""
     from tokenmill.loader.gguf import GGUFCheckpoint, GGUFTensor

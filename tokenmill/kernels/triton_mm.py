@@ -11,6 +11,12 @@ dequantizes both halves in registers (float32, then the activations' dtype) and 
 matching columns of x (the low-nibble columns and the ones 16 further), accumulating in float32. The
 weights never exist unpacked in memory, so a decode step reads ~0.75 bytes per weight instead of 2.
 
+More than FUSED_MAX_ROWS rows take another route (vLLM's for GGUF on GPUs): one Triton pass dequantizes the
+weights to the activations' dtype (_int4_dequantize_kernel, _int8_dequantize_kernel) and cuBLAS multiplies
+(F.linear). Measured on an H200 (docs/benchmarks.md), the fused kernels ran 0.08-0.28x of cuBLAS on dense
+bfloat16 weights at 64 rows and 0.02-0.32x at 512: compute-bound products want cuBLAS' tiles, and the
+dequantized copy (2 bytes a weight, freed after the call) costs one memory-bound pass.
+
 Under TRITON_INTERPRET=1 it runs on CPU tensors (the tests do this); the interpreter computes tl.dot on
 bfloat16 wrongly (numpy has no bfloat16), so there bfloat16 activations meet float32 operands; float16 ones
 take the GPU's own branch (weights rounded to the activations' dtype, then the dot).
@@ -72,14 +78,59 @@ def _fits(bits: int, q: torch.Tensor, scales: torch.Tensor, group: int, k: int) 
             and scales.numel() == (2 if int4 else 1) * n * (k // group))
 
 
-def _launch(kernel, bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """The checks, then `kernel` over [BM, BN] tiles of y [M, N] in x's dtype."""
+FUSED_MAX_ROWS = 16      # above: dequantize, then cuBLAS (the module's docstring)
+
+
+@triton.jit
+def _int4_dequantize_kernel(q_ptr, so_ptr, w_ptr, N, K, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """w [N, K] = q * scale + offset, a [BN, BK] tile a program (BK / 2 bytes of each of BN rows)."""
+    rn = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
+    j = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)        # bytes of the row
+    low_col = (j // 16) * 32 + j % 16
+    inside = (rn[:, None] < N) & (j[None, :] < K // 2)
+    packed = tl.load(q_ptr + rn[:, None] * (K // 2) + j[None, :], mask=inside, other=0)
+    so = so_ptr + rn[:, None] * (2 * (K // GROUP)) + (low_col // GROUP)[None, :] * 2
+    scale = tl.load(so, mask=inside, other=0.0)
+    offset = tl.load(so + 1, mask=inside, other=0.0)
+    out = w_ptr + rn[:, None] * K + low_col[None, :]
+    tl.store(out, ((packed & 15).to(tl.float32) * scale + offset).to(w_ptr.dtype.element_ty), mask=inside)
+    tl.store(out + 16, ((packed >> 4).to(tl.float32) * scale + offset).to(w_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _int8_dequantize_kernel(q_ptr, s_ptr, w_ptr, N, K, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """w [N, K] = q * scale, a [BN, BK] tile a program."""
+    rn = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
+    kk = tl.program_id(1) * BK + tl.arange(0, BK)
+    inside = (rn[:, None] < N) & (kk[None, :] < K)
+    q = tl.load(q_ptr + rn[:, None] * K + kk[None, :], mask=inside, other=0)
+    scale = tl.load(s_ptr + rn[:, None] * (K // GROUP) + (kk // GROUP)[None, :], mask=inside, other=0.0)
+    tl.store(w_ptr + rn[:, None] * K + kk[None, :], (q.to(tl.float32) * scale).to(w_ptr.dtype.element_ty), mask=inside)
+
+
+def dequantize(bits: int, q: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weights these products take (int4: q uint8 [N, K / 2] with scale_offset; int8: q int8 [N, K] with
+    scale), dequantized to dense [N, K] in `dtype` on their device in one pass."""
+    n, k = q.shape[0], q.shape[1] * (2 if bits == 4 else 1)
+    w = torch.empty(n, k, dtype=dtype, device=q.device)
+    bn, bk = 32, 128
+    kernel = _int4_dequantize_kernel if bits == 4 else _int8_dequantize_kernel
+    kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](q, scales, w, n, k, GROUP=group, BN=bn, BK=bk)
+    return w
+
+
+def _launch(kernel, bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group: int,
+            fused: bool | None) -> torch.Tensor:
+    """The checks, then `kernel` over [BM, BN] tiles of y [M, N] in x's dtype, or the weights dequantized to
+    x's dtype and F.linear; fused=None: the kernel up to FUSED_MAX_ROWS rows (benchmarks force either)."""
     m, k = x.shape
     n, name = q.shape[0], f"int{bits}_mm"
     if not (_fits(bits, q, scales, group, k) and group % 32 == 0 and q.device == x.device == scales.device
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         raise ValueError(f"triton {name}: unsupported arguments " + ", ".join(
             f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in (x, q, scales)))
+    if not (m <= FUSED_MAX_ROWS if fused is None else fused):
+        return torch.nn.functional.linear(x, dequantize(bits, q, scales, group, x.dtype))
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bm, bn, bk = _tiles(m, k)
@@ -89,10 +140,11 @@ def _launch(kernel, bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.T
     return y
 
 
-def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
+def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group: int,
+            fused: bool | None = None) -> torch.Tensor:
     """x [M, K] (float16, bfloat16 or float32), q uint8 [N, K / 2], scale_offset float32 [N, K / group, 2], all
     on one device -> [M, N] in x's dtype."""
-    return _launch(_int4_mm_kernel, 4, x, q, scale_offset, group)
+    return _launch(_int4_mm_kernel, 4, x, q, scale_offset, group, fused)
 
 
 @triton.jit
@@ -116,7 +168,8 @@ def _int8_mm_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=row_in & (rn[None, :] < N))
 
 
-def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int,
+            fused: bool | None = None) -> torch.Tensor:
     """x [M, K] (float16, bfloat16 or float32), q int8 [N, K], scale float32 [N, K / group] (group a multiple
     of 32), all on one device -> [M, N] in x's dtype."""
-    return _launch(_int8_mm_kernel, 8, x, q, scale, group)
+    return _launch(_int8_mm_kernel, 8, x, q, scale, group, fused)
