@@ -4,6 +4,10 @@
   PYTHONPATH=. python benchmarks/gpu_engine.py [--model PATH] [--requests 64]
   python benchmarks/gpu_engine.py --device cpu --smoke      # the same code, small, on a CPU
 
+0. tiny random models (transformers, no download) of each architecture tokenmill runs: llama (GQA, llama3
+   rope scaling), qwen2 (MQA, attention bias), mistral (MHA, linear rope scaling), gemma3 (sliding-window and
+   global layers): greedy tokens and their logprobs, tokenmill float32 on the device against transformers
+   float32 on the device, prompts of 3 to 70 tokens run as one batch;
 1. agreement: greedy tokens (48 steps, 4 chat prompts) and prompt logprobs over real English, for each of
    tokenmill's ways to run the file (dequantized float32, as stored in float32 and bfloat16, int4 made at
    load) against transformers float32 on the device;
@@ -14,8 +18,10 @@
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,6 +105,77 @@ def agreement(path: Path, device: torch.device, new: int, windows: int) -> None:
             torch.cuda.empty_cache()
 
 
+TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, max_position_embeddings=512,
+            initializer_range=0.2, rms_norm_eps=1e-6)     # a large init: greedy choices not decided by rounding
+
+
+def tiny_models():
+    """(name, transformers model) with random weights, as tests/conftest.py and tests/test_gemma3.py build them."""
+    import transformers as tf
+    tf.logging.set_verbosity_error()
+    tf.utils.logging.disable_progress_bar()
+    S, F = "sliding_attention", "full_attention"
+    configs = {
+        "llama GQA 4/2": tf.LlamaConfig(**TINY, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=32, tie_word_embeddings=False, rope_theta=50000.0,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        "qwen2 MQA + bias": tf.Qwen2Config(**TINY, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                           tie_word_embeddings=True, rope_theta=1000000.0),
+        "mistral MHA": tf.MistralConfig(**TINY, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                        tie_word_embeddings=False, sliding_window=None,
+                                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        "gemma3 window 16": tf.Gemma3TextConfig(**TINY, num_hidden_layers=6, num_attention_heads=4,
+                                                num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24,
+                                                sliding_window=16, layer_types=[S, S, F, S, S, F], rope_theta=20000.0,
+                                                rope_local_base_freq=500.0, tie_word_embeddings=True,
+                                                attn_implementation="eager"),
+    }
+    classes = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM,
+               "gemma3": tf.Gemma3ForCausalLM}
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        model = classes[name.split()[0]](cfg).eval().float()
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if pname.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) or \
+                        (name.startswith("gemma3") and pname.endswith("norm.weight")):
+                    p.normal_(0, 0.2)       # random biases and (1 + w) norms are exercised, not zeros
+        yield name, model
+
+
+def tiny(device: torch.device, backend: str | None) -> None:
+    new, rng = 32, random.Random(1)
+    print(f"## tiny random models, float32, tokenmill against transformers, both on {device}\n")
+    print("| model | greedy tokens equal (prompts of 3/20/45/70 tokens) | max abs logprob diff |")
+    print("|---|---|---|")
+    for name, hf in tiny_models():
+        ps = [[rng.randrange(384) for _ in range(n)] for n in (3, 20, 45, 70)]
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            hf = hf.to(device)
+            want, want_lp = [], []
+            for p in ps:
+                ids = hf_greedy(hf, p, new)
+                with torch.inference_mode():
+                    logits = hf(torch.tensor([p + ids], device=device)).logits[0, len(p) - 1:-1].float()
+                lp = torch.log_softmax(logits, -1).cpu()
+                want.append(ids)
+                want_lp.append(lp[torch.arange(new), torch.tensor(ids)])
+            try:
+                llm = LLM(d, device=str(device), attention_backend=backend, num_kv_blocks=128, progress=False)
+                outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, logprobs=0),
+                                    use_tqdm=False)
+            except Exception as e:     # one model failing leaves the others' rows
+                print(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | |", flush=True)
+                continue
+        same = [common_prefix(o.outputs[0].token_ids, w) for o, w in zip(outs, want)]
+        diff = max((torch.tensor([next(iter(r.values())).logprob for r in o.outputs[0].logprobs[:n]]) - w[:n]).abs().max()
+                   .item() if n else 0.0 for o, w, n in zip(outs, want_lp, same))
+        print(f"| {name} | {'/'.join(map(str, same))} of {new} | {diff:.1e} |", flush=True)
+    print()
+
+
 def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, vocab, (n, IN), generator=g).tolist()
@@ -171,13 +248,22 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--smoke", action="store_true", help="few tokens, windows and requests (a CPU check of the script)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: agreement,speed")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: tiny,agreement,speed")
+    ap.add_argument("--attention-backend", default=None, help="for the tiny models (default: the device's)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    path = resolve_model(args.model)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}; torch {torch.__version__}; model {path.name}\n")
+    print(f"device: {name}; torch {torch.__version__}\n")
     skip = set(filter(None, args.skip.split(",")))
+    if "tiny" not in skip:
+        tiny(device, args.attention_backend)
+    if {"agreement", "speed"} <= skip:
+        return
+    try:
+        path = resolve_model(args.model)
+    except Exception as e:      # e.g. a device machine without the file: the tiny models' rows stand
+        sys.exit(f"model: {type(e).__name__}: {e}")
+    print(f"model: {path}\n")
     if "agreement" not in skip:
         agreement(path, device, new=8 if args.smoke else 48, windows=1 if args.smoke else 8)
     if "speed" not in skip:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every GPU check in one call, each part under its own time limit (about 5 minutes in all on an H200), tables
+# into $OUT (the device tool's folder) or ./gpu-results:
+#
+#   PYTHONPATH=. bash benchmarks/gpu_checks.sh [MODEL.gguf]
+#
+# 1. the Triton int4/int8 products against dense bfloat16, both routes timed (gpu_quant.py);
+# 2. the Triton attention kernels against the reference, prefill TFLOP/s against FlashAttention-2, decode
+#    bandwidth (attention_gpu.py --quick);
+# 3. the engine on the device against transformers on the device: tiny random models of each architecture,
+#    then, given the GGUF, agreement, perplexity and speed on it (gpu_engine.py).
+# The test suite is not among them: it is the CPU suite and hides the GPU (tests/conftest.py).
+# A device machine fetches nothing: the GGUF (98 MB) travels in two calls' carried halves (docs/benchmarks.md).
+set -uo pipefail
+out="${OUT:-gpu-results}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+timeout 120 python3 benchmarks/gpu_quant.py 2>&1 | tee "$out/gpu_quant.md"
+timeout 180 python3 benchmarks/attention_gpu.py --quick 2>&1 | tee "$out/attention_gpu.md"
+model=()
+if [ -n "${1:-}" ]; then model=(--model "$1"); else model=(--skip agreement,speed); fi
+timeout 240 python3 benchmarks/gpu_engine.py "${model[@]}" 2>&1 | grep -v '^INFO' | tee "$out/gpu_engine.md"
