@@ -121,8 +121,8 @@ def compiled(build: str) -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     signatures = {      # name: (argument types, return type), as cpu.c declares them
         "tm_isa": ([], i32),
-        "tm_int4_mm": ([p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
-        "tm_int8_mm": ([p, p, p, p, p, i64, i64, i64, i64, i64, i32], i32),
+        "tm_int4_mm": ([p, p, p, i32, p, i64, i64, i64, i64, i64, i32], i32),
+        "tm_int8_mm": ([p, p, p, p, i32, p, i64, i64, i64, i64, i64, i32], i32),
         "tm_paged_decode": ([p, p, p, p, p, p, i32, p, p, p, p, i64, i64, i64, i64, i64, i64, f32, i32], None),
         "tm_rms_norm": ([p, p, p, i64, i64, f32, i32], None),
         "tm_rope": ([p, i64, p, p, p, i64, i64, i64, i32], None),
@@ -201,15 +201,16 @@ TILE = 8        # weight rows per tile of cpu.c's layouts
 
 def packed_fits(bits: int, q: torch.Tensor, scale: torch.Tensor, group: int, n: int, k: int) -> bool:
     """Whether q and scale hold an [n, k] weight in cpu.c's tiles of 8 rows, as its int4 (bits 4: tile_int4's uint8
-    [N8, K / 32, 4, 32] and float32 [N8, K / group, 2, 8]) or int8 (bits 8: tile_int8's int8 [N8, K / 2, 8, 2] and
-    float32 [N8, K / group, 8]) products take it, N8 = ceil(n / 8); both contiguous, `group` a multiple of 32
-    dividing k."""
+    [N8, K / 32, 4, 32] and scales [N8, K / group, 2, 8]) or int8 (bits 8: tile_int8's int8 [N8, K / 2, 8, 2] and
+    scales [N8, K / group, 8]) products take it, N8 = ceil(n / 8), scales float32 or float16; both contiguous,
+    `group` a multiple of 32 dividing k."""
     tiles, int4 = -(-n // TILE), bits == 4
     q_shape = (tiles, k // 32, 4, 32) if int4 else (tiles, k // 2, TILE, 2)
     s_shape = (tiles, k // group, 2, TILE) if int4 else (tiles, k // group, TILE)
     return (bits in (4, 8) and n > 0 and k > 0 and k % 32 == 0 and group % 32 == 0 and k % group == 0
             and q.dtype is (torch.uint8 if int4 else torch.int8) and tuple(q.shape) == q_shape and q.is_contiguous()
-            and scale.dtype is torch.float32 and tuple(scale.shape) == s_shape and scale.is_contiguous())
+            and scale.dtype in (torch.float32, torch.float16) and tuple(scale.shape) == s_shape
+            and scale.is_contiguous())
 
 
 def _check(status: int) -> None:
@@ -223,17 +224,25 @@ def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
 
 
+def narrow_scales(scales: torch.Tensor) -> torch.Tensor:
+    """float32 scales as float16 where every one is a float16 value (GGUF's Q4_0, Q4_1 and Q8_0 store theirs so),
+    else as they are: the kernels read either, and the products are the same."""
+    half = scales.half()
+    return half if torch.equal(half.float(), scales) else scales
+
+
 def tile_int4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, K] in 0..15 and w = q * scale + offset with scale, offset [N, K / group] -> int4_mm's tiles (cpu.c):
     uint8 [N8, K / 32, 4, 32], in block b, chunk c, byte j of tile t the low nibble row 8t + j // 4, column
-    32b + 8c + j % 4 and the high nibble column 32b + 8c + 4 + j % 4; float32 [N8, K / group, 2, 8] (scales, offsets)."""
+    32b + 8c + j % 4 and the high nibble column 32b + 8c + 4 + j % 4; [N8, K / group, 2, 8] (scales, offsets),
+    float16 where they all are float16 values (narrow_scales), else float32."""
     n, k = q.shape
     g = scale.shape[1]
     v = _pad_rows(q.to(torch.uint8)).view(-1, TILE, k // 32, 4, 2, 4)           # t, r, b, c, h, kk
     v = v.permute(0, 2, 3, 4, 1, 5).reshape(-1, k // 32, 4, 2, 32)               # t, b, c, h, (r kk)
     packed = (v[:, :, :, 0] | (v[:, :, :, 1] << 4)).contiguous()
     so = torch.stack([_pad_rows(scale.float()), _pad_rows(offset.float())], dim=1)  # [N8 * 8, 2, G]
-    return packed, so.view(-1, TILE, 2, g).permute(0, 3, 2, 1).contiguous()
+    return packed, narrow_scales(so.view(-1, TILE, 2, g).permute(0, 3, 2, 1).contiguous())
 
 
 def untile_int4(q: torch.Tensor, scale_offset: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -241,24 +250,25 @@ def untile_int4(q: torch.Tensor, scale_offset: torch.Tensor, n: int) -> tuple[to
     tiles, blocks = q.shape[:2]
     v = torch.stack([q & 15, q >> 4], dim=3).view(tiles, blocks, 4, 2, TILE, 4)   # t, b, c, h, r, kk
     v = v.permute(0, 4, 1, 2, 3, 5).reshape(tiles * TILE, blocks * 32)[:n]
-    so = scale_offset.permute(0, 3, 2, 1).reshape(tiles * TILE, 2, -1)[:n]
+    so = scale_offset.float().permute(0, 3, 2, 1).reshape(tiles * TILE, 2, -1)[:n]
     return v, so[:, 0], so[:, 1]
 
 
 def tile_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q int8 [N, K] and w = q * scale with scale [N, K / group] -> int8_mm's tiles (cpu.c): int8 [N8, K / 2, 8, 2]
-    (row 8t + r, columns 2s and 2s + 1 at [t, s, r]), float32 [N8, K / group, 8]."""
+    (row 8t + r, columns 2s and 2s + 1 at [t, s, r]), [N8, K / group, 8] float16 where all are float16 values
+    (narrow_scales: Q8_0's), else float32."""
     n, k = q.shape
     g = scale.shape[1]
     qt = _pad_rows(q.to(torch.int8)).view(-1, TILE, k // 2, 2).permute(0, 2, 1, 3).contiguous()
-    return qt, _pad_rows(scale.float()).view(-1, TILE, g).permute(0, 2, 1).contiguous()
+    return qt, narrow_scales(_pad_rows(scale.float()).view(-1, TILE, g).permute(0, 2, 1).contiguous())
 
 
 def int8_rows(q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of tile_int8's weights as float32 [len(ids), K] (q * scale): an embedding lookup."""
     ids = ids.reshape(-1)
     rows = q[ids // TILE, :, ids % TILE].reshape(len(ids), -1).float()            # [L, K / 2, 2] -> [L, K]
-    s = scale[ids // TILE, :, ids % TILE]                                          # [L, G]
+    s = scale[ids // TILE, :, ids % TILE].float()                                  # [L, G]
     return (rows.view(len(ids), s.shape[1], -1) * s[..., None]).view(len(ids), -1)
 
 
@@ -270,7 +280,8 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, n: int
     m, k = x.shape
     _require(x.dtype is torch.float32 and packed_fits(4, q, scale_offset, group, n, k), "int4_mm", x, q, scale_offset)
     y = torch.empty(m, n, dtype=torch.float32)
-    _check((lib or library()).tm_int4_mm(x.data_ptr(), q.data_ptr(), scale_offset.data_ptr(), y.data_ptr(),
+    _check((lib or library()).tm_int4_mm(x.data_ptr(), q.data_ptr(), scale_offset.data_ptr(),
+                                         scale_offset.dtype is torch.float16, y.data_ptr(),
                                          m, n, k, group, n, torch.get_num_threads()))
     return y
 
@@ -297,7 +308,8 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int, group
     _require((exact or x.dtype is torch.float32) and packed_fits(8, q, scale, group, n, k), "int8_mm", x, q, scale)
     y = torch.empty(m, n, dtype=torch.float32)
     _check((lib or library()).tm_int8_mm(None if exact else x.data_ptr(), x.data_ptr() if exact else None,
-                                         q.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, group, n,
+                                         q.data_ptr(), scale.data_ptr(), scale.dtype is torch.float16, y.data_ptr(),
+                                         m, n, k, group, n,
                                          torch.get_num_threads()))
     return y
 
@@ -359,7 +371,7 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
 class _Linear(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("perm", ctypes.c_void_p),
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("bits", ctypes.c_int64),
-                ("act_range", ctypes.c_float)]
+                ("half", ctypes.c_int64), ("act_range", ctypes.c_float)]
 
 
 NORMS = ("input_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm", "q_norm", "k_norm")     # cpu.c's tm_layer
@@ -396,7 +408,8 @@ def _linear(name: str, weights: PackedWeights, bias: torch.Tensor | None, n: int
     ok = ok and act_range >= 0 and (act_range == 0 or (bits == 8 and perm is None))
     _require(ok, f"decode_layers {name}", q, scale)
     pointer = lambda t: None if t is None else t.data_ptr()     # noqa: E731
-    return _Linear(q.data_ptr(), scale.data_ptr(), pointer(bias), pointer(perm), n, k, group, bits, act_range)
+    return _Linear(q.data_ptr(), scale.data_ptr(), pointer(bias), pointer(perm), n, k, group, bits,
+                   int(scale.dtype is torch.float16), act_range)
 
 
 class DecoderStack:

@@ -13,6 +13,8 @@
            scale_offset [N8, K / group, 2, 8]: the 8 rows' scales, then their offsets.
      int8: q in [-128, 127], w = q * scale. q [N8, K / 2, 8, 2]: row 8t + r, columns 2s, 2s + 1 at [t, s, r, :].
            scale [N8, K / group, 8].
+   Scales (and offsets) are float32, or float16 where every one of a weight's is a float16 value (GGUF's Q4_0,
+   Q4_1 and Q8_0 store them so; `half`): a sixth fewer bytes a decode step reads for int4, the same products.
 
    Activations: each row's 32-column blocks are rounded with their own scale (absmax / range) to
      - int8 (range 127) against int4 weights: vpmaddubsw multiplies 32 unsigned weights by 32 signed
@@ -140,6 +142,12 @@ static void quantize_blocks(const float *x, void *xq, float *dx, float *xsum, in
     }
 }
 
+/* 8 scales from s + i: float16 (half, a compile-time constant where it is called) or float32 */
+INLINE __m256 load_scales(const void *s, int64_t i, const int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)s + i)))
+                : _mm256_loadu_ps((const float *)s + i);
+}
+
 /* y[r * ldy + j] = acc[r] lane j for the rows of one tile pass, j < cols (8 but in a weight's last tile) */
 INLINE void store_tile(const __m256 acc[MR], int rows, float *y, int64_t ldy, int64_t cols) {
     if (cols == 8) {
@@ -160,7 +168,8 @@ INLINE void store_tile(const __m256 acc[MR], int rows, float *y, int64_t ldy, in
    rows are a run-time count tested in the loops: gcc then keeps each row's chain apart (with the count fixed
    at compile time it interleaves the rows and spills, ~10 % slower); nt is a compile-time constant (tile_int4),
    as gcc spills the AVX2 build's registers where it is tested at run time (2.5x slower). */
-INLINE void tile_int4_body(const int nt, const uint8_t *qt, int64_t tile_bytes, const float *st, int64_t scale_stride,
+INLINE void tile_int4_body(const int nt, const int half, const uint8_t *qt, int64_t tile_bytes, const void *st,
+                           int64_t scale_stride,
                            const int8_t *xq, const float *dx, const float *xsum, int64_t K, int64_t group, int rows,
                            float *y, int64_t ldy, int64_t cols) {
     const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -195,7 +204,7 @@ INLINE void tile_int4_body(const int nt, const uint8_t *qt, int64_t tile_bytes, 
                 }
         }
         for (int u = 0; u < nt; u++) {
-            const __m256 s = _mm256_loadu_ps(st + u * scale_stride + (b / per) * 16);
+            const __m256 s = load_scales(st, u * scale_stride + (b / per) * 16, half);
             for (int r = 0; r < MR; r++)
                 if (r < rows)
                     acc[u][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(VNNI ? sums[u][r] : _mm256_madd_epi16(sums[u][r], ones)),
@@ -205,12 +214,12 @@ INLINE void tile_int4_body(const int nt, const uint8_t *qt, int64_t tile_bytes, 
     /* the offsets' share, after the products (in their loop: ~15 % slower), on two chains per row: one chain
        of G dependent FMAs is latency-bound with nothing left to overlap it */
     for (int u = 0; u < nt; u++) {
-        const float *so = st + u * scale_stride;
+        const int64_t so = u * scale_stride;
         __m256 odd[MR];
         for (int r = 0; r < MR; r++) odd[r] = _mm256_setzero_ps();
         int64_t g = 0;
         for (; g + 2 <= G; g += 2) {
-            const __m256 o0 = _mm256_loadu_ps(so + g * 16 + 8), o1 = _mm256_loadu_ps(so + g * 16 + 24);
+            const __m256 o0 = load_scales(st, so + g * 16 + 8, half), o1 = load_scales(st, so + g * 16 + 24, half);
             for (int r = 0; r < MR; r++)
                 if (r < rows) {
                     acc[u][r] = _mm256_fmadd_ps(o0, _mm256_set1_ps(xsum[r * G + g]), acc[u][r]);
@@ -218,7 +227,7 @@ INLINE void tile_int4_body(const int nt, const uint8_t *qt, int64_t tile_bytes, 
                 }
         }
         if (g < G) {
-            const __m256 o = _mm256_loadu_ps(so + g * 16 + 8);
+            const __m256 o = load_scales(st, so + g * 16 + 8, half);
             for (int r = 0; r < MR; r++)
                 if (r < rows) acc[u][r] = _mm256_fmadd_ps(o, _mm256_set1_ps(xsum[r * G + g]), acc[u][r]);
         }
@@ -227,27 +236,36 @@ INLINE void tile_int4_body(const int nt, const uint8_t *qt, int64_t tile_bytes, 
     }
 }
 
-/* tiles t .. t + nt - 1 (nt 1, or 2 in the VNNI build): tile_int4_body with nt fixed, and in the VNNI build
-   with a full pass's rows fixed too (with 32 registers gcc then schedules the rows without spilling: +10-18 %) */
-static void tile_int4(const uint8_t *qt, int64_t tile_bytes, const float *st, int64_t scale_stride, int nt,
-                      const int8_t *xq, const float *dx, const float *xsum, int64_t K, int64_t group, int rows,
-                      float *y, int64_t ldy, int64_t cols) {
+/* tiles t .. t + nt - 1 (nt 1, or 2 in the VNNI build): tile_int4_body with nt and half fixed, and in the VNNI
+   build with a full pass's rows fixed too (with 32 registers gcc then schedules the rows without spilling:
+   +10-18 %) */
+INLINE void tile_int4_nt(const int half, const uint8_t *qt, int64_t tile_bytes, const void *st, int64_t scale_stride,
+                         int nt, const int8_t *xq, const float *dx, const float *xsum, int64_t K, int64_t group,
+                         int rows, float *y, int64_t ldy, int64_t cols) {
 #if NT > 1
     if (nt == 2 && rows == MR) {
-        tile_int4_body(2, qt, tile_bytes, st, scale_stride, xq, dx, xsum, K, group, MR, y, ldy, cols);
+        tile_int4_body(2, half, qt, tile_bytes, st, scale_stride, xq, dx, xsum, K, group, MR, y, ldy, cols);
         return;
     }
     if (nt == 2) {
-        tile_int4_body(2, qt, tile_bytes, st, scale_stride, xq, dx, xsum, K, group, rows, y, ldy, cols);
+        tile_int4_body(2, half, qt, tile_bytes, st, scale_stride, xq, dx, xsum, K, group, rows, y, ldy, cols);
         return;
     }
 #endif
-    tile_int4_body(1, qt, tile_bytes, st, scale_stride, xq, dx, xsum, K, group, rows, y, ldy, cols);
+    tile_int4_body(1, half, qt, tile_bytes, st, scale_stride, xq, dx, xsum, K, group, rows, y, ldy, cols);
+}
+
+static void tile_int4(const int half, const uint8_t *qt, int64_t tile_bytes, const void *st, int64_t scale_stride,
+                      int nt, const int8_t *xq, const float *dx, const float *xsum, int64_t K, int64_t group, int rows,
+                      float *y, int64_t ldy, int64_t cols) {
+    if (half) tile_int4_nt(1, qt, tile_bytes, st, scale_stride, nt, xq, dx, xsum, K, group, rows, y, ldy, cols);
+    else tile_int4_nt(0, qt, tile_bytes, st, scale_stride, nt, xq, dx, xsum, K, group, rows, y, ldy, cols);
 }
 
 /* The same for 8 int8 weight rows against rows of int16 activations: vpmaddwd per 2 columns, int32 sums per
    block. */
-INLINE void tile_int8_body(const int nt, const int8_t *qt, int64_t tile_bytes, const float *st, int64_t scale_stride,
+INLINE void tile_int8_body(const int nt, const int half, const int8_t *qt, int64_t tile_bytes, const void *st,
+                           int64_t scale_stride,
                            const int16_t *xq, const float *dx, int64_t K, int64_t group, int rows, float *y,
                            int64_t ldy, int64_t cols) {
     const int64_t B = K / 32, per = group / 32;
@@ -274,7 +292,7 @@ INLINE void tile_int8_body(const int nt, const int8_t *qt, int64_t tile_bytes, c
                 }
         }
         for (int u = 0; u < nt; u++) {
-            const __m256 s = _mm256_loadu_ps(st + u * scale_stride + (b / per) * 8);
+            const __m256 s = load_scales(st, u * scale_stride + (b / per) * 8, half);
             for (int r = 0; r < MR; r++)
                 if (r < rows)
                     acc[u][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[u][r]),
@@ -285,27 +303,36 @@ INLINE void tile_int8_body(const int nt, const int8_t *qt, int64_t tile_bytes, c
 }
 
 /* tile_int4's dispatch, for tile_int8_body */
-static void tile_int8(const int8_t *qt, int64_t tile_bytes, const float *st, int64_t scale_stride, int nt,
-                      const int16_t *xq, const float *dx, int64_t K, int64_t group, int rows, float *y, int64_t ldy,
-                      int64_t cols) {
+INLINE void tile_int8_nt(const int half, const int8_t *qt, int64_t tile_bytes, const void *st, int64_t scale_stride,
+                         int nt, const int16_t *xq, const float *dx, int64_t K, int64_t group, int rows, float *y,
+                         int64_t ldy, int64_t cols) {
 #if NT > 1
     if (nt == 2 && rows == MR) {
-        tile_int8_body(2, qt, tile_bytes, st, scale_stride, xq, dx, K, group, MR, y, ldy, cols);
+        tile_int8_body(2, half, qt, tile_bytes, st, scale_stride, xq, dx, K, group, MR, y, ldy, cols);
         return;
     }
     if (nt == 2) {
-        tile_int8_body(2, qt, tile_bytes, st, scale_stride, xq, dx, K, group, rows, y, ldy, cols);
+        tile_int8_body(2, half, qt, tile_bytes, st, scale_stride, xq, dx, K, group, rows, y, ldy, cols);
         return;
     }
 #endif
-    tile_int8_body(1, qt, tile_bytes, st, scale_stride, xq, dx, K, group, rows, y, ldy, cols);
+    tile_int8_body(1, half, qt, tile_bytes, st, scale_stride, xq, dx, K, group, rows, y, ldy, cols);
 }
 
-/* y [M, N] (row stride ldy) = x @ W^T for the tiled weights (bits 4 or 8). x float32 [M, K], or with bits 8
-   x_int int16 [M, K] (x unused): those integers as they are, every product and every block's sum exact
-   (W8A8's int8 x int8 math). Returns 0, or -1 when scratch memory could not be had. */
-static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const void *q, const float *scales,
-                    float *y, int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy, int threads) {
+static void tile_int8(const int half, const int8_t *qt, int64_t tile_bytes, const void *st, int64_t scale_stride,
+                      int nt, const int16_t *xq, const float *dx, int64_t K, int64_t group, int rows, float *y,
+                      int64_t ldy, int64_t cols) {
+    if (half) tile_int8_nt(1, qt, tile_bytes, st, scale_stride, nt, xq, dx, K, group, rows, y, ldy, cols);
+    else tile_int8_nt(0, qt, tile_bytes, st, scale_stride, nt, xq, dx, K, group, rows, y, ldy, cols);
+}
+
+/* y [M, N] (row stride ldy) = x @ W^T for the tiled weights (bits 4 or 8; scales float16 where half, else
+   float32). x float32 [M, K], or with bits 8 x_int int16 [M, K] (x unused): those integers as they are, every
+   product and every block's sum exact (W8A8's int8 x int8 math). Returns 0, or -1 when scratch memory could not
+   be had. */
+static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const void *q, const void *scales,
+                    const int half, float *y, int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy,
+                    int threads) {
     const int64_t B = K / 32, G = K / group, tiles = (N + 7) / 8, chunks = (M + M_CHUNK - 1) / M_CHUNK;
     const int64_t tile_bytes = (int64_t)bits * K;      /* 8 rows of K weights of `bits` bits */
     const int64_t scale_stride = (bits == 4 ? 16 : 8) * G;
@@ -330,7 +357,7 @@ static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const 
             const int64_t t = pass * step;
             const int nt = tiles - t < step ? (int)(tiles - t) : (int)step;
             const void *qt = (const uint8_t *)q + t * tile_bytes;
-            const float *st = scales + t * scale_stride;
+            const void *st = (const char *)scales + t * scale_stride * (half ? 2 : 4);
             const int64_t end = (chunk + 1) * M_CHUNK < M ? (chunk + 1) * M_CHUNK : M;
             for (int64_t m = chunk * M_CHUNK; m < end; m += MR) {
                 const int rows = end - m < MR ? (int)(end - m) : MR;
@@ -338,10 +365,10 @@ static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const 
                 const float *dr = dx + m * B, *sr = xsum + m * G;
                 const int64_t last = t + nt - 1, cols = N - 8 * last < 8 ? N - 8 * last : 8;
                 if (bits == 4)
-                    tile_int4((const uint8_t *)qt, tile_bytes, st, scale_stride, nt, (const int8_t *)xr, dr, sr, K,
+                    tile_int4(half, (const uint8_t *)qt, tile_bytes, st, scale_stride, nt, (const int8_t *)xr, dr, sr, K,
                               group, rows, y + m * ldy + 8 * t, ldy, cols);
                 else
-                    tile_int8((const int8_t *)qt, tile_bytes, st, scale_stride, nt, (const int16_t *)xr, dr, K, group,
+                    tile_int8(half, (const int8_t *)qt, tile_bytes, st, scale_stride, nt, (const int16_t *)xr, dr, K, group,
                               rows, y + m * ldy + 8 * t, ldy, cols);
             }
         }
@@ -349,16 +376,16 @@ static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const 
     return 0;
 }
 
-/* x [M, K] float32, int4 weights as tiled above -> y [M, N] (row stride ldy). */
-int tm_int4_mm(const float *x, const uint8_t *q, const float *scale_offset, float *y,
+/* x [M, K] float32, int4 weights as tiled above (scale_offset float16 where half) -> y [M, N] (row stride ldy). */
+int tm_int4_mm(const float *x, const uint8_t *q, const void *scale_offset, int half, float *y,
                int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy, int threads) {
-    return tiled_mm(4, x, 0, q, scale_offset, y, M, N, K, group, ldy, threads);
+    return tiled_mm(4, x, 0, q, scale_offset, half, y, M, N, K, group, ldy, threads);
 }
 
 /* x [M, K] float32 (or x_int int16, see tiled_mm), int8 weights as tiled above -> y [M, N] (row stride ldy). */
-int tm_int8_mm(const float *x, const int16_t *x_int, const int8_t *q, const float *scale, float *y,
+int tm_int8_mm(const float *x, const int16_t *x_int, const int8_t *q, const void *scale, int half, float *y,
                int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy, int threads) {
-    return tiled_mm(8, x, x_int, q, scale, y, M, N, K, group, ldy, threads);
+    return tiled_mm(8, x, x_int, q, scale, half, y, M, N, K, group, ldy, threads);
 }
 
 /* ---- attention of decode rows over the paged KV cache ------------------------------------------------
@@ -731,10 +758,10 @@ void tm_gelu_tanh_mul(const float *x, float *out, int64_t M, int64_t I, int thre
 
 typedef struct {            /* one linear layer's weights, as tm_int4_mm (bits 4) or tm_int8_mm (bits 8) take them */
     const void *q;
-    const float *scale;     /* int4: scale_offset [N, K / group, 2]; int8: scale [N, K / group] */
+    const void *scale;      /* int4: scale_offset [N8, K / group, 2, 8]; int8: scale [N8, K / group, 8] */
     const float *bias;      /* [N] or NULL */
     const int64_t *perm;    /* [K] or NULL: the product takes x[:, perm] (GPTQ act-order) */
-    int64_t n, k, group, bits;
+    int64_t n, k, group, bits, half;    /* half: the scales are float16 */
     float act_range;        /* > 0: W8A8 (bits 8), activations rounded per token to integers in
                                [-128, 127] with scale max|x| / act_range; 0: float activations */
 } tm_linear;
@@ -790,15 +817,17 @@ static int linear(const tm_linear *l, const float *x, float *y, float *gathered,
     }
     int status;
     if (l->bits == 4) {
-        status = tm_int4_mm(x, (const uint8_t *)l->q, l->scale, y, M, l->n, l->k, l->group, l->n, threads);
+        status = tm_int4_mm(x, (const uint8_t *)l->q, l->scale, (int)l->half, y, M, l->n, l->k, l->group, l->n,
+                            threads);
     } else if (l->act_range > 0.f) {
         quantize_tokens(x, (int16_t *)gathered, token_scales, M, l->k, l->act_range);
-        status = tm_int8_mm(0, (const int16_t *)gathered, (const int8_t *)l->q, l->scale, y, M, l->n, l->k,
-                            l->group, l->n, threads);
+        status = tm_int8_mm(0, (const int16_t *)gathered, (const int8_t *)l->q, l->scale, (int)l->half, y, M, l->n,
+                            l->k, l->group, l->n, threads);
         for (int64_t m = 0; m < M; m++)
             for (int64_t j = 0; j < l->n; j++) y[m * l->n + j] *= token_scales[m];
     } else {
-        status = tm_int8_mm(x, 0, (const int8_t *)l->q, l->scale, y, M, l->n, l->k, l->group, l->n, threads);
+        status = tm_int8_mm(x, 0, (const int8_t *)l->q, l->scale, (int)l->half, y, M, l->n, l->k, l->group, l->n,
+                            threads);
     }
     if (l->bias)
         for (int64_t m = 0; m < M; m++)
