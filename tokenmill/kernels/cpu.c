@@ -497,6 +497,10 @@ INLINE void attend(const int half, const float *q, const void *k_cache, const vo
         for (int64_t h = 0; h < Hkv; h++) {
             const int64_t hd = h * D;
             float *acc = state + h * stride, *m = acc + group * D, *l = m + group;
+            /* this head's value slices of the tile into L1 while its scores are computed (they are read next) */
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t b = 0; b < D * (half ? 2 : 4); b += 64)
+                    _mm_prefetch((const char *)rows_v[i] + hd * (half ? 2 : 4) + b, _MM_HINT_T0);
             for (int64_t j = 0; j < group; j++) {      /* scores of the tile, eight keys at a time */
                 const float *qj = q + (h * group + j) * D;
                 int64_t i = 0;
