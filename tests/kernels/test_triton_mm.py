@@ -43,9 +43,10 @@ def test_matches_dequantized_matmul(m, n, k, group):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_both_routes_around_the_row_limit(bits):
-    """Up to FUSED_MAX_ROWS rows run the fused kernel, more the weights dequantized in one pass and F.linear:
-    the dequantized weights are the reference's, and both routes give the reference's products."""
+def test_both_routes_around_the_row_limit(bits, monkeypatch):
+    """Up to FUSED_MAX_ROWS rows run the fused kernel, more the weights dequantized (SLAB rows at a time) and
+    F.linear: the dequantized weights are the reference's, both routes give the reference's products, and the
+    row count picks the route."""
     g = torch.Generator().manual_seed(bits)
     n, k, group = 72, 160, 32
     if bits == 4:
@@ -63,12 +64,21 @@ def test_both_routes_around_the_row_limit(bits):
     # within a bfloat16 step (the interpreter truncates to bfloat16 where a GPU rounds to nearest)
     torch.testing.assert_close(triton_mm.dequantize(bits, stored, scales, group, torch.bfloat16).float(), w,
                                rtol=2 ** -7, atol=0)
+    monkeypatch.setattr(triton_mm, "SLAB", 32)          # 72 rows: slabs of 32, 32 and 8
+    calls = []
+    real = triton_mm.dequantize
+    monkeypatch.setattr(triton_mm, "dequantize", lambda *a: calls.append(a[1].shape[0]) or real(*a))
     for m in (triton_mm.FUSED_MAX_ROWS, triton_mm.FUSED_MAX_ROWS + 1):
         x = torch.randn(m, k, generator=g)
         want = (x.double() @ w.double().t()).float()
-        for fused in (None, True, False):
+        calls.clear()
+        torch.testing.assert_close(mm(x, stored, scales, group), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+        assert calls == ([] if m <= triton_mm.FUSED_MAX_ROWS else [32, 32, 8])
+        for fused in (True, False):
             torch.testing.assert_close(mm(x, stored, scales, group, fused=fused), want, rtol=1e-5,
                                        atol=1e-6 * want.abs().max().item())
+    with pytest.raises(ValueError, match="triton dequantize"):
+        real(bits, stored[:, 1:], scales, group, torch.float32)
 
 
 def test_real_q4_1_rows_match_gguf_py(smollm2_path):

@@ -11,11 +11,12 @@ dequantizes both halves in registers (float32, then the activations' dtype) and 
 matching columns of x (the low-nibble columns and the ones 16 further), accumulating in float32. The
 weights never exist unpacked in memory, so a decode step reads ~0.75 bytes per weight instead of 2.
 
-More than FUSED_MAX_ROWS rows take another route (vLLM's for GGUF on GPUs): one Triton pass dequantizes the
-weights to the activations' dtype (_int4_dequantize_kernel, _int8_dequantize_kernel) and cuBLAS multiplies
-(F.linear). Measured on an H200 (docs/benchmarks.md), the fused kernels ran 0.08-0.28x of cuBLAS on dense
-bfloat16 weights at 64 rows and 0.02-0.32x at 512: compute-bound products want cuBLAS' tiles, and the
-dequantized copy (2 bytes a weight, freed after the call) costs one memory-bound pass.
+More than FUSED_MAX_ROWS rows take another route (vLLM's for GGUF on GPUs): one Triton pass dequantizes
+SLAB weight rows at a time to the activations' dtype (_int4_dequantize_kernel, _int8_dequantize_kernel) and
+cuBLAS multiplies them (F.linear). Measured on an H200 (docs/benchmarks.md), the fused kernels ran 0.08-0.28x
+of cuBLAS on dense bfloat16 weights at 64 rows and 0.02-0.32x at 512: compute-bound products want cuBLAS'
+tiles, and the dequantized slab (2 or 4 bytes a weight, at most SLAB rows, freed after the call) costs one
+memory-bound pass. This route has run under the interpreter only; benchmarks/gpu_quant.py times both.
 
 Under TRITON_INTERPRET=1 it runs on CPU tensors (the tests do this); the interpreter computes tl.dot on
 bfloat16 wrongly (numpy has no bfloat16), so there bfloat16 activations meet float32 operands; float16 ones
@@ -79,6 +80,7 @@ def _fits(bits: int, q: torch.Tensor, scales: torch.Tensor, group: int, k: int) 
 
 
 FUSED_MAX_ROWS = 16      # above: dequantize, then cuBLAS (the module's docstring)
+SLAB = 8192              # weight rows dequantized at a time on that route: a 128k-row lm_head never whole
 
 
 @triton.jit
@@ -112,6 +114,9 @@ def dequantize(bits: int, q: torch.Tensor, scales: torch.Tensor, group: int, dty
     """The weights these products take (int4: q uint8 [N, K / 2] with scale_offset; int8: q int8 [N, K] with
     scale), dequantized to dense [N, K] in `dtype` on their device in one pass."""
     n, k = q.shape[0], q.shape[1] * (2 if bits == 4 else 1)
+    if not (_fits(bits, q, scales, group, k) and group % 32 == 0 and q.device == scales.device):
+        raise ValueError(f"triton dequantize: unsupported arguments {q.dtype} {tuple(q.shape)}, "
+                         f"{scales.dtype} {tuple(scales.shape)}, group {group}")
     w = torch.empty(n, k, dtype=dtype, device=q.device)
     bn, bk = 32, 128
     kernel = _int4_dequantize_kernel if bits == 4 else _int8_dequantize_kernel
@@ -130,7 +135,11 @@ def _launch(kernel, bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.T
         raise ValueError(f"triton {name}: unsupported arguments " + ", ".join(
             f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in (x, q, scales)))
     if not (m <= FUSED_MAX_ROWS if fused is None else fused):
-        return torch.nn.functional.linear(x, dequantize(bits, q, scales, group, x.dtype))
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        for i in range(0, n, SLAB):        # rows of q and of scales: contiguous slices
+            y[:, i:i + SLAB] = torch.nn.functional.linear(x, dequantize(bits, q[i:i + SLAB], scales[i:i + SLAB],
+                                                                        group, x.dtype))
+        return y
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bm, bn, bk = _tiles(m, k)
