@@ -224,7 +224,7 @@ def default_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> Ti
     if dtype == torch.float32:                  # twice the shared memory per tile
         return TileConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     # measured on an H200 (docs/benchmarks.md, "GPUs, first run"): at head dim 64, 8 warps beat 4 at 1k-16k
-    # tokens; at 128 this one is best at 1k (the length of a 2048-token step's chunks), 64x64 from 4k
+    # tokens; at 128 this one is best at 1k (the length of a 2048-token step's chunks), others from 4k
     if head_dim <= 64:
         return TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     return TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)

@@ -1,4 +1,4 @@
-/* Weight-only int4 and int8 products for x86-64 CPUs with AVX2 and FMA (F16C for float16 KV pages):
+/* Weight-only int4 and int8 products for x86-64 CPUs with AVX2 and FMA (F16C for float16 scales and KV pages):
    y[M, N] = x[M, K] @ W^T; decode attention over the paged KV cache; a decode step's small ops.
 
    Built by tokenmill/kernels/__init__.py with the machine's C compiler on first use and loaded with ctypes;

@@ -131,7 +131,8 @@ class Int4Kernel(LinearKernel):
 
 class NativeInt4Kernel(LinearKernel):
     """The same weights on tokenmill's own kernel (kernels.int4_mm), in its tiles of 8 rows (kernels.tile_int4):
-    w = q * scale + offset with offset = zero - 8 * scale, float32 per (row, group). One kernel for every number of
+    w = q * scale + offset with offset = zero - 8 * scale per (row, group), float32 (float16 where they all are
+    float16 values, as GGUF's Q4_0 / Q4_1 store them: kernels.narrow_scales). One kernel for every number of
     rows: at 64 rows and more it runs ~2.5x the dense float32 product of the same weights (docs/benchmarks.md), and
     a row's result never depends on the other rows."""
 
@@ -169,7 +170,8 @@ class NativeInt4Kernel(LinearKernel):
 class TritonInt4Kernel(LinearKernel):
     """The same weights on a GPU, packed two per byte in GGUF's nibble order (kernels.pack_int4) with a (scale,
     offset) per row and group, multiplied by tokenmill's Triton kernel (kernels/triton_mm.py), which dequantizes
-    them in registers: ~0.75 bytes a weight stay resident and are read per product, not 2."""
+    them in registers up to 16 rows (~0.75 bytes a weight read per product, not 2) and for more rows into a
+    dense slab for cuBLAS; ~0.75 bytes a weight stay resident."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, device: torch.device,
                  perm: torch.Tensor | None = None, label: str = "int4"):

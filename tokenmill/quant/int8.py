@@ -92,8 +92,8 @@ class Int8WeightKernel(LinearKernel):
 
 class TritonInt8Kernel(LinearKernel):
     """int8 weights with a scale per row and group of 32 columns on a GPU, multiplied by tokenmill's Triton kernel
-    (kernels/triton_mm.py), which dequantizes them in registers; rows of the same storage serve a tied
-    embedding."""
+    (kernels/triton_mm.py), which dequantizes them in registers up to 16 rows and into a dense slab for cuBLAS
+    above; rows of the same storage serve a tied embedding."""
     serves_rows = True
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, device: torch.device, label: str):
