@@ -5,6 +5,10 @@ float32 and bfloat16) vs llama.cpp (llama-cpp-python, same file), side by side i
   offline:  N requests (default 64), 128 in / 128 out, ignore_eos: output tok/s
 
 Prints a markdown table.  python benchmarks/engine.py [--requests 64] [--dtypes float32,bfloat16] [--skip transformers,llama.cpp]
+
+  --rounds N: then only the offline figure, tokenmill (as stored) and transformers in the first of --dtypes,
+              N alternating rounds (each engine loaded afresh), so both see the same spells of a noisy machine;
+              each round's tok/s and ratio, and the medians
 """
 from __future__ import annotations
 
@@ -35,9 +39,13 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(IN)] for _ in range(n)]
 
 
+def tokenmill_engine(path: Path, n: int, dtype: str) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(path), max_num_seqs=max(64, n), max_num_batched_tokens=2048, dtype=dtype),
+                     progress=False)
+
+
 def bench_tokenmill(path: Path, n: int, repeats: int, dtype: str) -> dict:
-    engine = LLMEngine(EngineConfig(model=str(path), max_num_seqs=max(64, n), max_num_batched_tokens=2048,
-                                    dtype=dtype), progress=False)
+    engine = tokenmill_engine(path, n, dtype)
     vocab = engine.model_config.vocab_size
     ttft, decode = [], []
     params = SamplingParams(temperature=0, max_tokens=OUT, ignore_eos=True)
@@ -58,11 +66,25 @@ def bench_tokenmill(path: Path, n: int, repeats: int, dtype: str) -> dict:
             "offline_tok_s": off["output_tok_s"], "offline_requests": n}
 
 
-def bench_transformers(path: Path, n: int, repeats: int, dtype: str) -> dict:
+def transformers_model(path: Path, dtype: str):
     import transformers as tf
     tf.logging.set_verbosity_error()
-    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                    torch_dtype=getattr(torch, dtype)).eval()
+    return tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                   torch_dtype=getattr(torch, dtype)).eval()
+
+
+def transformers_offline(model, n: int) -> float:
+    """n random prompts in one padded batch through generate: output tok/s."""
+    ids = torch.tensor(prompts(n, model.config.vocab_size))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=OUT,
+                       min_new_tokens=OUT, pad_token_id=0)
+    return n * OUT / (time.perf_counter() - t0)
+
+
+def bench_transformers(path: Path, n: int, repeats: int, dtype: str) -> dict:
+    model = transformers_model(path, dtype)
     vocab = model.config.vocab_size
     kw = dict(do_sample=False, max_new_tokens=OUT, min_new_tokens=OUT, pad_token_id=0)
     ttft, decode = [], []
@@ -76,10 +98,7 @@ def bench_transformers(path: Path, n: int, repeats: int, dtype: str) -> dict:
             t2 = time.perf_counter()
             ttft.append(t1 - t0)
             decode.append((OUT - 1) / ((t2 - t1) - (t1 - t0)))
-        ids = torch.tensor(prompts(n, vocab))
-        t0 = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-        offline = n * OUT / (time.perf_counter() - t0)
+    offline = transformers_offline(model, n)
     return {"ttft_ms": 1000 * statistics.median(ttft), "decode_tok_s": statistics.median(decode),
             "offline_tok_s": offline, "offline_requests": n}
 
@@ -113,6 +132,24 @@ def bench_llama_cpp(path: Path, n: int, repeats: int) -> dict:
             "offline_tok_s": offline, "offline_requests": n}
 
 
+def offline_rounds(path: Path, n: int, rounds: int, dtype: str) -> None:
+    rows = []
+    for r in range(rounds):
+        print(f"[round {r + 1} of {rounds}] tokenmill, then transformers", file=sys.stderr, flush=True)
+        ours = run_offline_bench(tokenmill_engine(path, n, dtype), n, IN, OUT)["output_tok_s"]
+        theirs = transformers_offline(transformers_model(path, dtype), n)
+        rows.append((ours, theirs))
+    amx = "AMX-BF16" if cpu_has_amx_bf16() else "no AMX"
+    print(f"\nmodel: {path.name}; machine: {cpu_name()} ({amx}), {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {n} requests x ({IN} in, {OUT} out), {dtype}, rounds alternating\n")
+    print(f"| round | tokenmill tok/s | transformers {dtype} tok/s | ratio |")
+    print("|---|---|---|---|")
+    for r, (a, b) in enumerate(rows):
+        print(f"| {r + 1} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    print(f"| median | {statistics.median(a for a, _ in rows):.1f} | {statistics.median(b for _, b in rows):.1f} | "
+          f"{statistics.median(a / b for a, b in rows):.2f}x |")
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -133,9 +170,13 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated engines to leave out: tokenmill,transformers,llama.cpp")
     ap.add_argument("--dtypes", default="float32,bfloat16",
                     help="run dtypes of tokenmill and transformers (llama.cpp runs the file's own Q4_1)")
+    ap.add_argument("--rounds", type=int, default=0, help="alternating offline rounds against transformers (above)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     path = resolve_model(args.model)
+    if args.rounds:
+        offline_rounds(path, args.requests, args.rounds, args.dtypes.split(",")[0])
+        return
     skip = set(filter(None, args.skip.split(",")))
     dtypes = args.dtypes.split(",")
     runs = {}
