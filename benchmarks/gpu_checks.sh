@@ -11,7 +11,13 @@
 # 3. the engine on the device against transformers on the device: tiny random models of each architecture,
 #    then, given the GGUF, agreement, perplexity and speed on it (gpu_engine.py).
 # The test suite is not among them: it is the CPU suite and hides the GPU (tests/conftest.py).
-# A device machine fetches nothing: the GGUF (98 MB) travels in two calls' carried halves (docs/benchmarks.md).
+# A device machine fetches nothing, and a call carries at most 64 MiB. What the first run did (docs/benchmarks.md):
+#   here: `split -b 52000000 -d MODEL.gguf` into .gpu/a and .gpu/b (listed in .git/info/exclude), and the wheels
+#   the image lacks into .whl (gguf, plus fastapi/starlette/pydantic/pydantic_core/uvicorn for the server;
+#   `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`);
+#   call 1 (carry .gpu/a): copy the half to /tmp, run the kernel checks;
+#   call 2 at once, while the machine is warm (carry .gpu/b and .whl): `pip install --no-deps --target /tmp/site
+#   .whl/*.whl`, PYTHONPATH=.:/tmp/site, join the halves, check the sha256, run this script with the file.
 set -uo pipefail
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
