@@ -39,13 +39,24 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(IN)] for _ in range(n)]
 
 
-def tokenmill_engine(path: Path, n: int, dtype: str) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(path), max_num_seqs=max(64, n), max_num_batched_tokens=2048, dtype=dtype),
-                     progress=False)
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (GPU timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def bench_tokenmill(path: Path, n: int, repeats: int, dtype: str) -> dict:
-    engine = tokenmill_engine(path, n, dtype)
+def tokenmill_engine(path: Path, n: int, dtype: str, device: str | None = None,
+                     quantization: str | None = None) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(path), max_num_seqs=max(64, n), max_num_batched_tokens=2048, dtype=dtype,
+                                  device=device, quantization=quantization), progress=False)
+
+
+def bench_tokenmill(path: Path, n: int, repeats: int, dtype: str, device: str | None = None,
+                    quantization: str | None = None) -> dict:
+    """`device`, `quantization`: EngineConfig's (benchmarks/gpu_engine.py runs this on a GPU)."""
+    engine = tokenmill_engine(path, n, dtype, device, quantization)
+    if engine.config.torch_device.type == "cuda":
+        run_offline_bench(engine, 4, IN, 8)          # warm-up: Triton compiles, the allocator
     vocab = engine.model_config.vocab_size
     ttft, decode = [], []
     params = SamplingParams(temperature=0, max_tokens=OUT, ignore_eos=True)
@@ -66,35 +77,39 @@ def bench_tokenmill(path: Path, n: int, repeats: int, dtype: str) -> dict:
             "offline_tok_s": off["output_tok_s"], "offline_requests": n}
 
 
-def transformers_model(path: Path, dtype: str):
+def transformers_model(path: Path, dtype: str, device: str = "cpu"):
+    """transformers' model of the GGUF file (dequantized by transformers) in `dtype` on `device`."""
     import transformers as tf
     tf.logging.set_verbosity_error()
     return tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                   torch_dtype=getattr(torch, dtype)).eval()
+                                                   torch_dtype=getattr(torch, dtype)).to(device).eval()
 
 
 def transformers_offline(model, n: int) -> float:
     """n random prompts in one padded batch through generate: output tok/s."""
-    ids = torch.tensor(prompts(n, model.config.vocab_size))
+    ids = torch.tensor(prompts(n, model.config.vocab_size), device=model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=OUT,
                        min_new_tokens=OUT, pad_token_id=0)
+    sync(model.device)
     return n * OUT / (time.perf_counter() - t0)
 
 
-def bench_transformers(path: Path, n: int, repeats: int, dtype: str) -> dict:
-    model = transformers_model(path, dtype)
+def bench_transformers(path: Path, n: int, repeats: int, dtype: str, device: str = "cpu") -> dict:
+    model = transformers_model(path, dtype, device)
     vocab = model.config.vocab_size
     kw = dict(do_sample=False, max_new_tokens=OUT, min_new_tokens=OUT, pad_token_id=0)
     ttft, decode = [], []
     with torch.inference_mode():
         for r in range(repeats):
-            ids = torch.tensor(prompts(1, vocab, seed=100 + r))
+            ids = torch.tensor(prompts(1, vocab, seed=100 + r), device=model.device)
             t0 = time.perf_counter()
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+            sync(model.device)
             t1 = time.perf_counter()
             model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            sync(model.device)
             t2 = time.perf_counter()
             ttft.append(t1 - t0)
             decode.append((OUT - 1) / ((t2 - t1) - (t1 - t0)))

@@ -13,26 +13,23 @@
    load) against transformers float32 on the device;
 2. perplexity (windows of 512 over the evaluation text) of each way;
 3. speed: batch-1 decode and offline N x (128 in, 128 out) tok/s, tokenmill against transformers
-   `generate` in bfloat16 (the same random prompts as benchmarks/engine.py).
+   `generate` in bfloat16: benchmarks/engine.py's measurements, on the device.
 """
 from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from engine import bench_tokenmill, bench_transformers, transformers_model  # noqa: E402
 from tokenmill import LLM, SamplingParams  # noqa: E402
-from tokenmill.cli import run_offline_bench  # noqa: E402
-from tokenmill.engine import LLMEngine  # noqa: E402
-from tokenmill.config import EngineConfig  # noqa: E402
 from tokenmill.model_files import resolve_model  # noqa: E402
 from tokenmill.perplexity import perplexity, reference_text  # noqa: E402
 
@@ -40,18 +37,6 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Explain what a hash table is in two sentences.", "List three prime numbers."]
 WAYS = {"dequantize float32": ("dequantize", "float32"), "as stored float32": (None, "float32"),
         "as stored bfloat16": (None, "bfloat16"), "int4 (RTN at load) bfloat16": ("int4", "bfloat16")}
-IN, OUT = 128, 128
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def transformers_model(path: Path, dtype: torch.dtype, device: torch.device):
-    import transformers as tf
-    tf.logging.set_verbosity_error()
-    return tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).to(device).eval()
 
 
 def hf_greedy(model, ids: list[int], new: int) -> list[int]:
@@ -71,7 +56,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def agreement(path: Path, device: torch.device, new: int, windows: int) -> None:
-    ref = transformers_model(path, torch.float32, device)
+    ref = transformers_model(path, "float32", str(device))
     probe = LLM(str(path), device=str(device), num_kv_blocks=256, progress=False)
     tok = probe.get_tokenizer()
     chats = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS]
@@ -176,60 +161,13 @@ def tiny(device: torch.device, backend: str | None) -> None:
     print()
 
 
-def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, vocab, (n, IN), generator=g).tolist()
-
-
-def speed_tokenmill(path: Path, device: torch.device, quantization: str | None, dtype: str, n: int) -> dict:
-    engine = LLMEngine(EngineConfig(model=str(path), device=str(device), dtype=dtype, quantization=quantization,
-                                    max_num_seqs=max(64, n), max_num_batched_tokens=max(2048, n * IN // 4)),
-                       progress=False)
-    params = SamplingParams(temperature=0, max_tokens=OUT, ignore_eos=True)
-    run_offline_bench(engine, 4, IN, 8)          # warm-up: Triton compiles, allocator
-    decode = []
-    for r in range(3):
-        engine.add_request(None, random_prompts(1, engine.model_config.vocab_size, 100 + r)[0], params)
-        first = None
-        while engine.has_unfinished_requests():
-            if engine.step() and first is None:
-                first = time.perf_counter()
-        decode.append((OUT - 1) / (time.perf_counter() - first))
-    off = run_offline_bench(engine, n, IN, OUT)
-    engine.shutdown()
-    return {"decode": statistics.median(decode), "offline": off["output_tok_s"]}
-
-
-def speed_transformers(path: Path, device: torch.device, n: int) -> dict:
-    model = transformers_model(path, torch.bfloat16, device)
-    vocab = model.config.vocab_size
-    kw = dict(do_sample=False, max_new_tokens=OUT, min_new_tokens=OUT, pad_token_id=0)
-    decode = []
-    with torch.inference_mode():
-        for r in range(3):
-            ids = torch.tensor(random_prompts(1, vocab, 100 + r), device=device)
-            t0 = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
-            sync(device)
-            t1 = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-            sync(device)
-            decode.append((OUT - 1) / ((time.perf_counter() - t1) - (t1 - t0)))
-        ids = torch.tensor(random_prompts(n, vocab, 0), device=device)
-        t0 = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-        sync(device)
-        offline = n * OUT / (time.perf_counter() - t0)
-    return {"decode": statistics.median(decode), "offline": offline}
-
-
 def speed(path: Path, device: torch.device, n: int) -> None:
     print(f"\n## speed on {device}: batch-1 decode (128 in, 128 out, median of 3) and offline {n} x (128 in, 128 out)\n")
     print("| engine | batch-1 decode tok/s | offline output tok/s | offline vs transformers bfloat16 |")
     print("|---|---|---|---|")
-    runs = {"transformers bfloat16": lambda: speed_transformers(path, device, n),     # first: the ratios' base
-            "tokenmill as stored bfloat16": lambda: speed_tokenmill(path, device, None, "bfloat16", n),
-            "tokenmill dequantize bfloat16": lambda: speed_tokenmill(path, device, "dequantize", "bfloat16", n)}
+    runs = {"transformers bfloat16": lambda: bench_transformers(path, n, 3, "bfloat16", str(device)),  # the base
+            "tokenmill as stored bfloat16": lambda: bench_tokenmill(path, n, 3, "bfloat16", str(device)),
+            "tokenmill dequantize bfloat16": lambda: bench_tokenmill(path, n, 3, "bfloat16", str(device), "dequantize")}
     base = None
     for name, fn in runs.items():     # each row as it is measured: a time limit keeps the ones before it
         try:
@@ -237,9 +175,10 @@ def speed(path: Path, device: torch.device, n: int) -> None:
         except Exception as e:      # one engine failing leaves the others' figures
             print(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | | |", flush=True)
             continue
-        base = r["offline"] if name.startswith("transformers") else base
-        ratio = f"{r['offline'] / base:.2f}x" if base else "-"
-        print(f"| {name} | {r['decode']:.1f} | {r['offline']:.1f} | {ratio} |", flush=True)
+        base = r["offline_tok_s"] if name.startswith("transformers") else base
+        ratio = f"{r['offline_tok_s'] / base:.2f}x" if base else "-"
+        print(f"| {name} | {r['decode_tok_s']:.1f} | {r['offline_tok_s']:.1f} | {ratio} |", flush=True)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
