@@ -71,10 +71,11 @@ def _tiles(m: int, k: int) -> tuple[int, int, int]:
 def _fits(bits: int, q: torch.Tensor, scales: torch.Tensor, group: int, k: int) -> bool:
     """Whether q and scales hold a weight of k columns as these kernels take it, by rows (not the CPU kernels'
     tiles): int4 uint8 [N, K / 2] (kernels.pack_int4) with scale and offset [N, K / group, 2], or int8 [N, K] with
-    scale [N, K / group]; float32 scales, both contiguous."""
+    scale [N, K / group]; float32 scales, both contiguous and on one device, `group` a multiple of 32."""
     n, int4 = q.shape[0], bits == 4
     return (bits in (4, 8) and q.dtype is (torch.uint8 if int4 else torch.int8) and q.dim() == 2
-            and q.shape[1] * (2 if int4 else 1) == k and k % group == 0 and q.is_contiguous()
+            and q.shape[1] * (2 if int4 else 1) == k and group % 32 == 0 and k % group == 0 and q.is_contiguous()
+            and q.device == scales.device
             and scales.dtype is torch.float32 and scales.is_contiguous()
             and scales.numel() == (2 if int4 else 1) * n * (k // group))
 
@@ -114,7 +115,7 @@ def dequantize(bits: int, q: torch.Tensor, scales: torch.Tensor, group: int, dty
     """The weights these products take (int4: q uint8 [N, K / 2] with scale_offset; int8: q int8 [N, K] with
     scale), dequantized to dense [N, K] in `dtype` on their device in one pass."""
     n, k = q.shape[0], q.shape[1] * (2 if bits == 4 else 1)
-    if not (_fits(bits, q, scales, group, k) and group % 32 == 0 and q.device == scales.device):
+    if not _fits(bits, q, scales, group, k):
         raise ValueError(f"triton dequantize: unsupported arguments {q.dtype} {tuple(q.shape)}, "
                          f"{scales.dtype} {tuple(scales.shape)}, group {group}")
     w = torch.empty(n, k, dtype=dtype, device=q.device)
@@ -130,7 +131,7 @@ def _launch(kernel, bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.T
     x's dtype and F.linear; fused=None: the kernel up to FUSED_MAX_ROWS rows (benchmarks force either)."""
     m, k = x.shape
     n, name = q.shape[0], f"int{bits}_mm"
-    if not (_fits(bits, q, scales, group, k) and group % 32 == 0 and q.device == x.device == scales.device
+    if not (_fits(bits, q, scales, group, k) and x.device == q.device
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         raise ValueError(f"triton {name}: unsupported arguments " + ", ".join(
             f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in (x, q, scales)))
