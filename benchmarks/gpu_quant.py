@@ -1,6 +1,6 @@
 """tokenmill's Triton int4 and int8 products (kernels/triton_mm.py) on a GPU against the dense bfloat16 product
 of the same weights dequantized (what a GPU ran before): agreement, and microseconds per call for the default
-model's shapes (int4 for its Q4_1 layers, int8 for its Q8_0 lm_head) at decode (1, 16, 64 rows) and prefill
+model's shapes (int4 for its Q4_1 layers, int8 for its Q8_0 lm_head) at decode (1 to 64 rows) and prefill
 (512 rows) sizes, by each route: the fused kernel (weights dequantized in registers) and the weights
 dequantized in one pass then cuBLAS; `auto` is what int4_mm / int8_mm run (fused up to FUSED_MAX_ROWS rows).
 Needs CUDA; from the working tree:
@@ -55,7 +55,7 @@ def main() -> None:
         sys.exit("needs a CUDA device (or --smoke under TRITON_INTERPRET=1)")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = {name: (n // 16, k) for name, (n, k) in SHAPES.items()} if args.smoke else SHAPES
-    rows_list = (1, 17) if args.smoke else (1, 16, 64, 512)
+    rows_list = (1, 17) if args.smoke else (1, 4, 8, 16, 32, 64, 512)
     g = torch.Generator().manual_seed(0)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)"
     print(f"device: {name}, torch {torch.__version__}")

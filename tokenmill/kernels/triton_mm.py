@@ -13,10 +13,11 @@ weights never exist unpacked in memory, so a decode step reads ~0.75 bytes per w
 
 More than FUSED_MAX_ROWS rows take another route (vLLM's for GGUF on GPUs): one Triton pass dequantizes
 SLAB weight rows at a time to the activations' dtype (_int4_dequantize_kernel, _int8_dequantize_kernel) and
-cuBLAS multiplies them (F.linear). Measured on an H200 (docs/benchmarks.md), the fused kernels ran 0.08-0.28x
-of cuBLAS on dense bfloat16 weights at 64 rows and 0.02-0.32x at 512: compute-bound products want cuBLAS'
-tiles, and the dequantized slab (2 or 4 bytes a weight, at most SLAB rows, freed after the call) costs one
-memory-bound pass. This route has run under the interpreter only; benchmarks/gpu_quant.py times both.
+cuBLAS multiplies them (F.linear); the dequantized slab (2 or 4 bytes a weight, at most SLAB rows) lives for
+one call. Timed on an H200 (benchmarks/gpu_quant.py, docs/benchmarks.md "GPUs, second run"): up to 64 rows
+every product of the default model is launch-bound and the fused kernel's one launch beats the slab route's
+two per slab (the lm_head at 64 rows 426 against 542 µs); at 512 rows the fused kernel is compute-bound in
+tiles unsuited to tensor cores and the slab route wins (the lm_head 533 against 2979 µs).
 
 Under TRITON_INTERPRET=1 it runs on CPU tensors (the tests do this); the interpreter computes tl.dot on
 bfloat16 wrongly (numpy has no bfloat16), so there bfloat16 activations meet float32 operands; float16 ones
@@ -80,7 +81,7 @@ def _fits(bits: int, q: torch.Tensor, scales: torch.Tensor, group: int, k: int) 
             and scales.numel() == (2 if int4 else 1) * n * (k // group))
 
 
-FUSED_MAX_ROWS = 16      # above: dequantize, then cuBLAS (the module's docstring)
+FUSED_MAX_ROWS = 64      # above: dequantize, then cuBLAS (measured: the module's docstring)
 SLAB = 8192              # weight rows dequantized at a time on that route: a 128k-row lm_head never whole
 
 

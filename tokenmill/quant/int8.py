@@ -92,7 +92,7 @@ class Int8WeightKernel(LinearKernel):
 
 class TritonInt8Kernel(LinearKernel):
     """int8 weights with a scale per row and group of 32 columns on a GPU, multiplied by tokenmill's Triton kernel
-    (kernels/triton_mm.py), which dequantizes them in registers up to 16 rows and into a dense slab for cuBLAS
+    (kernels/triton_mm.py), which dequantizes them in registers up to 64 rows and into a dense slab for cuBLAS
     above; rows of the same storage serve a tied embedding."""
     serves_rows = True
 
