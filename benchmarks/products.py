@@ -2,7 +2,7 @@
 batch 1, a decode batch and a prefill chunk, on the default model's linear shapes (N x K).
 
   int4:  kernels.int4_mm, weights in tile_int4's tiles, activations rounded to int8 per 32 columns inside
-  int8:  kernels.int8_mm, weights in tile_int8's tiles, activations rounded to int16 per 32 columns inside
+  int8:  kernels.int8_mm, weights in tile_int8's tiles, activations rounded to int8 per 32 columns inside
   f32:   torch.nn.functional.linear on float32 weights (what a dequantized checkpoint runs)
 Each figure is the median of --repeats calls (activation rounding included), the three run back to back.
 --builds avx2,vnni: the int4 and int8 columns for each build of cpu.c (kernels.BUILDS), their calls alternating

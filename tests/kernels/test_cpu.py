@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize as gguf_quantize, dequantize as gguf_dequantize
 
+from bounds import activation_bound
+
 from tokenmill import kernels
 from tokenmill.attention.reference import ReferenceBackend
 from tokenmill.attention.testing import random_paged_case
@@ -62,9 +64,10 @@ def products(lib, x, x_int, int4, int8, n, k, group):
 
 @pytest.mark.skipif(kernels.best_build() != "vnni", reason="this CPU has no AVX-512 VNNI")
 def test_the_vnni_build_gives_the_avx2_builds_results():
-    """vpdpbusd / vpdpwssd add up the same integers as vpmaddubsw + vpmaddwd / vpmaddwd + vpaddd, so every product
-    is bit for bit the AVX2 build's: on row counts around the 4-row passes and the 64-row work items, weights
-    with extreme nibbles and bytes, activations at the int16 limits."""
+    """vpdpbusd adds up the same integers as vpmaddubsw + vpmaddwd (int4) and as int16 vpmaddwd (int8; the VNNI
+    build's unsigned weights less 128 x the activations' sum), so every product is bit for bit the AVX2 build's:
+    on row counts around the 4-row passes and the 64-row work items, weights with extreme nibbles and bytes,
+    integer activations at the int8 limits."""
     avx2, vnni = kernels.compiled("avx2"), kernels.compiled("vnni")
     assert (avx2.tm_isa(), vnni.tm_isa()) == (1, 2)
     for m, n, k, group in [(1, 8, 32, 32), (3, 13, 96, 32), (5, 40, 256, 128), (67, 24, 512, 64), (130, 16, 64, 32)]:
@@ -76,8 +79,8 @@ def test_the_vnni_build_gives_the_avx2_builds_results():
         q8[0] = -128
         int8 = kernels.tile_int8(q8, torch.rand(n, k // group, generator=g))
         x = torch.randn(m, k, generator=g) * 3
-        x_int = torch.randint(-32767, 32768, (m, k), dtype=torch.int16, generator=g)
-        x_int[0] = -32767
+        x_int = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        x_int[0] = -128
         want = products(avx2, x, x_int, int4_tiles(q, scale, zero), int8, n, k, group)
         got = products(vnni, x, x_int, int4_tiles(q, scale, zero), int8, n, k, group)
         for a, b in zip(want, got):
@@ -101,21 +104,12 @@ def test_float16_scales_give_the_float32_scales_products(build):
         assert int4[1].dtype == int8[1].dtype == torch.float16
         wide4, wide8 = (int4[0], int4[1].float()), (int8[0], int8[1].float())
         x = torch.randn(m, k, generator=g) * 3
-        x_int = torch.randint(-32767, 32768, (m, k), dtype=torch.int16, generator=g)
+        x_int = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
         for a, b in zip(products(lib, x, x_int, int4, int8, n, k, group),
                         products(lib, x, x_int, wide4, wide8, n, k, group)):
             assert torch.equal(a, b), (build, m, n, k, group)
     q, scale, zero = random_int4(8, 64, 32)
     assert kernels.tile_int4(q, scale, zero)[1].dtype == torch.float32       # not float16 values: kept exact
-
-
-def activation_bound(x: torch.Tensor, w: torch.Tensor, levels: int = 32767) -> torch.Tensor:
-    """The most the kernels' rounding of activations can move x @ w^T: each value rounds by at most half a
-    step of its 32-column block (block absmax / 32767 in int16 against int8 weights, / 127 in int8 against
-    int4 ones), plus float32 summation."""
-    m, k = x.shape
-    step = x.abs().view(m, k // 32, 32).amax(-1).repeat_interleave(32, dim=1) / levels    # [M, K]
-    return (0.5 * step.double() @ w.abs().double().t()) * 1.001 + 1e-6 * (x.abs().double() @ w.abs().double().t())
 
 
 def random_int4(n, k, group, seed=0):
@@ -154,7 +148,7 @@ def test_int4_mm_is_dequantize_then_matmul(m, n, k, group):
     x[0, :7] = torch.tensor([0.0, 1e-6, -50.0, 2.5, 0.0, -1e-9, 7.0])         # outliers and tiny values
     y = kernels.int4_mm(x, *int4_tiles(q, scale, zero), n, group)
     ref = x.double() @ w.t()
-    assert ((y.double() - ref).abs() <= activation_bound(x, w.float(), 127)).all()
+    assert ((y.double() - ref).abs() <= activation_bound(x, w.float())).all()
 
 
 def test_int4_packing_is_ggufs_nibble_order():
@@ -181,17 +175,30 @@ def test_int8_mm_is_dequantize_then_matmul(m, n, group):
     assert ((y.double() - x.double() @ w.t()).abs() <= activation_bound(x, w.float())).all()
 
 
-def test_int8_mm_on_int16_activations_is_integer_math():
-    """W8A8's path: int8 activations as int16 are used as they are: every 32-column block's sum is exact,
-    the sum over blocks is float32 (48 roundings here)."""
+@pytest.mark.parametrize("build", [b for b in kernels.BUILDS if b == "avx2" or kernels.best_build() == "vnni"])
+def test_int8_mm_on_int8_activations_is_integer_math(build):
+    """W8A8's path: int8 activations are used as they are: every 32-column block's sum is exact, -128 x -128
+    included (where vpmaddubsw's int16 pairs would saturate), the sum over blocks is float32 (48 roundings
+    here); in each build, on row counts around the 4-row passes. And float activations go the same way."""
+    lib = kernels.compiled(build)
     g = torch.Generator().manual_seed(0)
-    q = torch.randint(-127, 128, (40, 1536), generator=g, dtype=torch.int8)
-    xq = torch.randint(-128, 128, (3, 1536), generator=g, dtype=torch.int16)
-    scale = torch.rand(40, 1, generator=g)
-    y = kernels.int8_mm(xq, *kernels.tile_int8(q, scale), 40, 1536)
-    exact = (xq.long() @ q.long().t()).double() * scale.double().t()
-    magnitude = (xq.long().abs() @ q.long().abs().t()).double() * scale.double().t()
-    assert ((y.double() - exact).abs() <= 48 * 2 ** -24 * magnitude).all()
+    q = torch.randint(-128, 128, (40, 1536), generator=g, dtype=torch.int8)
+    q[:3] = torch.tensor([-128, 127, -128], dtype=torch.int8)[:, None]
+    for m in (1, 3, 5, 8):
+        xq = torch.randint(-128, 128, (m, 1536), generator=g, dtype=torch.int8)
+        xq[0] = -128
+        xq[-1] = 127
+        scale = torch.rand(40, 1, generator=g)
+        y = kernels.int8_mm(xq, *kernels.tile_int8(q, scale), 40, 1536, lib=lib)
+        exact = (xq.long() @ q.long().t()).double() * scale.double().t()
+        magnitude = (xq.long().abs() @ q.long().abs().t()).double() * scale.double().t()
+        assert ((y.double() - exact).abs() <= 48 * 2 ** -24 * magnitude).all(), (build, m)
+        # float activations that are integers in [-127, 127], a 127 in every block: rounded to themselves (block
+        # scale 1), so the float route (the AVX2 build's vpsignb / vpmaddubsw one) gives the integer route's results
+        xf = xq.clamp(min=-127).float()
+        xf[:, ::32] = 127
+        assert torch.equal(kernels.int8_mm(xf, *kernels.tile_int8(q, scale), 40, 1536, lib=lib),
+                           kernels.int8_mm(xf.to(torch.int8), *kernels.tile_int8(q, scale), 40, 1536, lib=lib))
 
 
 def test_q8_0_comes_back_exactly_as_int8_groups():
@@ -311,7 +318,7 @@ def test_int4_kernel_act_order():
     for m in (3, 69):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         ref = x[:, perm].double() @ w.double().t()
-        assert ((kernel(x).double() - ref).abs() <= activation_bound(x[:, perm], w, 127)).all()
+        assert ((kernel(x).double() - ref).abs() <= activation_bound(x[:, perm], w)).all()
 
 
 def test_arguments_the_c_code_cannot_take_are_refused():

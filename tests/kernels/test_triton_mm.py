@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bounds import activation_bound
 from tokenmill import kernels
 
 triton_mm = pytest.importorskip("tokenmill.kernels.triton_mm")
@@ -144,7 +145,7 @@ def test_int8_matches_dequantized_matmul(m, n, k, group):
 
 def test_int8_kernel_class_on_real_q8_0_rows(smollm2_path):
     """The default model's Q8_0 embedding rows: the GPU class's products and embedding rows against gguf-py's
-    dequantization and against the CPU class."""
+    dequantization, and the CPU class's within the bound of its int8 activations."""
     from tokenmill.loader.gguf import GGUFCheckpoint, GGUFTensor
     t = GGUFTensor(*GGUFCheckpoint(smollm2_path).raw_tensor("model.embed_tokens.weight"))
     dense = t.dequantize()[:96]
@@ -155,4 +156,4 @@ def test_int8_kernel_class_on_real_q8_0_rows(smollm2_path):
     torch.testing.assert_close(gpu(x), x @ dense.t(), rtol=1e-5, atol=1e-4)
     if kernels.library() is not None:
         cpu = Int8WeightKernel(*quantize_per_group(dense, 32))
-        torch.testing.assert_close(gpu(x), cpu(x), rtol=1e-3, atol=1e-3 * (x @ dense.t()).abs().max().item())
+        assert ((cpu(x).double() - gpu(x).double()).abs() <= activation_bound(x, dense) + 1e-4).all()

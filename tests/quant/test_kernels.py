@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from bounds import activation_bound
 from tokenmill.loader.gguf import GGUFCheckpoint, GGUFTensor
 from tokenmill.quant.gguf import int4_groups
 from tokenmill.quant.int4 import Int4Kernel, dequantize_int4, quantize_rtn
@@ -119,8 +120,11 @@ def test_int8_weight_only_kernel_matches_dequantized_matmul(m):
     kernel = Int8WeightKernel(q, s)
     kernel.SLAB = 48                                     # slabs that do not divide the rows
     ref = x.double() @ (q.double() * s.double()[:, None]).t()
-    tol = 1e-4 if m > kernel.MAX_KERNEL_ROWS else 8e-3  # the few-row kernel computes in bfloat16
-    torch.testing.assert_close(kernel(x).double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    if kernel.native:                                    # tokenmill's kernel: activations rounded to int8 per block
+        assert ((kernel(x).double() - ref).abs() <= activation_bound(x, q.float() * s[:, None])).all()
+    else:
+        tol = 1e-4 if m > kernel.MAX_KERNEL_ROWS else 8e-3  # the few-row kernel computes in bfloat16
+        torch.testing.assert_close(kernel(x).double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
     ids = torch.tensor([0, 79, 3, 3])
     torch.testing.assert_close(kernel.rows(ids, torch.float32), (q.float() * s[:, None])[ids])
 

@@ -2,8 +2,8 @@
 by their users, as it needs triton). The rest of this module: the CPU kernels (kernels/cpu.c), for x86-64 CPUs with
 AVX2, FMA and F16C:
   - int4 and int8 weight-only products on weights in tiles of 8 rows (tile_int4, tile_int8), unpacked in
-    registers; float32 activations rounded per 32 columns to int8 (against int4) or int16 (against int8),
-    integer sums per block, float32 across blocks (int4_mm, int8_mm: any number of rows, ~2x the dense
+    registers; float32 activations rounded per 32 columns to int8 (llama.cpp's Q8 activations), integer sums
+    per block, float32 across blocks (int4_mm, int8_mm: any number of rows, ~2x the dense
     float32 product at 64 rows and more, ~4x PyTorch's int4 kernel at batch 1);
   - decode attention straight over the paged KV cache, float32 or float16 pages (paged_decode; F16C widens);
   - RMSNorm, rotate-half rope and SwiGLU / GeGLU in one pass each (rms_norm, rope, gated);
@@ -201,11 +201,11 @@ TILE = 8        # weight rows per tile of cpu.c's layouts
 
 def packed_fits(bits: int, q: torch.Tensor, scale: torch.Tensor, group: int, n: int, k: int) -> bool:
     """Whether q and scale hold an [n, k] weight in cpu.c's tiles of 8 rows, as its int4 (bits 4: tile_int4's uint8
-    [N8, K / 32, 4, 32] and scales [N8, K / group, 2, 8]) or int8 (bits 8: tile_int8's int8 [N8, K / 2, 8, 2] and
+    [N8, K / 32, 4, 32] and scales [N8, K / group, 2, 8]) or int8 (bits 8: tile_int8's int8 [N8, K / 4, 8, 4] and
     scales [N8, K / group, 8]) products take it, N8 = ceil(n / 8), scales float32 or float16; both contiguous,
     `group` a multiple of 32 dividing k."""
     tiles, int4 = -(-n // TILE), bits == 4
-    q_shape = (tiles, k // 32, 4, 32) if int4 else (tiles, k // 2, TILE, 2)
+    q_shape = (tiles, k // 32, 4, 32) if int4 else (tiles, k // 4, TILE, 4)
     s_shape = (tiles, k // group, 2, TILE) if int4 else (tiles, k // group, TILE)
     return (bits in (4, 8) and n > 0 and k > 0 and k % 32 == 0 and group % 32 == 0 and k % group == 0
             and q.dtype is (torch.uint8 if int4 else torch.int8) and tuple(q.shape) == q_shape and q.is_contiguous()
@@ -255,19 +255,19 @@ def untile_int4(q: torch.Tensor, scale_offset: torch.Tensor, n: int) -> tuple[to
 
 
 def tile_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q int8 [N, K] and w = q * scale with scale [N, K / group] -> int8_mm's tiles (cpu.c): int8 [N8, K / 2, 8, 2]
-    (row 8t + r, columns 2s and 2s + 1 at [t, s, r]), [N8, K / group, 8] float16 where all are float16 values
+    """q int8 [N, K] and w = q * scale with scale [N, K / group] -> int8_mm's tiles (cpu.c): int8 [N8, K / 4, 8, 4]
+    (row 8t + r, columns 4s .. 4s + 3 at [t, s, r]), [N8, K / group, 8] float16 where all are float16 values
     (narrow_scales: Q8_0's), else float32."""
     n, k = q.shape
     g = scale.shape[1]
-    qt = _pad_rows(q.to(torch.int8)).view(-1, TILE, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    qt = _pad_rows(q.to(torch.int8)).view(-1, TILE, k // 4, 4).permute(0, 2, 1, 3).contiguous()
     return qt, narrow_scales(_pad_rows(scale.float()).view(-1, TILE, g).permute(0, 2, 1).contiguous())
 
 
 def int8_rows(q: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of tile_int8's weights as float32 [len(ids), K] (q * scale): an embedding lookup."""
     ids = ids.reshape(-1)
-    rows = q[ids // TILE, :, ids % TILE].reshape(len(ids), -1).float()            # [L, K / 2, 2] -> [L, K]
+    rows = q[ids // TILE, :, ids % TILE].reshape(len(ids), -1).float()            # [L, K / 4, 4] -> [L, K]
     s = scale[ids // TILE, :, ids % TILE].float()                                  # [L, G]
     return (rows.view(len(ids), s.shape[1], -1) * s[..., None]).view(len(ids), -1)
 
@@ -300,11 +300,11 @@ def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tenso
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int, group: int,
             lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x [M, K] float32 (or int16: integer activations used exactly, W8A8's math), tile_int8's tiles of an
-    [n, K] weight -> [M, n] float32. `lib` as int4_mm's."""
+    """x [M, K] float32 (rounded to int8 per 32 columns, as against int4) or int8 (integer activations used
+    exactly, W8A8's math), tile_int8's tiles of an [n, K] weight -> [M, n] float32. `lib` as int4_mm's."""
     x = x.contiguous()
     m, k = x.shape
-    exact = x.dtype is torch.int16
+    exact = x.dtype is torch.int8
     _require((exact or x.dtype is torch.float32) and packed_fits(8, q, scale, group, n, k), "int8_mm", x, q, scale)
     y = torch.empty(m, n, dtype=torch.float32)
     _check((lib or library()).tm_int8_mm(None if exact else x.data_ptr(), x.data_ptr() if exact else None,

@@ -11,23 +11,23 @@
            q [N8, K / 32, 4, 32] bytes: in tile t, block b (32 columns), chunk c, byte j: the low nibble is
            row 8t + j / 4, column 32b + 8c + j % 4; the high nibble the same row, column 32b + 8c + 4 + j % 4.
            scale_offset [N8, K / group, 2, 8]: the 8 rows' scales, then their offsets.
-     int8: q in [-128, 127], w = q * scale. q [N8, K / 2, 8, 2]: row 8t + r, columns 2s, 2s + 1 at [t, s, r, :].
+     int8: q in [-128, 127], w = q * scale. q [N8, K / 4, 8, 4]: row 8t + r, columns 4s .. 4s + 3 at [t, s, r, :].
            scale [N8, K / group, 8].
    Scales (and offsets) are float32, or float16 where every one of a weight's is a float16 value (GGUF's Q4_0,
    Q4_1 and Q8_0 store them so; `half`): a sixth fewer bytes a decode step reads for int4, the same products.
 
-   Activations: each row's 32-column blocks are rounded with their own scale (absmax / range) to
-     - int8 (range 127) against int4 weights: vpmaddubsw multiplies 32 unsigned weights by 32 signed
-       activations; a block's 8 steps add up in int16 without overflow (8 x 2 x 15 x 127 < 32767), then
-       vpmaddwd widens once per block. This is llama.cpp's rounding of activations (Q8 blocks of 32);
-     - int16 (range 32767) against int8 weights: vpmaddwd per 2 columns, int32 sums per block.
+   Activations: each row's 32-column blocks are rounded with their own scale (absmax / 127) to int8, llama.cpp's
+   rounding of activations (its Q8 blocks of 32), and multiplied as integers:
+     - against int4 weights: vpmaddubsw multiplies 32 unsigned weights by 32 signed activations; a block's 8
+       steps add up in int16 without overflow (8 x 2 x 15 x 127 < 32767), then vpmaddwd widens once per block;
+     - against int8 weights (llama.cpp's Q8_0 x Q8_0): 4 columns of 8 rows a step, see tile_int8_body.
    A block's integer sum is converted to float once and scaled by weight scale x activation scale; sums over
    blocks, and int4's offsets (offset x the sum of the group's rounded activations), are float32. Rows of x
    go MR at a time, so each weight vector serves up to MR rows; every row is computed the same way whatever
    the others are, so a row's result does not depend on the batch.
 
    Built twice where the CPU has AVX-512 VNNI (kernels/__init__.py's BUILDS): that build sums the integer
-   products with vpdpbusd / vpdpwssd (the same integers, so the same results bit for bit) and, having 32 vector
+   products with vpdpbusd (the same integers, so the same results bit for bit) and, having 32 vector
    registers, runs two weight tiles per pass (NT; one where few rows meet weights read from DRAM, see tiled_mm). */
 #include <immintrin.h>
 #include <omp.h>
@@ -95,16 +95,16 @@ INLINE __m256i broadcast32(const void *p) {     /* 4 bytes, repeated 8 times */
     return _mm256_set1_epi32(v);
 }
 
-/* x [M, K] -> per 32-column block, integers xq (int8 when `wide` is 0, else int16) with xq * dx ~= x (rounded
-   to nearest even), dx [M, K / 32]; when xsum is given, the sum of each row's rounded columns in each group
+/* x [M, K] -> per 32-column block, int8 integers xq in [-127, 127] with xq * dx ~= x (rounded to nearest even),
+   dx [M, K / 32], and where isum is given each block's integer sum [M, K / 32]; when xsum is given, the sum of each row's rounded columns in each group
    [M, K / group] (sum over its blocks of dx x the block's integer sum): int4's offsets multiply the same
    rounded activations as its scales do, so the product is exactly that of w = q * scale + offset, whose
    values are centred, rather than of q * scale alone, whose rounding error is several times larger. A NaN
    or inf in a block makes its dx NaN, so its products are NaN. */
-static void quantize_blocks(const float *x, void *xq, float *dx, float *xsum, int64_t M, int64_t K, int64_t group,
-                            int wide, int threads) {
+static void quantize_blocks(const float *x, int8_t *xq, float *dx, float *xsum, int32_t *isum, int64_t M, int64_t K,
+                            int64_t group, int threads) {
     const __m256 sign = _mm256_set1_ps(-0.f);
-    const float range = wide ? 32767.f : 127.f;
+    const float range = 127.f;
 #pragma omp parallel for schedule(static) num_threads(threads) if (M > 1 && M * K >= PARALLEL_ELEMENTS)
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < K; b += 32) {
@@ -122,19 +122,15 @@ static void quantize_blocks(const float *x, void *xq, float *dx, float *xsum, in
             for (int i = 0; i < 4; i++) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
             const float d = finite ? a / range : NAN;
             const __m256i w01 = _mm256_packs_epi32(n[0], n[1]), w23 = _mm256_packs_epi32(n[2], n[3]);
-            if (wide) {
-                int16_t *out = (int16_t *)xq + m * K + b;
-                _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(w01, 0xD8));
-                _mm256_storeu_si256((__m256i *)(out + 16), _mm256_permute4x64_epi64(w23, 0xD8));
-            } else {
-                const __m256i bytes = _mm256_packs_epi16(w01, w23);     /* dwords: n0 n1 n2 n3 (lo) | n0 n1 n2 n3 (hi) */
-                _mm256_storeu_si256((__m256i *)((int8_t *)xq + m * K + b),
-                                    _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-            }
+            const __m256i bytes = _mm256_packs_epi16(w01, w23);     /* dwords: n0 n1 n2 n3 (lo) | n0 n1 n2 n3 (hi) */
+            _mm256_storeu_si256((__m256i *)(xq + m * K + b),
+                                _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
             dx[m * (K / 32) + b / 32] = d;
+            const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+            const float total_int = hsum(_mm256_cvtepi32_ps(s4));             /* |integer sum| < 2^24: exact */
+            if (isum) isum[m * (K / 32) + b / 32] = (int32_t)total_int;
             if (xsum) {
-                const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
-                const float rounded = d * hsum(_mm256_cvtepi32_ps(s4));     /* |integer sum| < 2^24: exact */
+                const float rounded = d * total_int;
                 if (b % group == 0) xsum[m * (K / group) + b / group] = 0.f;
                 xsum[m * (K / group) + b / group] += rounded;
             }
@@ -262,35 +258,91 @@ static void tile_int4(const int half, const uint8_t *qt, int64_t tile_bytes, con
     else tile_int4_nt(0, qt, tile_bytes, st, scale_stride, nt, xq, dx, xsum, K, group, rows, y, ldy, cols);
 }
 
-/* The same for 8 int8 weight rows against rows of int16 activations: vpmaddwd per 2 columns, int32 sums per
-   block. */
-INLINE void tile_int8_body(const int nt, const int half, const int8_t *qt, int64_t tile_bytes, const void *st,
-                           int64_t scale_stride,
-                           const int16_t *xq, const float *dx, int64_t K, int64_t group, int rows, float *y,
-                           int64_t ldy, int64_t cols) {
+/* The same for 8 int8 weight rows against rows of int8 activations, 4 columns of the 8 rows a step (32 bytes).
+   The VNNI build offsets the weights to unsigned bytes (w ^ 0x80 = w + 128) for vpdpbusd, 4 products and their
+   sum into each row's int32 lane, and takes the block's 128 x sum(x) (isum) off at its end. The AVX2 build, for
+   activations in [-127, 127] (quantize_blocks'), multiplies |w| (unsigned) by x with w's sign (vpsignb) in
+   vpmaddubsw, llama.cpp's trick: each int16 pair at most 2 x 128 x 127 < 32767, so exact, then vpmaddwd into the
+   rows' int32 lanes; for any int8 activations (`exact`: W8A8's, -128 included, where that pair or the sign
+   would overflow) it widens the weights to int16 (rows 0-3 in one vector, 4-7 in another) against the 4
+   activations widened and repeated, vpmaddwd into int32 column pairs per row, added at the block's end (~25 %
+   slower). Each gives sum(w x) exactly, so every build and route the same results. */
+INLINE void tile_int8_body(const int nt, const int half, const int exact, const int8_t *qt, int64_t tile_bytes,
+                           const void *st, int64_t scale_stride, const int8_t *xq, const float *dx, const int32_t *isum, int64_t K,
+                           int64_t group, int rows, float *y, int64_t ldy, int64_t cols) {
     const int64_t B = K / 32, per = group / 32;
     __m256 acc[NT][MR];
     for (int u = 0; u < nt; u++)
         for (int r = 0; r < MR; r++) acc[u][r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < B; b++) {
         __m256i sums[NT][MR];
+#if VNNI
+        const __m256i offset = _mm256_set1_epi8((char)0x80);
         for (int u = 0; u < nt; u++)
             for (int r = 0; r < MR; r++) sums[u][r] = _mm256_setzero_si256();
-        for (int step = 0; step < 16; step++) {
+        for (int step = 0; step < 8; step++) {
             __m256i w[NT];
             for (int u = 0; u < nt; u++)
-                w[u] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qt + u * tile_bytes + (16 * b + step) * 16)));
+                w[u] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(qt + u * tile_bytes + (8 * b + step) * 32)),
+                                        offset);
             for (int r = 0; r < MR; r++)
                 if (r < rows) {
-                    const __m256i x = broadcast32(xq + r * K + 32 * b + 2 * step);
-                    for (int u = 0; u < nt; u++)
-#if VNNI
-                        sums[u][r] = _mm256_dpwssd_epi32(sums[u][r], w[u], x);
-#else
-                        sums[u][r] = _mm256_add_epi32(sums[u][r], _mm256_madd_epi16(w[u], x));
-#endif
+                    const __m256i x = broadcast32(xq + r * K + 32 * b + 4 * step);
+                    for (int u = 0; u < nt; u++) sums[u][r] = _mm256_dpbusd_epi32(sums[u][r], w[u], x);
                 }
         }
+        for (int r = 0; r < MR; r++)
+            if (r < rows) {
+                const __m256i shift = _mm256_set1_epi32(128 * isum[r * B + b]);
+                for (int u = 0; u < nt; u++) sums[u][r] = _mm256_sub_epi32(sums[u][r], shift);
+            }
+#else
+        for (int u = 0; u < nt; u++)
+            for (int r = 0; r < MR; r++) sums[u][r] = _mm256_setzero_si256();
+        if (!exact) {
+            const __m256i ones = _mm256_set1_epi16(1);
+            for (int step = 0; step < 8; step++) {
+                __m256i w[NT], magnitude[NT];
+                for (int u = 0; u < nt; u++) {
+                    w[u] = _mm256_loadu_si256((const __m256i *)(qt + u * tile_bytes + (8 * b + step) * 32));
+                    magnitude[u] = _mm256_abs_epi8(w[u]);
+                }
+                for (int r = 0; r < MR; r++)
+                    if (r < rows) {
+                        const __m256i x = broadcast32(xq + r * K + 32 * b + 4 * step);
+                        for (int u = 0; u < nt; u++)
+                            sums[u][r] = _mm256_add_epi32(sums[u][r], _mm256_madd_epi16(
+                                _mm256_maddubs_epi16(magnitude[u], _mm256_sign_epi8(x, w[u])), ones));
+                    }
+            }
+        } else {
+            __m256i high[NT][MR];
+            for (int u = 0; u < nt; u++)
+                for (int r = 0; r < MR; r++) high[u][r] = _mm256_setzero_si256();
+            for (int step = 0; step < 8; step++) {
+                __m256i w0[NT], w1[NT];
+                for (int u = 0; u < nt; u++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qt + u * tile_bytes + (8 * b + step) * 32));
+                    w0[u] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
+                    w1[u] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
+                }
+                for (int r = 0; r < MR; r++)
+                    if (r < rows) {
+                        int32_t four;
+                        memcpy(&four, xq + r * K + 32 * b + 4 * step, 4);
+                        const __m256i x = _mm256_cvtepi8_epi16(_mm_set1_epi32(four));
+                        for (int u = 0; u < nt; u++) {
+                            sums[u][r] = _mm256_add_epi32(sums[u][r], _mm256_madd_epi16(w0[u], x));
+                            high[u][r] = _mm256_add_epi32(high[u][r], _mm256_madd_epi16(w1[u], x));
+                        }
+                    }
+            }
+            /* lanes: rows 0-3 (resp. 4-7), two column pairs each -> [r0 r1 r4 r5 | r2 r3 r6 r7] -> rows in order */
+            for (int u = 0; u < nt; u++)
+                for (int r = 0; r < MR; r++)
+                    if (r < rows) sums[u][r] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(sums[u][r], high[u][r]), 0xD8);
+        }
+#endif
         for (int u = 0; u < nt; u++) {
             const __m256 s = load_scales(st, u * scale_stride + (b / per) * 8, half);
             for (int r = 0; r < MR; r++)
@@ -303,51 +355,64 @@ INLINE void tile_int8_body(const int nt, const int half, const int8_t *qt, int64
 }
 
 /* tile_int4's dispatch, for tile_int8_body */
-INLINE void tile_int8_nt(const int half, const int8_t *qt, int64_t tile_bytes, const void *st, int64_t scale_stride,
-                         int nt, const int16_t *xq, const float *dx, int64_t K, int64_t group, int rows, float *y,
-                         int64_t ldy, int64_t cols) {
+INLINE void tile_int8_nt(const int half, const int exact, const int8_t *qt, int64_t tile_bytes, const void *st,
+                         int64_t scale_stride, int nt, const int8_t *xq, const float *dx, const int32_t *isum,
+                         int64_t K, int64_t group, int rows, float *y, int64_t ldy, int64_t cols) {
 #if NT > 1
     if (nt == 2 && rows == MR) {
-        tile_int8_body(2, half, qt, tile_bytes, st, scale_stride, xq, dx, K, group, MR, y, ldy, cols);
+        tile_int8_body(2, half, exact, qt, tile_bytes, st, scale_stride, xq, dx, isum, K, group, MR, y, ldy, cols);
         return;
     }
     if (nt == 2) {
-        tile_int8_body(2, half, qt, tile_bytes, st, scale_stride, xq, dx, K, group, rows, y, ldy, cols);
+        tile_int8_body(2, half, exact, qt, tile_bytes, st, scale_stride, xq, dx, isum, K, group, rows, y, ldy, cols);
         return;
     }
 #endif
-    tile_int8_body(1, half, qt, tile_bytes, st, scale_stride, xq, dx, K, group, rows, y, ldy, cols);
+    tile_int8_body(1, half, exact, qt, tile_bytes, st, scale_stride, xq, dx, isum, K, group, rows, y, ldy, cols);
 }
 
-static void tile_int8(const int half, const int8_t *qt, int64_t tile_bytes, const void *st, int64_t scale_stride,
-                      int nt, const int16_t *xq, const float *dx, int64_t K, int64_t group, int rows, float *y,
-                      int64_t ldy, int64_t cols) {
-    if (half) tile_int8_nt(1, qt, tile_bytes, st, scale_stride, nt, xq, dx, K, group, rows, y, ldy, cols);
-    else tile_int8_nt(0, qt, tile_bytes, st, scale_stride, nt, xq, dx, K, group, rows, y, ldy, cols);
+/* exact: the activations may hold -128 (see tile_int8_body; the VNNI build has one route for all) */
+static void tile_int8(const int half, int exact, const int8_t *qt, int64_t tile_bytes, const void *st,
+                      int64_t scale_stride, int nt, const int8_t *xq, const float *dx, const int32_t *isum, int64_t K,
+                      int64_t group, int rows, float *y, int64_t ldy, int64_t cols) {
+#define TILE_INT8(h, e) tile_int8_nt(h, e, qt, tile_bytes, st, scale_stride, nt, xq, dx, isum, K, group, rows, y, ldy, cols)
+#if VNNI
+    exact = 0;
+#endif
+    if (half && exact) TILE_INT8(1, 1);
+    else if (half) TILE_INT8(1, 0);
+    else if (exact) TILE_INT8(0, 1);
+    else TILE_INT8(0, 0);
+#undef TILE_INT8
 }
 
 /* y [M, N] (row stride ldy) = x @ W^T for the tiled weights (bits 4 or 8; scales float16 where half, else
-   float32). x float32 [M, K], or with bits 8 x_int int16 [M, K] (x unused): those integers as they are, every
+   float32). x float32 [M, K], or with bits 8 x_int int8 [M, K] (x unused): those integers as they are, every
    product and every block's sum exact (W8A8's int8 x int8 math). Returns 0, or -1 when scratch memory could not
    be had. */
-static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const void *q, const void *scales,
+static int tiled_mm(const int bits, const float *x, const int8_t *x_int, const void *q, const void *scales,
                     const int half, float *y, int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy,
                     int threads) {
     const int64_t B = K / 32, G = K / group, tiles = (N + 7) / 8, chunks = (M + M_CHUNK - 1) / M_CHUNK;
     const int64_t tile_bytes = (int64_t)bits * K;      /* 8 rows of K weights of `bits` bits */
     const int64_t scale_stride = (bits == 4 ? 16 : 8) * G;
-    const int wide = bits == 8;
-    float *dx = malloc(sizeof(float) * M * (B + G) + (size_t)M * K * (wide ? 2 : 1));
+    float *dx = malloc(sizeof(float) * M * (2 * B + G) + (size_t)M * K);
     if (!dx) return -1;
     float *xsum = dx + M * B;
-    void *xq = xsum + M * G;
+    int32_t *isum = (int32_t *)(xsum + M * G);
+    int8_t *xq = (int8_t *)(isum + M * B);
     if (x_int) {
-        xq = (void *)x_int;
-        for (int64_t i = 0; i < M * B; i++) dx[i] = 1.f;
+        xq = (int8_t *)x_int;
+        for (int64_t i = 0; i < M * B; i++) {
+            int32_t total = 0;
+            for (int j = 0; j < 32; j++) total += x_int[32 * i + j];
+            dx[i] = 1.f;
+            isum[i] = total;
+        }
     } else {
-        quantize_blocks(x, xq, dx, bits == 4 ? xsum : 0, M, K, group, wide, threads);
+        quantize_blocks(x, xq, dx, bits == 4 ? xsum : 0, bits == 8 ? isum : 0, M, K, group, threads);
     }
-    const size_t xrow = (size_t)K * (wide ? 2 : 1);
+    const size_t xrow = (size_t)K;
     /* tiles per work item: NT, but one where fewer than 16 rows meet weights of more than 8 MB, read from DRAM
        (two tiles a pass measured up to 2x slower there: 49152 x 576 at 1-4 rows, int4 and int8) */
     const int64_t step = M < 16 && tiles * tile_bytes > (8 << 20) ? 1 : NT, passes = (tiles + step - 1) / step;
@@ -361,15 +426,16 @@ static int tiled_mm(const int bits, const float *x, const int16_t *x_int, const 
             const int64_t end = (chunk + 1) * M_CHUNK < M ? (chunk + 1) * M_CHUNK : M;
             for (int64_t m = chunk * M_CHUNK; m < end; m += MR) {
                 const int rows = end - m < MR ? (int)(end - m) : MR;
-                const void *xr = (const uint8_t *)xq + m * xrow;
+                const int8_t *xr = xq + m * xrow;
                 const float *dr = dx + m * B, *sr = xsum + m * G;
+                const int32_t *ir = isum + m * B;
                 const int64_t last = t + nt - 1, cols = N - 8 * last < 8 ? N - 8 * last : 8;
                 if (bits == 4)
-                    tile_int4(half, (const uint8_t *)qt, tile_bytes, st, scale_stride, nt, (const int8_t *)xr, dr, sr, K,
-                              group, rows, y + m * ldy + 8 * t, ldy, cols);
+                    tile_int4(half, (const uint8_t *)qt, tile_bytes, st, scale_stride, nt, xr, dr, sr, K, group, rows,
+                              y + m * ldy + 8 * t, ldy, cols);
                 else
-                    tile_int8(half, (const int8_t *)qt, tile_bytes, st, scale_stride, nt, (const int16_t *)xr, dr, K, group,
-                              rows, y + m * ldy + 8 * t, ldy, cols);
+                    tile_int8(half, x_int != 0, (const int8_t *)qt, tile_bytes, st, scale_stride, nt, xr, dr, ir, K,
+                              group, rows, y + m * ldy + 8 * t, ldy, cols);
             }
         }
     free(dx);
@@ -382,8 +448,8 @@ int tm_int4_mm(const float *x, const uint8_t *q, const void *scale_offset, int h
     return tiled_mm(4, x, 0, q, scale_offset, half, y, M, N, K, group, ldy, threads);
 }
 
-/* x [M, K] float32 (or x_int int16, see tiled_mm), int8 weights as tiled above -> y [M, N] (row stride ldy). */
-int tm_int8_mm(const float *x, const int16_t *x_int, const int8_t *q, const void *scale, int half, float *y,
+/* x [M, K] float32 (or x_int int8, see tiled_mm), int8 weights as tiled above -> y [M, N] (row stride ldy). */
+int tm_int8_mm(const float *x, const int8_t *x_int, const int8_t *q, const void *scale, int half, float *y,
                int64_t M, int64_t N, int64_t K, int64_t group, int64_t ldy, int threads) {
     return tiled_mm(8, x, x_int, q, scale, half, y, M, N, K, group, ldy, threads);
 }
@@ -790,7 +856,7 @@ typedef struct {            /* as tm_paged_decode takes them */
 
 /* W8A8's dynamic activations, as quant/int8.py's W8A8Kernel computes them in float32: per row,
    sx = max(max|x| / act_range, 1e-12), x_int = clamp(round_half_even(x / sx), -128, 127). */
-static void quantize_tokens(const float *x, int16_t *x_int, float *sx, int64_t M, int64_t K, float act_range) {
+static void quantize_tokens(const float *x, int8_t *x_int, float *sx, int64_t M, int64_t K, float act_range) {
     for (int64_t m = 0; m < M; m++) {
         float amax = 0.f;
         int nan = 0;
@@ -805,7 +871,7 @@ static void quantize_tokens(const float *x, int16_t *x_int, float *sx, int64_t M
         for (int64_t k = 0; k < K; k++) {
             float r = nearbyintf(x[m * K + k] / s);
             r = r < -128.f ? -128.f : (r > 127.f ? 127.f : r);
-            x_int[m * K + k] = (int16_t)(r == r ? r : 0.f);
+            x_int[m * K + k] = (int8_t)(r == r ? r : 0.f);
         }
     }
 }
@@ -824,8 +890,8 @@ static int linear(const tm_linear *l, const float *x, float *y, float *gathered,
         status = tm_int4_mm(x, (const uint8_t *)l->q, l->scale, (int)l->half, y, M, l->n, l->k, l->group, l->n,
                             threads);
     } else if (l->act_range > 0.f) {
-        quantize_tokens(x, (int16_t *)gathered, token_scales, M, l->k, l->act_range);
-        status = tm_int8_mm(0, (const int16_t *)gathered, (const int8_t *)l->q, l->scale, (int)l->half, y, M, l->n,
+        quantize_tokens(x, (int8_t *)gathered, token_scales, M, l->k, l->act_range);
+        status = tm_int8_mm(0, (const int8_t *)gathered, (const int8_t *)l->q, l->scale, (int)l->half, y, M, l->n,
                             l->k, l->group, l->n, threads);
         for (int64_t m = 0; m < M; m++)
             for (int64_t j = 0; j < l->n; j++) y[m * l->n + j] *= token_scales[m];

@@ -35,8 +35,8 @@ class Int8WeightKernel(LinearKernel):
     serve an embedding lookup, so a tied embedding and lm_head share it.
 
     Where tokenmill's CPU kernels run, the weights are kept in their tiles (kernels.tile_int8) and every product
-    runs there: float32 activations rounded to int16 per 32 columns, or int16 activations used exactly (W8A8's
-    integers; the result is then float32). Elsewhere aten._weight_int8pack_mm on bfloat16 activations for few
+    runs there: float32 activations rounded to int8 per 32 columns (llama.cpp's Q8_0 x Q8_0), or int8 activations
+    used exactly (W8A8's integers; the result is then float32). Elsewhere aten._weight_int8pack_mm on bfloat16 activations for few
     rows (its float32 path is ~30x slower), and for many rows (prefill, prompt scoring) a slab of weight rows
     dequantized at a time and the dense product."""
     MAX_KERNEL_ROWS = 32            # PyTorch's int8 kernel
@@ -59,10 +59,10 @@ class Int8WeightKernel(LinearKernel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        dtype = torch.float32 if x.dtype == torch.int16 else x.dtype
+        dtype = torch.float32 if x.dtype == torch.int8 else x.dtype
         x2 = x.reshape(-1, shape[-1])
         if self.native:
-            y = kernels.int8_mm(x2 if x2.dtype == torch.int16 else x2.float(), self.q, self.scale, self.out_features,
+            y = kernels.int8_mm(x2 if x2.dtype == torch.int8 else x2.float(), self.q, self.scale, self.out_features,
                                 self.group).to(dtype)
         elif x2.shape[0] <= self.MAX_KERNEL_ROWS and x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.scale.to(torch.bfloat16))
@@ -142,7 +142,7 @@ class W8A8Kernel(LinearKernel):
 
     The int8 x int8 product is torch._int_mm where it is fast (`int_mm_is_fast`) or where tokenmill's
     CPU kernels do not run. Elsewhere the same quantized activations meet the same int8 weights in
-    tokenmill's int8 kernel as int16 integers (every product and 32-column sum exact, the rest float32),
+    tokenmill's int8 kernel as the same int8 integers (every product and 32-column sum exact, the rest float32),
     which is ~10x faster there."""
 
     serves_rows = True
@@ -151,7 +151,7 @@ class W8A8Kernel(LinearKernel):
         super().__init__()
         self.out_features, self.label, self.act_range = q.shape[0], label, act_range
         # the weight-only route only where it is exact and fast: tokenmill's kernel takes the integers as
-        # int16 (PyTorch's int8 kernel would round scales and sums to bfloat16)
+        # they are (PyTorch's int8 kernel would round scales and sums to bfloat16)
         fast_route = kernels.multiplies(q.shape[1]) and not int_mm_is_fast()
         self.weight_only = Int8WeightKernel(q, scale, label) if fast_route else None
         if self.weight_only is not None and not _SAID:
@@ -168,7 +168,7 @@ class W8A8Kernel(LinearKernel):
         sx = (xf.abs().amax(dim=1, keepdim=True) / self.act_range).clamp(min=1e-12)     # [M, 1]
         xq = torch.round(xf / sx).clamp(-128, 127)
         if self.weight_only is not None:       # integer operands, every product exact
-            y = self.weight_only(xq.to(torch.int16)) * sx
+            y = self.weight_only(xq.to(torch.int8)) * sx
         else:
             y = torch._int_mm(xq.to(torch.int8), self.qt.t()).float() * sx * self.scale     # [M, N]
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
