@@ -46,15 +46,16 @@ def sync(device: torch.device) -> None:
 
 
 def tokenmill_engine(path: Path, n: int, dtype: str, device: str | None = None,
-                     quantization: str | None = None) -> LLMEngine:
+                     quantization: str | None = None, enforce_eager: bool = False) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(path), max_num_seqs=max(64, n), max_num_batched_tokens=2048, dtype=dtype,
-                                  device=device, quantization=quantization), progress=False)
+                                  device=device, quantization=quantization, enforce_eager=enforce_eager),
+                     progress=False)
 
 
 def bench_tokenmill(path: Path, n: int, repeats: int, dtype: str, device: str | None = None,
-                    quantization: str | None = None) -> dict:
-    """`device`, `quantization`: EngineConfig's (benchmarks/gpu_engine.py runs this on a GPU)."""
-    engine = tokenmill_engine(path, n, dtype, device, quantization)
+                    quantization: str | None = None, enforce_eager: bool = False) -> dict:
+    """`device`, `quantization`, `enforce_eager`: EngineConfig's (benchmarks/gpu_engine.py runs this on a GPU)."""
+    engine = tokenmill_engine(path, n, dtype, device, quantization, enforce_eager)
     if engine.config.torch_device.type == "cuda":
         run_offline_bench(engine, 4, IN, 8)          # warm-up: Triton compiles, the allocator
     vocab = engine.model_config.vocab_size

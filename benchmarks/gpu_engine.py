@@ -7,13 +7,14 @@
 0. tiny random models (transformers, no download) of each architecture tokenmill runs: llama (GQA, llama3
    rope scaling), qwen2 (MQA, attention bias), mistral (MHA, linear rope scaling), gemma3 (sliding-window and
    global layers): greedy tokens and their logprobs, tokenmill float32 on the device against transformers
-   float32 on the device, prompts of 3 to 70 tokens run as one batch;
+   float32 on the device, prompts of 3 to 70 tokens run as one batch, with decode steps replayed as CUDA graphs
+   (the default on CUDA) and launched eagerly;
 1. agreement: greedy tokens (48 steps, 4 chat prompts) and prompt logprobs over real English, for each of
    tokenmill's ways to run the file (dequantized float32, as stored in float32 and bfloat16, int4 made at
    load) against transformers float32 on the device;
 2. perplexity (windows of 512 over the evaluation text) of each way;
-3. speed: batch-1 decode and offline N x (128 in, 128 out) tok/s, tokenmill against transformers
-   `generate` in bfloat16: benchmarks/engine.py's measurements, on the device.
+3. speed: batch-1 decode and offline N x (128 in, 128 out) tok/s, tokenmill (decode steps as CUDA graphs, and
+   eager) against transformers `generate` in bfloat16: benchmarks/engine.py's measurements, on the device.
 """
 from __future__ import annotations
 
@@ -147,17 +148,20 @@ def tiny(device: torch.device, backend: str | None) -> None:
                 lp = torch.log_softmax(logits, -1).cpu()
                 want.append(ids)
                 want_lp.append(lp[torch.arange(new), torch.tensor(ids)])
-            try:
-                llm = LLM(d, device=str(device), attention_backend=backend, num_kv_blocks=128, progress=False)
-                outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, logprobs=0),
-                                    use_tqdm=False)
-            except Exception as e:     # one model failing leaves the others' rows
-                print(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | |", flush=True)
-                continue
-        same = [common_prefix(o.outputs[0].token_ids, w) for o, w in zip(outs, want)]
-        diff = max((torch.tensor([next(iter(r.values())).logprob for r in o.outputs[0].logprobs[:n]]) - w[:n]).abs().max()
-                   .item() if n else 0.0 for o, w, n in zip(outs, want_lp, same))
-        print(f"| {name} | {'/'.join(map(str, same))} of {new} | {diff:.1e} |", flush=True)
+            for eager in (False, True) if device.type == "cuda" else (True,):
+                label = f"{name}, {'eager' if eager else 'CUDA graphs'}" if device.type == "cuda" else name
+                try:
+                    llm = LLM(d, device=str(device), attention_backend=backend, num_kv_blocks=128,
+                              enforce_eager=eager, progress=False)
+                    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True,
+                                                           logprobs=0), use_tqdm=False)
+                except Exception as e:     # one model failing leaves the others' rows
+                    print(f"| {label} | failed: {type(e).__name__}: {str(e)[:200]} | |", flush=True)
+                    continue
+                same = [common_prefix(o.outputs[0].token_ids, w) for o, w in zip(outs, want)]
+                diff = max((torch.tensor([next(iter(r.values())).logprob for r in o.outputs[0].logprobs[:n]])
+                            - w[:n]).abs().max().item() if n else 0.0 for o, w, n in zip(outs, want_lp, same))
+                print(f"| {label} | {'/'.join(map(str, same))} of {new} | {diff:.1e} |", flush=True)
     print()
 
 
@@ -167,7 +171,11 @@ def speed(path: Path, device: torch.device, n: int) -> None:
     print("|---|---|---|---|")
     runs = {"transformers bfloat16": lambda: bench_transformers(path, n, 3, "bfloat16", str(device)),  # the base
             "tokenmill as stored bfloat16": lambda: bench_tokenmill(path, n, 3, "bfloat16", str(device)),
-            "tokenmill dequantize bfloat16": lambda: bench_tokenmill(path, n, 3, "bfloat16", str(device), "dequantize")}
+            "tokenmill dequantize bfloat16": lambda: bench_tokenmill(path, n, 3, "bfloat16", str(device), "dequantize"),
+            "tokenmill as stored bfloat16, eager": lambda: bench_tokenmill(path, n, 3, "bfloat16", str(device),
+                                                                         enforce_eager=True),
+            "tokenmill dequantize bfloat16, eager": lambda: bench_tokenmill(path, n, 3, "bfloat16", str(device),
+                                                                          "dequantize", enforce_eager=True)}
     base = None
     for name, fn in runs.items():     # each row as it is measured: a time limit keeps the ones before it
         try:

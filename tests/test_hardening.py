@@ -421,7 +421,7 @@ def test_chat_template_and_stop_string_on_the_tiny_model(chat_llm):
     (dict(kv_cache_memory_gb=math.nan), "kv_cache_memory_gb"), (dict(kv_cache_memory_gb=-1.0), "kv_cache_memory_gb"),
     (dict(num_kv_blocks=2.5), "num_kv_blocks"), (dict(max_model_len=True), "max_model_len"),
     (dict(device="gpu9"), "device"), (dict(seed=2**64), "seed"), (dict(block_size=0), "block_size"),
-    (dict(dtype="fp8"), "dtype"),
+    (dict(dtype="fp8"), "dtype"), (dict(enforce_eager="yes"), "enforce_eager"),
 ])
 def test_engine_config_refuses_with_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}"):

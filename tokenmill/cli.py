@@ -25,6 +25,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on CUDA: launch decode steps kernel by kernel instead of replaying CUDA graphs")
     p.add_argument("--attention-backend", default=None, choices=["cpu", "torch", "reference", "triton"],
                    help="default: triton on CUDA, cpu (ATen flash over pages) on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
@@ -57,7 +59,8 @@ def engine_config(args: argparse.Namespace):
                         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
                         enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
                         seed=args.seed, attention_backend=args.attention_backend, device=args.device,
-                        speculative_config=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size)
+                        speculative_config=args.speculative_config, tensor_parallel_size=args.tensor_parallel_size,
+                        enforce_eager=args.enforce_eager)
 
 
 def sampling_params(args: argparse.Namespace):

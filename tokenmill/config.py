@@ -99,6 +99,8 @@ class EngineConfig:
     device: str | None = None             # None: CUDA when available, else CPU
     speculative_config: SpeculativeConfig | None = None   # also a dict or a JSON string, parsed here
     tensor_parallel_size: int = 1         # ranks the model is split over (spawned here, or started by torchrun)
+    enforce_eager: bool = False           # on CUDA: decode steps launched kernel by kernel, not replayed as CUDA
+    #                                       graphs (cuda_graphs.py; vLLM's name)
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, optional: bool = False) -> None:
@@ -120,6 +122,8 @@ class EngineConfig:
         integer("tensor_parallel_size", 1)
         integer("max_model_len", 2, optional=True)
         integer("seed", -2**63)
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         if self.seed >= 2**64:
             raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         gb = self.kv_cache_memory_gb

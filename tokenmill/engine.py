@@ -19,6 +19,7 @@ from tokenmill.core.beam import BeamGroup
 from tokenmill.core.block_manager import BlockManager
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tokenmill.core.sequence import Sequence, SequenceStatus
+from tokenmill.cuda_graphs import DecodeGraphs
 from tokenmill.kv_cache import KVLayout, allocate_kv_cache, bytes_per_block, num_blocks_for_memory
 from tokenmill.model.load import (Checkpoint, activation_dtype, build_model, cache_dtype, describe_weights, open_checkpoint,
                                   weight_bytes)
@@ -151,6 +152,13 @@ class LLMEngine:
             self.runner = Runner(self.model, kv_caches, get_backend(config.backend_name), config.block_size, eos,
                                  config.seed, device, cfg.vocab_size, layout)
             self.runner.ranks = self.ranks
+            if device.type == "cuda" and not config.enforce_eager and self.ranks is None:
+                t1 = time.perf_counter()
+                self.runner.graphs = DecodeGraphs(self.runner, config.max_num_seqs, self.max_model_len)
+                self.runner.graphs.record_all()
+                logger.info("decode steps of %s rows recorded as CUDA graphs in %.1f s (enforce_eager=True: "
+                            "launched eagerly)", "/".join(map(str, self.runner.graphs.recorded)),
+                            time.perf_counter() - t1)
             self.ngram = (NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
                           if spec and not drafting else None)
             if draft is not None:
@@ -647,7 +655,7 @@ class LLM:
                  kv_cache_memory_gb: float = 2.0, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, seed: int = 0, attention_backend: str | None = None,
                  device: str | None = None, speculative_config: SpeculativeConfig | dict | str | None = None,
-                 tensor_parallel_size: int = 1, progress: bool = True):
+                 tensor_parallel_size: int = 1, enforce_eager: bool = False, progress: bool = True):
         config = EngineConfig(model=model, dtype=dtype, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
                               block_size=block_size,
                               max_num_seqs=max_num_seqs,
@@ -655,7 +663,7 @@ class LLM:
                               kv_cache_memory_gb=kv_cache_memory_gb, enable_prefix_caching=enable_prefix_caching,
                               max_model_len=max_model_len, seed=seed, attention_backend=attention_backend,
                               device=device, speculative_config=speculative_config,
-                              tensor_parallel_size=tensor_parallel_size)
+                              tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager)
         self.engine = LLMEngine(config, progress=progress)
 
     @classmethod

@@ -21,6 +21,7 @@ from tokenmill.sample.sampler import SampledToken, Sampler, SamplerRow, TokenHis
 from tokenmill.spec.rejection import DraftSpan, verify
 
 if TYPE_CHECKING:
+    from tokenmill.cuda_graphs import DecodeGraphs
     from tokenmill.spec.draft import DraftModelProposer
 
 PromptLogprob = tuple[float, int, list[tuple[int, float]]] | None   # (logprob, rank, top-n) of a prompt token
@@ -70,6 +71,7 @@ class Runner:
         self.free_slots: list[int] = []
         self.drafter: DraftModelProposer | None = None     # set by the engine for speculative decoding with a draft model
         self.ranks: Ranks | None = None         # set by the engine under tensor parallelism: the other ranks
+        self.graphs: DecodeGraphs | None = None     # set by the engine on CUDA: decode steps replayed as graphs
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -90,8 +92,10 @@ class Runner:
         if self.ranks is not None:
             self.ranks.step(StepInputs(input_ids, positions, metas, rows, out.block_copies))
         try:
-            hidden = self.model(input_ids, positions, self.layer_caches, self.backend,
-                                [metas[group] for group, _ in self.layout.layer_places])   # [T, hidden]
+            hidden = self.graphs.run(input_ids, positions, metas) if self.graphs is not None else None
+            if hidden is None:
+                hidden = self.model(input_ids, positions, self.layer_caches, self.backend,
+                                    [metas[group] for group, _ in self.layout.layer_places])   # [T, hidden]
             logits = self.model.compute_logits(hidden[rows])               # one lm_head call for every consumer
         except BaseException as e:
             if self.ranks is not None:      # the other ranks are mid-step: the group cannot go on
