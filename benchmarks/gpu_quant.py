@@ -3,6 +3,7 @@ of the same weights dequantized (what a GPU ran before): agreement, and microsec
 model's shapes (int4 for its Q4_1 layers, int8 for its Q8_0 lm_head) at decode (1 to 64 rows) and prefill
 (512 rows) sizes, by each route: the fused kernel (weights dequantized in registers) and the weights
 dequantized in one pass then cuBLAS; `auto` is what int4_mm / int8_mm run (fused up to FUSED_MAX_ROWS rows).
+Times are the device's, calls replayed from a CUDA graph (`timed`), as the engine's decode steps run.
 Needs CUDA; from the working tree:
 
   PYTHONPATH=. python benchmarks/gpu_quant.py
@@ -26,24 +27,31 @@ from tokenmill.kernels import triton_mm  # noqa: E402
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 
 
-def timed(fn, runs: int = 50) -> float:
-    runs = 1 if not torch.cuda.is_available() else runs      # --smoke: the interpreter is slow
-    for _ in range(min(5, runs)):
+def timed(fn, runs: int = 20, calls: int = 10) -> float:
+    """µs per call of `fn` on the device: `calls` calls recorded in one CUDA graph, the replays timed between
+    events (the engine replays decode steps so: the host's launch costs are not in the figure)."""
+    if not torch.cuda.is_available():           # --smoke on the CPU: the interpreter is slow
+        start = time.perf_counter()
         fn()
-    times = []
-    if not torch.cuda.is_available():           # --smoke on the CPU
-        for _ in range(runs):
-            start = time.perf_counter()
+        return (time.perf_counter() - start) * 1e6
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
             fn()
-            times.append((time.perf_counter() - start) * 1e6)
-        return statistics.median(times)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
     for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / calls)
     return statistics.median(times)
 
 

@@ -17,7 +17,10 @@ cuBLAS multiplies them (F.linear); the dequantized slab (2 or 4 bytes a weight, 
 one call. Timed on an H200 (benchmarks/gpu_quant.py, docs/benchmarks.md "GPUs, second run"): up to 64 rows
 every product of the default model is launch-bound and the fused kernel's one launch beats the slab route's
 two per slab (the lm_head at 64 rows 426 against 542 µs); at 512 rows the fused kernel is compute-bound in
-tiles unsuited to tensor cores and the slab route wins (the lm_head 533 against 2979 µs).
+tiles unsuited to tensor cores and the slab route wins (the lm_head 533 against 2979 µs). Recorded in a CUDA
+graph (cuda_graphs.py: the engine's decode steps), launches cost nothing and the device's own times decide:
+the slab route is ahead at every row count (1 row: 8-13 against 13-44 µs for a layer's products, 75 against
+104 µs for the lm_head), so a product being recorded always takes it.
 
 Under TRITON_INTERPRET=1 it runs on CPU tensors (the tests do this); the interpreter computes tl.dot on
 bfloat16 wrongly (numpy has no bfloat16), so there bfloat16 activations meet float32 operands; float16 ones
@@ -129,14 +132,17 @@ def dequantize(bits: int, q: torch.Tensor, scales: torch.Tensor, group: int, dty
 def _launch(kernel, bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group: int,
             fused: bool | None) -> torch.Tensor:
     """The checks, then `kernel` over [BM, BN] tiles of y [M, N] in x's dtype, or the weights dequantized to
-    x's dtype and F.linear; fused=None: the kernel up to FUSED_MAX_ROWS rows (benchmarks force either)."""
+    x's dtype and F.linear; fused=None: the kernel up to FUSED_MAX_ROWS rows launched eagerly, never while a
+    CUDA graph records (benchmarks force either)."""
     m, k = x.shape
     n, name = q.shape[0], f"int{bits}_mm"
     if not (_fits(bits, q, scales, group, k) and x.device == q.device
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         raise ValueError(f"triton {name}: unsupported arguments " + ", ".join(
             f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in (x, q, scales)))
-    if not (m <= FUSED_MAX_ROWS if fused is None else fused):
+    if fused is None:
+        fused = m <= FUSED_MAX_ROWS and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    if not fused:
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
         for i in range(0, n, SLAB):        # rows of q and of scales: contiguous slices
             y[:, i:i + SLAB] = torch.nn.functional.linear(x, dequantize(bits, q[i:i + SLAB], scales[i:i + SLAB],
