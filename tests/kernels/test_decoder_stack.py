@@ -8,7 +8,7 @@ import torch
 
 from tokenmill import LLM, SamplingParams, kernels
 from tokenmill.model.llama import LlamaForCausalLM
-from tokenmill.quant.int8 import int8_weight_kernel, int_mm_is_fast
+from tokenmill.quant.int8 import int8_weight_kernel
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="tokenmill's CPU kernels do not run here")
 
@@ -48,13 +48,13 @@ def run(directory, monkeypatch, stack: bool, int8_parts: bool, quantization: str
     return hidden, [o.outputs[0].token_ids for o in outs], len(stacked)
 
 
-def assert_stack_equals_per_op(directory, monkeypatch, int8_parts: bool = False, quantization: str | None = "int4",
-                               stack_runs: bool = True) -> None:
+def assert_stack_equals_per_op(directory, monkeypatch, int8_parts: bool = False,
+                               quantization: str | None = "int4") -> None:
     """The same model run with the stack and without: the same logits at every step and the same tokens; the decode
-    steps of the first run went through the stack (unless `stack_runs` is False), none of the second's did."""
+    steps of the first run went through the stack, none of the second's did."""
     h_stack, tokens_stack, calls = run(directory, monkeypatch, True, int8_parts, quantization)
     h_ops, tokens_ops, none = run(directory, monkeypatch, False, int8_parts, quantization)
-    assert (calls >= 11 or not stack_runs) and none == 0
+    assert calls >= 11 and none == 0
     assert tokens_stack == tokens_ops
     assert len(h_stack) == len(h_ops) > 0
     for a, b in zip(h_stack, h_ops):
@@ -66,10 +66,9 @@ def assert_stack_equals_per_op(directory, monkeypatch, int8_parts: bool = False,
     ("llama", False, "int8"), ("qwen2", False, "int8")])
 def test_stack_equals_the_per_op_forward(kind, int8_parts, quantization, tiny_model_builder, tmp_path, monkeypatch):
     """llama: GQA 4/2, head_dim 32; qwen2: MQA with q/k/v biases; mistral: MHA; int4 mixed with int8 weights;
-    W8A8 ("int8": activations rounded per token, integer products), where it runs on tokenmill's kernel."""
+    W8A8 ("int8": activations rounded per token, integer products) on tokenmill's kernel."""
     tiny_model_builder(kind, tmp_path)
-    w8a8_elsewhere = quantization == "int8" and int_mm_is_fast()       # torch._int_mm: the Python path
-    assert_stack_equals_per_op(tmp_path, monkeypatch, int8_parts, quantization, stack_runs=not w8a8_elsewhere)
+    assert_stack_equals_per_op(tmp_path, monkeypatch, int8_parts, quantization)
 
 
 def test_stack_on_the_real_model_as_stored(smollm2_path, monkeypatch):
@@ -83,8 +82,7 @@ def test_stack_on_checkpoints_of_the_reference_tools(name, monkeypatch):
     llm-compressor's W8A8 (activations rounded per token with range 127.5, as its reference does)."""
     from pathlib import Path
     directory = Path(__file__).parents[1] / "fixtures" / name
-    assert_stack_equals_per_op(directory, monkeypatch, quantization=None,
-                               stack_runs=not (name == "w8a8" and int_mm_is_fast()))
+    assert_stack_equals_per_op(directory, monkeypatch, quantization=None)
 
 
 def test_stack_under_a_sliding_window(tiny_model_builder, tmp_path, monkeypatch):

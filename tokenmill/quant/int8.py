@@ -2,16 +2,11 @@
 made at load ("int8"), and int8 weight-only for GGUF types the int4 kernel cannot hold."""
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
 from tokenmill import kernels
 from tokenmill.quant.base import DenseKernel, LinearKernel, QuantMethod, Source, as_float
-
-log = logging.getLogger("tokenmill")
-_SAID: list[bool] = []          # the W8A8 route below is logged once per process
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,36 +123,26 @@ def int8_weight_kernel(w: torch.Tensor, label: str, device: torch.device = torch
     return None
 
 
-def int_mm_is_fast() -> bool:
-    """torch._int_mm has a fast CPU path only with VNNI (AVX512-VNNI / AVX-VNNI) or AMX; without them it
-    is ~30x slower than float32 here (12.8 ms against 0.43 ms at 17 rows, docs/benchmarks.md)."""
-    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
-
-
 class W8A8Kernel(LinearKernel):
     """y = (sx * sw) * (int8(x / sx) @ q^T), sx per token (absmax / act_range), sw per output row.
 
     act_range 127 maps absmax onto +-127 (vLLM's dynamic quantization); compressed-tensors checkpoints
     use 127.5 with rounding clamped to [-128, 127], which is what their reference computes.
 
-    The int8 x int8 product is torch._int_mm where it is fast (`int_mm_is_fast`) or where tokenmill's
-    CPU kernels do not run. Elsewhere the same quantized activations meet the same int8 weights in
-    tokenmill's int8 kernel as the same int8 integers (every product and 32-column sum exact, the rest float32),
-    which is ~10x faster there."""
+    Where tokenmill's CPU kernels run, the quantized activations meet the int8 weights in its int8 kernel as
+    the same integers (every product and 32-column sum exact, the rest float32; the weights in its tiles, so
+    decode steps go through kernels.DecoderStack): with VNNI ~3x torch._int_mm at 1 row, 0.7-0.8x at 64-512
+    rows (oneDNN), and without VNNI ~10x it (its CPU path is slow there: 12.8 ms against 0.43 ms for float32
+    at 17 rows, docs/benchmarks.md). Elsewhere torch._int_mm."""
 
     serves_rows = True
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, label: str = "int8 w8a8", act_range: float = 127.0):
         super().__init__()
         self.out_features, self.label, self.act_range = q.shape[0], label, act_range
-        # the weight-only route only where it is exact and fast: tokenmill's kernel takes the integers as
-        # they are (PyTorch's int8 kernel would round scales and sums to bfloat16)
-        fast_route = kernels.multiplies(q.shape[1]) and not int_mm_is_fast()
-        self.weight_only = Int8WeightKernel(q, scale, label) if fast_route else None
-        if self.weight_only is not None and not _SAID:
-            _SAID.append(True)
-            log.info("W8A8: torch._int_mm has no fast path on this CPU (no VNNI or AMX); its int8 x int8 "
-                     "products run on the int8 weight kernel instead")
+        # the weight-only class only on tokenmill's kernel, which takes the integers as they are (PyTorch's int8
+        # weight-only kernel would round scales and sums to bfloat16)
+        self.weight_only = Int8WeightKernel(q, scale, label) if kernels.multiplies(q.shape[1]) else None
         if self.weight_only is None:
             self.register_buffer("qt", q.t().contiguous().t())         # [N, K], stored K-major for _int_mm
             self.register_buffer("scale", scale.float().contiguous())   # [N]
