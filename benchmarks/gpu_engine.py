@@ -155,6 +155,9 @@ def tiny(device: torch.device, backend: str | None) -> None:
                               enforce_eager=eager, progress=False)
                     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True,
                                                            logprobs=0), use_tqdm=False)
+                    graphs = llm.engine.runner.graphs
+                    if not eager and (graphs is None or graphs.failed):
+                        label += " (not recorded: ran eagerly)"
                 except Exception as e:     # one model failing leaves the others' rows
                     print(f"| {label} | failed: {type(e).__name__}: {str(e)[:200]} | |", flush=True)
                     continue

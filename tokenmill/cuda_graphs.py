@@ -40,7 +40,9 @@ class Recorded:
 
 
 def record_cuda_graph(step: Callable[[], torch.Tensor], pool) -> Recorded:
-    """Run `step` once on a side stream (Triton compiles, the allocator settles), then record it."""
+    """Run `step` once on a side stream (Triton compiles, the allocator settles), then record it. (The int4/int8
+    products take another route while a graph records (kernels/triton_mm.py), so that route's kernels first run
+    inside the recording: it worked so on the H200, docs/benchmarks.md.)"""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -96,7 +98,7 @@ class DecodeGraphs:
         try:
             recorded = self.recorded[size] = self.record(self._step(size), self.pool)
             return recorded
-        except RuntimeError as e:       # an op of this model that a graph cannot hold: eager from now on
+        except Exception as e:          # an op of this model that a graph cannot hold: eager from now on
             self.failed = True
             logger.warning("CUDA graphs off: recording a %d-row decode step failed (%s); decode steps run "
                            "eagerly", size, e)

@@ -152,13 +152,16 @@ class LLMEngine:
             self.runner = Runner(self.model, kv_caches, get_backend(config.backend_name), config.block_size, eos,
                                  config.seed, device, cfg.vocab_size, layout)
             self.runner.ranks = self.ranks
-            if device.type == "cuda" and not config.enforce_eager and self.ranks is None:
+            # the Triton backend only: its kernels read the recorded tensors alone (the others read the step's
+            # Python lists too, which a graph would freeze)
+            if (device.type == "cuda" and config.backend_name == "triton" and not config.enforce_eager
+                    and self.ranks is None):
                 t1 = time.perf_counter()
-                self.runner.graphs = DecodeGraphs(self.runner, config.max_num_seqs, self.max_model_len)
-                self.runner.graphs.record_all()
-                logger.info("decode steps of %s rows recorded as CUDA graphs in %.1f s (enforce_eager=True: "
-                            "launched eagerly)", "/".join(map(str, self.runner.graphs.recorded)),
-                            time.perf_counter() - t1)
+                graphs = self.runner.graphs = DecodeGraphs(self.runner, config.max_num_seqs, self.max_model_len)
+                graphs.record_all()
+                if not graphs.failed:
+                    logger.info("decode steps of %s rows recorded as CUDA graphs in %.1f s (enforce_eager=True: "
+                                "launched eagerly)", "/".join(map(str, graphs.recorded)), time.perf_counter() - t1)
             self.ngram = (NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
                           if spec and not drafting else None)
             if draft is not None:

@@ -371,6 +371,24 @@ def test_nan_and_inf_activations_give_nan():
             assert y[0].isnan().all() and y[1].isfinite().all()
 
 
+@pytest.mark.parametrize("build", [b for b in kernels.BUILDS if b == "avx2" or kernels.best_build() == "vnni"])
+def test_blocks_too_small_to_scale_round_to_zero(build):
+    """A block whose largest value is below ~3.7e-37 (127 / max overflows) rounds to zeros, as an all-zero block
+    does, so its products stay within its own magnitude, in each build (not -128 everywhere)."""
+    lib = kernels.compiled(build)
+    g = torch.Generator().manual_seed(0)
+    q8 = torch.randint(-128, 128, (8, 64), dtype=torch.int8, generator=g)
+    scale = torch.rand(8, 2, generator=g)
+    int4 = int4_tiles(*random_int4(8, 64, 32))
+    x = torch.randn(2, 64, generator=g)
+    x[0] = torch.randn(64, generator=g) * 1e-38
+    for y, w in ((kernels.int8_mm(x, *kernels.tile_int8(q8, scale), 8, 32, lib=lib),
+                  (q8.float().view(8, 2, 32) * scale[..., None]).view(8, 64)),
+                 (kernels.int4_mm(x, *int4, 8, 32, lib=lib), kernels.int4_dequantize(*int4, 8, 32))):
+        assert (y[0].abs() <= x[0].abs() @ w.abs().t()).all(), build
+        assert ((y[1].double() - x[1].double() @ w.double().t()).abs() <= activation_bound(x[1:], w)[0]).all()
+
+
 @pytest.mark.parametrize("vocab", [1, 7, 8, 49152, 262147])
 def test_argmax_is_torch_argmax(vocab):
     """The first largest index, NaN counting as the largest, on ties, infinities, signed zeros and tails."""

@@ -42,7 +42,7 @@
                                        one thread beats a parallel region; above it, rows split over threads */
 #define INLINE static inline __attribute__((always_inline))
 /* Built a second time with AVX-512 VNNI (VL, on 256-bit vectors, the same layouts) where the CPU has it: the
-   integer products then accumulate into int32 in one instruction (vpdpbusd, vpdpwssd), with the same sums. */
+   integer products then accumulate into int32 in one instruction (vpdpbusd), with the same sums. */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define VNNI 1
 #else
@@ -117,10 +117,12 @@ static void quantize_blocks(const float *x, int8_t *xq, float *dx, float *xsum, 
             }
             const float a = hmax(amax), total = hsum(sum);
             const int finite = a <= 3.4e38f && total == total && total - total == 0.f;
-            const __m256 inv = _mm256_set1_ps(finite && a > 0.f ? range / a : 0.f);
+            /* a block below ~3.7e-37 (range / a not finite) rounds to zeros, as an all-zero block does */
+            const int scaled = finite && a > 0.f && range / a <= 3.4e38f;
+            const __m256 inv = _mm256_set1_ps(scaled ? range / a : 0.f);
             __m256i n[4];
             for (int i = 0; i < 4; i++) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
-            const float d = finite ? a / range : NAN;
+            const float d = finite ? (scaled ? a / range : 0.f) : NAN;
             const __m256i w01 = _mm256_packs_epi32(n[0], n[1]), w23 = _mm256_packs_epi32(n[2], n[3]);
             const __m256i bytes = _mm256_packs_epi16(w01, w23);     /* dwords: n0 n1 n2 n3 (lo) | n0 n1 n2 n3 (hi) */
             _mm256_storeu_si256((__m256i *)(xq + m * K + b),

@@ -170,8 +170,9 @@ class NativeInt4Kernel(LinearKernel):
 class TritonInt4Kernel(LinearKernel):
     """The same weights on a GPU, packed two per byte in GGUF's nibble order (kernels.pack_int4) with a (scale,
     offset) per row and group, multiplied by tokenmill's Triton kernel (kernels/triton_mm.py), which dequantizes
-    them in registers up to 64 rows (~0.75 bytes a weight read per product, not 2) and for more rows into a
-    dense slab for cuBLAS; ~0.75 bytes a weight stay resident."""
+    them in registers up to 64 rows launched eagerly (~0.75 bytes a weight read per product, not 2), else
+    (more rows, or recorded in a CUDA graph: decode steps) into a dense slab for cuBLAS; ~0.75 bytes a weight
+    stay resident."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, device: torch.device,
                  perm: torch.Tensor | None = None, label: str = "int4"):

@@ -87,8 +87,8 @@ class Int8WeightKernel(LinearKernel):
 
 class TritonInt8Kernel(LinearKernel):
     """int8 weights with a scale per row and group of 32 columns on a GPU, multiplied by tokenmill's Triton kernel
-    (kernels/triton_mm.py), which dequantizes them in registers up to 64 rows and into a dense slab for cuBLAS
-    above; rows of the same storage serve a tied embedding."""
+    (kernels/triton_mm.py), which dequantizes them in registers up to 64 rows launched eagerly, else (more rows,
+    or recorded in a CUDA graph) into a dense slab for cuBLAS; rows of the same storage serve a tied embedding."""
     serves_rows = True
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, device: torch.device, label: str):
