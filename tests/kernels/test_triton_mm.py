@@ -78,6 +78,11 @@ def test_both_routes_around_the_row_limit(bits, monkeypatch):
         for fused in (True, False):
             torch.testing.assert_close(mm(x, stored, scales, group, fused=fused), want, rtol=1e-5,
                                        atol=1e-6 * want.abs().max().item())
+    monkeypatch.setattr(triton_mm, "SLAB", n)           # the weights in one slab
+    calls.clear()
+    torch.testing.assert_close(mm(x, stored, scales, group, fused=False), want, rtol=1e-5,
+                               atol=1e-6 * want.abs().max().item())
+    assert calls == [n]
     with pytest.raises(ValueError, match="triton dequantize"):
         real(bits, stored[:, 1:], scales, group, torch.float32)
 

@@ -143,6 +143,8 @@ def _launch(kernel, bits: int, x: torch.Tensor, q: torch.Tensor, scales: torch.T
     if fused is None:
         fused = m <= FUSED_MAX_ROWS and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
     if not fused:
+        if n <= SLAB:                      # one slab: cuBLAS writes y itself, no copy into it
+            return torch.nn.functional.linear(x, dequantize(bits, q, scales, group, x.dtype))
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
         for i in range(0, n, SLAB):        # rows of q and of scales: contiguous slices
             y[:, i:i + SLAB] = torch.nn.functional.linear(x, dequantize(bits, q[i:i + SLAB], scales[i:i + SLAB],
