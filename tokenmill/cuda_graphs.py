@@ -13,8 +13,9 @@ context is fixed; splits past a sequence's end return at once. (The eager path s
 context, so the two sum a row's keys in another order: equal to float rounding, not bit for bit.)
 
 Only pure decode steps run here (one query token per sequence); prefill, chunked prefill and speculative
-verification run eagerly. The runner uses this where the engine runs on CUDA without tensor parallelism and
-EngineConfig.enforce_eager is off."""
+verification run eagerly. The runner uses this where the engine runs on CUDA with the Triton attention backend
+(whose kernels read only the recorded tensors), without tensor parallelism, and EngineConfig.enforce_eager is
+off."""
 from __future__ import annotations
 
 import logging

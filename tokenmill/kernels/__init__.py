@@ -309,8 +309,7 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int, group
     y = torch.empty(m, n, dtype=torch.float32)
     _check((lib or library()).tm_int8_mm(None if exact else x.data_ptr(), x.data_ptr() if exact else None,
                                          q.data_ptr(), scale.data_ptr(), scale.dtype is torch.float16, y.data_ptr(),
-                                         m, n, k, group, n,
-                                         torch.get_num_threads()))
+                                         m, n, k, group, n, torch.get_num_threads()))
     return y
 
 

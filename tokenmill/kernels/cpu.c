@@ -96,8 +96,8 @@ INLINE __m256i broadcast32(const void *p) {     /* 4 bytes, repeated 8 times */
 }
 
 /* x [M, K] -> per 32-column block, int8 integers xq in [-127, 127] with xq * dx ~= x (rounded to nearest even),
-   dx [M, K / 32], and where isum is given each block's integer sum [M, K / 32]; when xsum is given, the sum of each row's rounded columns in each group
-   [M, K / group] (sum over its blocks of dx x the block's integer sum): int4's offsets multiply the same
+   dx [M, K / 32], and where isum is given each block's integer sum [M, K / 32]; when xsum is given, the sum of
+   each row's rounded columns in each group [M, K / group] (sum over its blocks of dx x the block's integer sum): int4's offsets multiply the same
    rounded activations as its scales do, so the product is exactly that of w = q * scale + offset, whose
    values are centred, rather than of q * scale alone, whose rounding error is several times larger. A NaN
    or inf in a block makes its dx NaN, so its products are NaN. */
@@ -270,8 +270,9 @@ static void tile_int4(const int half, const uint8_t *qt, int64_t tile_bytes, con
    activations widened and repeated, vpmaddwd into int32 column pairs per row, added at the block's end (~25 %
    slower). Each gives sum(w x) exactly, so every build and route the same results. */
 INLINE void tile_int8_body(const int nt, const int half, const int exact, const int8_t *qt, int64_t tile_bytes,
-                           const void *st, int64_t scale_stride, const int8_t *xq, const float *dx, const int32_t *isum, int64_t K,
-                           int64_t group, int rows, float *y, int64_t ldy, int64_t cols) {
+                           const void *st, int64_t scale_stride, const int8_t *xq, const float *dx,
+                           const int32_t *isum, int64_t K, int64_t group, int rows, float *y, int64_t ldy,
+                           int64_t cols) {
     const int64_t B = K / 32, per = group / 32;
     __m256 acc[NT][MR];
     for (int u = 0; u < nt; u++)
@@ -342,7 +343,8 @@ INLINE void tile_int8_body(const int nt, const int half, const int exact, const 
             /* lanes: rows 0-3 (resp. 4-7), two column pairs each -> [r0 r1 r4 r5 | r2 r3 r6 r7] -> rows in order */
             for (int u = 0; u < nt; u++)
                 for (int r = 0; r < MR; r++)
-                    if (r < rows) sums[u][r] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(sums[u][r], high[u][r]), 0xD8);
+                    if (r < rows)
+                        sums[u][r] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(sums[u][r], high[u][r]), 0xD8);
         }
 #endif
         for (int u = 0; u < nt; u++) {
@@ -377,7 +379,8 @@ INLINE void tile_int8_nt(const int half, const int exact, const int8_t *qt, int6
 static void tile_int8(const int half, int exact, const int8_t *qt, int64_t tile_bytes, const void *st,
                       int64_t scale_stride, int nt, const int8_t *xq, const float *dx, const int32_t *isum, int64_t K,
                       int64_t group, int rows, float *y, int64_t ldy, int64_t cols) {
-#define TILE_INT8(h, e) tile_int8_nt(h, e, qt, tile_bytes, st, scale_stride, nt, xq, dx, isum, K, group, rows, y, ldy, cols)
+#define TILE_INT8(h, e) \
+    tile_int8_nt(h, e, qt, tile_bytes, st, scale_stride, nt, xq, dx, isum, K, group, rows, y, ldy, cols)
 #if VNNI
     exact = 0;
 #endif
@@ -414,7 +417,6 @@ static int tiled_mm(const int bits, const float *x, const int8_t *x_int, const v
     } else {
         quantize_blocks(x, xq, dx, bits == 4 ? xsum : 0, bits == 8 ? isum : 0, M, K, group, threads);
     }
-    const size_t xrow = (size_t)K;
     /* tiles per work item: NT, but one where fewer than 16 rows meet weights of more than 8 MB, read from DRAM
        (two tiles a pass measured up to 2x slower there: 49152 x 576 at 1-4 rows, int4 and int8) */
     const int64_t step = M < 16 && tiles * tile_bytes > (8 << 20) ? 1 : NT, passes = (tiles + step - 1) / step;
@@ -428,7 +430,7 @@ static int tiled_mm(const int bits, const float *x, const int8_t *x_int, const v
             const int64_t end = (chunk + 1) * M_CHUNK < M ? (chunk + 1) * M_CHUNK : M;
             for (int64_t m = chunk * M_CHUNK; m < end; m += MR) {
                 const int rows = end - m < MR ? (int)(end - m) : MR;
-                const int8_t *xr = xq + m * xrow;
+                const int8_t *xr = xq + m * K;
                 const float *dr = dx + m * B, *sr = xsum + m * G;
                 const int32_t *ir = isum + m * B;
                 const int64_t last = t + nt - 1, cols = N - 8 * last < 8 ? N - 8 * last : 8;

@@ -31,9 +31,9 @@ class Int8WeightKernel(LinearKernel):
 
     Where tokenmill's CPU kernels run, the weights are kept in their tiles (kernels.tile_int8) and every product
     runs there: float32 activations rounded to int8 per 32 columns (llama.cpp's Q8_0 x Q8_0), or int8 activations
-    used exactly (W8A8's integers; the result is then float32). Elsewhere aten._weight_int8pack_mm on bfloat16 activations for few
-    rows (its float32 path is ~30x slower), and for many rows (prefill, prompt scoring) a slab of weight rows
-    dequantized at a time and the dense product."""
+    used exactly (W8A8's integers; the result is then float32). Elsewhere aten._weight_int8pack_mm on bfloat16
+    activations for few rows (its float32 path is ~30x slower), and for many rows (prefill, prompt scoring) a slab
+    of weight rows dequantized at a time and the dense product."""
     MAX_KERNEL_ROWS = 32            # PyTorch's int8 kernel
     serves_rows = True
     SLAB = 4096
